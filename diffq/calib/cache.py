@@ -1,0 +1,53 @@
+"""Content-addressed on-disk cache of tensors (calibration sets, FP reference images).
+
+Each entry is one safetensors file named by the hash of the JSON key that produced it, with
+its structure (non-tensor values, nesting) in the header metadata. Writes are atomic.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(payload: Mapping[str, Any]) -> str:
+    """Stable short hash of a JSON-serialisable key."""
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def cache_path(cache_dir: str | os.PathLike, kind: str, key: str) -> Path:
+    """Where the entry ``key`` of kind ``kind`` lives."""
+    return Path(os.path.expanduser(str(cache_dir))) / kind / f"{key}.safetensors"
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Write tensors + JSON metadata atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={"diffq": json.dumps(meta, default=str)})
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Read an entry; None (with a warning) when it is missing or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("diffq", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        log.warning("cache entry %s is unreadable (%s); recomputing it", path, e)
+        return None
+    return tensors, meta

@@ -1,0 +1,59 @@
+"""The Hydra app: ``python -m diffq [group=option ...] [key=value ...]`` (``-m`` for sweeps)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from diffq.config import register_configs
+from diffq.errors import DiffqError
+from diffq.job import run, write_metrics
+
+log = logging.getLogger("diffq")
+
+register_configs()
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task)
+
+
+def task(cfg: DictConfig) -> dict | None:
+    """Run one job. In a sweep a failing job is recorded (status failed) and the sweep goes on."""
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    logging.getLogger("diffq").setLevel(cfg.log_level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        metrics = run(cfg, out_dir)
+    except Exception as e:  # noqa: BLE001 - every failure is reported, the sweep must go on
+        if hc.mode != RunMode.MULTIRUN:
+            if isinstance(e, DiffqError):
+                log.error("%s", e)
+                sys.exit(2)
+            raise
+        log.error("job failed: %s\n%s", e, traceback.format_exc())
+        write_metrics(out_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}", "overrides": _overrides()})
+        return None
+    metrics["overrides"] = _overrides()
+    write_metrics(out_dir, metrics)
+    fid = metrics["fidelity"]
+    log.info(
+        "done: %s", ", ".join(f"{k} {v['mean']:.3f}" for k, v in fid.items())
+        + f", W {metrics['cost']['effective_weight_bits']:.2f} bits, A {metrics['cost']['effective_act_bits']:.2f} bits"
+        + f" -> {out_dir}",
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="pkg://diffq.conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Entry point of ``python -m diffq`` and the ``diffq`` console script."""
+    task(cfg)

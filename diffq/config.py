@@ -1,0 +1,166 @@
+"""Structured-config schemas of the Hydra app, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` fill these dataclasses; a wrong key or a wrong type fails at
+compose time with Hydra's own message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Which diffusion pipeline to load and how to sample it."""
+
+    name: str = MISSING
+    family: str = MISSING  # sd | sdxl | dit | pixart | sd3 | flux
+    source: str = "tiny"  # tiny (random, built from config) | pretrained (hub id or local folder)
+    pretrained: Optional[str] = None  # hub id or local folder when source=pretrained
+    pipeline_class: str = MISSING  # diffusers pipeline class name
+    resolution: int = 32
+    steps: int = 10
+    guidance: float = 5.0
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    variant: Optional[str] = None  # e.g. fp16 weights variant on the hub
+    seed: int = 0  # seed of the random weights of a tiny model
+    tiny: Dict[str, Any] = field(default_factory=dict)  # size overrides for tiny builders
+    call_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra pipeline __call__ kwargs
+    # prompts this model understands, replacing calib/eval prompts when set (class labels of
+    # class-conditional models such as DiT)
+    prompts: List[str] = field(default_factory=list)
+
+
+@dataclass
+class QuantArgsConfig:
+    """One tensor's quantization: number format, granularity and how its range is found."""
+
+    format: str = "int"  # int | fp | nvfp4 | mxfp4 | ternary | binary | none
+    bits: int = 8  # >= 16 with int/fp means "keep floating point"
+    exp: Optional[int] = None  # fp exponent bits (default from bits: 8->E4M3, 4->E2M1, ...)
+    man: Optional[int] = None  # fp mantissa bits
+    granularity: str = "tensor"  # tensor | channel | token | group:<g> | block
+    symmetric: bool = True
+    observer: str = "minmax"  # minmax | percentile | mse | absmean | absmedian
+    percentile: float = 99.99
+    momentum: Optional[float] = None  # EMA of min/max across calibration batches (None: global)
+    dynamic: bool = False  # compute the range at run time from the tensor itself
+    learnable: bool = False  # LSQ step size (trained by reconstruction methods)
+    bases: int = 2  # binary multi-basis: number of sign bases
+
+
+@dataclass
+class RuleConfig:
+    """One rule of the bit-config grammar; rules apply in order and the last match wins."""
+
+    roles: List[str] = field(default_factory=list)  # layer roles this rule matches (empty: any)
+    names: List[str] = field(default_factory=list)  # globs on module names, or "re:<regex>"
+    weight: Optional[Dict[str, Any]] = None  # partial QuantArgsConfig for weights
+    act: Optional[Dict[str, Any]] = None  # partial QuantArgsConfig for input activations
+    skip: Optional[bool] = None  # true: keep the layer floating point
+
+
+@dataclass
+class AttnQuantConfig:
+    """Quantizers on attention matmul inputs (q, k, v and the softmax output)."""
+
+    enabled: bool = False
+    qkv: QuantArgsConfig = field(default_factory=lambda: QuantArgsConfig(granularity="tensor", symmetric=True))
+    softmax: QuantArgsConfig = field(
+        default_factory=lambda: QuantArgsConfig(granularity="tensor", symmetric=False)
+    )
+
+
+@dataclass
+class QuantConfig:
+    """A quantization preset: default formats, ordered per-layer rules, method and knobs."""
+
+    name: str = MISSING
+    method: str = "rtn"
+    weight: QuantArgsConfig = field(default_factory=lambda: QuantArgsConfig(granularity="channel"))
+    act: QuantArgsConfig = field(
+        default_factory=lambda: QuantArgsConfig(format="none", granularity="tensor", symmetric=False)
+    )
+    rules: List[RuleConfig] = field(default_factory=list)
+    attn: AttnQuantConfig = field(default_factory=AttnQuantConfig)
+    targets: List[str] = field(default_factory=lambda: ["denoiser"])  # denoiser, text_encoder
+    strict: bool = False  # a rule matching no layer is an error instead of a warning
+    keep_fp_weights: bool = True  # keep the FP weight next to the frozen fake-quant one
+
+
+@dataclass
+class CalibConfig:
+    """Calibration set: which prompts the FP sampler runs and which denoiser inputs are kept."""
+
+    name: str = "uniform"
+    selection: str = "uniform"  # uniform over the sampler steps
+    prompts: List[str] = field(default_factory=list)
+    prompts_file: Optional[str] = None  # one prompt per line; overrides `prompts`
+    num_prompts: int = 4
+    num_steps: int = 4  # sampler steps kept per trajectory, evenly spaced
+    steps: Optional[int] = None  # sampler steps of the calibration run (default: model.steps)
+    batch_size: int = 4
+    seed: int = 1234
+    cache: bool = True
+
+
+@dataclass
+class SamplerConfig:
+    """Sampler overrides; null fields keep the model's defaults."""
+
+    name: str = "default"
+    scheduler: Optional[str] = None  # diffusers scheduler class name to swap in
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    batch_size: int = 4
+
+
+@dataclass
+class EvalConfig:
+    """What to generate for evaluation and which metrics to compute."""
+
+    name: str = "quick"
+    prompts: List[str] = field(default_factory=list)
+    images_per_prompt: int = 1
+    seed: int = 0
+    metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    grid: bool = True
+    grid_max: int = 8  # at most this many columns in grid.png
+
+
+@dataclass
+class PathsConfig:
+    """Where heavy reusable artifacts (calibration sets, FP images) are cached."""
+
+    cache_dir: str = "${oc.env:DIFFQ_CACHE_DIR,${oc.env:HOME}/.cache/diffq}"
+
+
+@dataclass
+class DiffqConfig:
+    """The whole job: load -> calibrate -> quantize -> evaluate -> save."""
+
+    model: ModelConfig = MISSING
+    quant: QuantConfig = MISSING
+    calib: CalibConfig = MISSING
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    export: bool = False  # write the quantized denoiser to <run dir>/model/
+    load: Optional[str] = None  # load an exported quantized denoiser instead of quantizing
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    log_level: str = "INFO"
+
+
+def register_configs() -> None:
+    """Register the schemas so YAML files are validated against them at compose time."""
+    cs = ConfigStore.instance()
+    cs.store(name="diffq_schema", node=DiffqConfig)
+    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="quant", name="schema", node=QuantConfig)
+    cs.store(group="calib", name="schema", node=CalibConfig)
+    cs.store(group="sampler", name="schema", node=SamplerConfig)
+    cs.store(group="eval", name="schema", node=EvalConfig)

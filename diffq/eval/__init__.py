@@ -1,0 +1,1 @@
+"""Evaluation: fidelity to the FP model, cost accounting, sample grids."""

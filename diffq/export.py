@@ -1,0 +1,211 @@
+"""Packed low-bit checkpoints: one self-describing safetensors file per quantized denoiser.
+
+Quantized weights are stored as integer codes really packed to their storage width (int8 as
+``int8``, FP8 as ``float8`` tensors, 4-bit codes two per byte, 2-bit codes four per byte,
+1-bit codes eight per byte) next to the scales needed to decode them. Everything else
+(biases, norms, FP layers, activation-quantizer ranges) is stored as is. The JSON header holds
+the model class and config, the per-layer spec and the layout of every packed tensor, so
+:func:`load_quantized` rebuilds the quantized model without pickle and bit-exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import diffusers
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from diffq.errors import CheckpointError
+from diffq.layers import layer_table
+from diffq.methods.common import prepare
+from diffq.spec import LayerSpec
+
+log = logging.getLogger(__name__)
+
+FORMAT_TAG = "diffq.quantized"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "diffusion_model.safetensors"
+_FLOAT8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes of ``bits`` (1, 2 or 4) bits into bytes, little end first."""
+    per_byte = 8 // bits
+    flat = codes.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % per_byte
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    return (flat.view(-1, per_byte) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` codes."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.uint8) * bits
+    mask = (1 << bits) - 1
+    return ((packed.view(-1, 1) >> shifts) & mask).reshape(-1)[:count]
+
+
+def _encode_codes(codes: torch.Tensor, fmt_name: str, storage_bits: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    layout = {"shape": list(codes.shape), "bits": storage_bits, "format": fmt_name}
+    if fmt_name in _FLOAT8:
+        return codes.contiguous().view(_FLOAT8[fmt_name]), {**layout, "storage": "float8"}
+    if storage_bits == 8:
+        return codes.contiguous().view(torch.int8), {**layout, "storage": "int8"}
+    if storage_bits in (1, 2, 4):
+        return pack_bits(codes, storage_bits), {**layout, "storage": "packed"}
+    raise CheckpointError(f"cannot pack {fmt_name} codes of {storage_bits} bits")
+
+
+def _decode_codes(stored: torch.Tensor, layout: Mapping[str, Any]) -> torch.Tensor:
+    shape = layout["shape"]
+    if layout["storage"] in ("float8", "int8"):
+        return stored.view(torch.uint8).reshape(shape)
+    count = int(torch.Size(shape).numel())
+    return unpack_bits(stored, int(layout["bits"]), count).reshape(shape)
+
+
+def _json_config(model: nn.Module) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(model.config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def export_quantized(
+    model: nn.Module, specs: list[LayerSpec], folder: str | os.PathLike, attn: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the quantized ``model`` (a diffusers denoiser) to ``folder``; returns the file path."""
+    layers = layer_table(model)
+    tensors: dict[str, torch.Tensor] = {}
+    packed: dict[str, Any] = {}
+    quantized_weights = set()
+    for name, layer in layers.items():
+        wq = layer.weight_quantizer
+        if wq is None:
+            continue
+        codes, params = wq.quantize_codes(layer.weight.detach())
+        stored, layout = _encode_codes(codes, wq.fmt.name, wq.fmt.storage_bits)
+        tensors[f"{name}.weight.codes"] = stored
+        layout["params"] = sorted(params)
+        layout["weight_shape"] = list(layer.weight.shape)
+        layout["weight_dtype"] = str(layer.weight.dtype).removeprefix("torch.")
+        for key, value in params.items():
+            tensors[f"{name}.weight.params.{key}"] = value
+        packed[name] = layout
+        quantized_weights.add(f"{name}.weight")
+    for key, value in model.state_dict().items():
+        if key not in quantized_weights and value.numel() > 0:
+            tensors[key] = value
+    meta = {
+        "format": FORMAT_TAG,
+        "version": FORMAT_VERSION,
+        "class_name": type(model).__name__ if not hasattr(model, "_diffq_base") else model._diffq_base.__name__,
+        "config": _json_config(model),
+        "specs": [s.to_dict() for s in specs],
+        "attn": None if attn is None else json.loads(json.dumps(attn, default=str)),
+        "packed": packed,
+        "extra": dict(extra or {}),
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / WEIGHTS_NAME
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={"diffq": json.dumps(meta)})
+    os.replace(tmp, path)
+    log.info("exported %d quantized layers to %s (%.2f MB)", len(packed), path, path.stat().st_size / 2**20)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of an exported checkpoint (file or folder)."""
+    path = _resolve(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("diffq")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e}); re-export it with export=true") from e
+    if raw is None:
+        raise CheckpointError(f"{path} has no diffq metadata: it was not written by diffq's export")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT_TAG or meta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is a {meta.get('format')} v{meta.get('version')} file; expected {FORMAT_TAG} v{FORMAT_VERSION}")
+    return meta
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / WEIGHTS_NAME
+    if not p.is_file():
+        raise CheckpointError(f"quantized checkpoint {p} does not exist; export one with `python -m diffq export=true`")
+    return p
+
+
+def _check_matches(model: nn.Module, meta: Mapping[str, Any]) -> None:
+    cls = getattr(model, "_diffq_base", type(model)).__name__
+    if cls != meta["class_name"]:
+        raise CheckpointError(f"checkpoint holds a {meta['class_name']} but the model is a {cls}: load it into the same model")
+    mine = _json_config(model)
+    diffs = sorted(k for k, v in meta["config"].items() if not k.startswith("_") and k in mine and mine[k] != v)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint config differs from the model in {diffs[:5]}: it was exported from another model "
+            "(use the same model config, or load without passing a model)"
+        )
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr].data = value.to(module._parameters[attr].device)
+    elif attr in module._buffers or hasattr(module, attr):
+        module._buffers[attr] = value
+    else:
+        raise CheckpointError(f"checkpoint tensor {key} has no place in the model: it was exported from another model")
+
+
+@torch.no_grad()
+def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild an exported quantized denoiser (into ``model`` when given, else from its config)."""
+    file = _resolve(path)
+    meta = read_metadata(file)
+    if model is None:
+        cls = getattr(diffusers, meta["class_name"], None)
+        if cls is None:
+            raise CheckpointError(f"diffusers has no class {meta['class_name']}; upgrade diffusers to load this checkpoint")
+        model = cls.from_config(meta["config"])
+    else:
+        _check_matches(model, meta)
+    specs = [LayerSpec.from_dict(d) for d in meta["specs"]]
+    prepare(model, specs, meta["attn"])
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is corrupt ({e}); re-export it with export=true") from e
+    layers = layer_table(model)
+    for name, layout in meta["packed"].items():
+        if name not in layers:
+            raise CheckpointError(f"checkpoint layer {name} is not a quantized layer of the model")
+        codes = _decode_codes(stored.pop(f"{name}.weight.codes"), layout)
+        params = {k: stored.pop(f"{name}.weight.params.{k}") for k in layout["params"]}
+        layer = layers[name]
+        w = layer.weight_quantizer.dequantize_codes(codes, params).reshape(layout["weight_shape"])
+        w = w.to(getattr(torch, layout["weight_dtype"]))
+        layer.weight.data = w
+        layer.weight_fq = layer.weight.data
+    expected = {k for k, v in model.state_dict().items() if v.numel() > 0} - {f"{n}.weight" for n in meta["packed"]}
+    missing = sorted(k for k in expected - set(stored) if "quantizer" not in k)
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}: the file is truncated or from another model")
+    for key, value in stored.items():
+        _assign(model, key, value)
+    return model.eval()

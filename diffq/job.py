@@ -1,0 +1,225 @@
+"""One diffq job: load -> calibrate -> quantize -> evaluate -> save artifacts."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from diffq import calib as calibration
+from diffq.calib.cache import cache_key, cache_path, load_tensors, save_tensors
+from diffq.eval.cost import activation_bits, weight_bits
+from diffq.eval.fidelity import fidelity_metrics
+from diffq.eval.grids import image_grid
+from diffq.export import export_quantized, load_quantized, read_metadata
+from diffq.methods import get_method
+from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds
+from diffq.roles import ROLES, assign_roles
+from diffq.spec import LayerSpec, format_spec_table, resolve_spec, validate_quant_args
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sampling:
+    """Sampler settings after applying sampler overrides to the model defaults."""
+
+    steps: int
+    guidance: float
+    resolution: int
+    batch_size: int
+    call_kwargs: dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sampling_of(cfg: DictConfig) -> Sampling:
+    """Steps/guidance/batch from ``sampler`` overrides or the model defaults."""
+    s, m = cfg.sampler, cfg.model
+    return Sampling(
+        steps=int(s.steps if s.steps is not None else m.steps),
+        guidance=float(s.guidance if s.guidance is not None else m.guidance),
+        resolution=int(m.resolution),
+        batch_size=int(s.batch_size),
+        call_kwargs=OmegaConf.to_container(m.call_kwargs, resolve=True),
+    )
+
+
+def model_key(cfg: DictConfig) -> dict[str, Any]:
+    """What identifies the FP model's outputs (for cache keys)."""
+    m = cfg.model
+    return {
+        "name": m.name, "family": m.family, "source": m.source, "pretrained": m.pretrained,
+        "dtype": m.dtype, "seed": m.seed, "tiny": OmegaConf.to_container(m.tiny, resolve=True),
+        "scheduler": cfg.sampler.scheduler,
+    }
+
+
+def eval_prompts(cfg: DictConfig) -> list[str]:
+    """Evaluation prompts (the model's own prompts, e.g. class labels, when it declares them)."""
+    prompts = list(cfg.model.prompts) or list(cfg.eval.prompts)
+    return [p for p in prompts for _ in range(cfg.eval.images_per_prompt)]
+
+
+def swap_scheduler(pipe: Any, name: str | None) -> None:
+    """Replace the pipeline's scheduler by the diffusers class ``name`` (same config)."""
+    if not name:
+        return
+    import diffusers
+
+    from diffq.errors import ConfigError
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        raise ConfigError(f"unknown scheduler {name!r}: use a diffusers scheduler class name, e.g. DDIMScheduler")
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def fp_reference_images(pipe: Any, cfg: DictConfig, prompts: list[str], seeds: list[int], smp: Sampling) -> tuple[torch.Tensor, float, bool]:
+    """FP images for the eval prompts, from the cache when this exact setting ran before."""
+    key = cache_key({"model": model_key(cfg), "prompts": prompts, "seeds": seeds, "steps": smp.steps,
+                     "guidance": smp.guidance, "res": smp.resolution, "kw": smp.call_kwargs})
+    path = cache_path(cfg.paths.cache_dir, "fp_images", key)
+    if (hit := load_tensors(path)) is not None:
+        log.info("FP reference images loaded from cache %s", path)
+        return hit[0]["images"], float(hit[1]["seconds"]), True
+    t0 = time.perf_counter()
+    images = generate_images(pipe, cfg.model.family, prompts, seeds, steps=smp.steps, guidance=smp.guidance,
+                             resolution=smp.resolution, batch_size=smp.batch_size, call_kwargs=smp.call_kwargs)
+    seconds = time.perf_counter() - t0
+    save_tensors(path, {"images": images}, {"seconds": seconds})
+    return images, seconds, False
+
+
+def quantizable_layers(model: nn.Module, family: str) -> dict[str, tuple[str, nn.Module]]:
+    """Every nn.Linear / nn.Conv2d of the denoiser with its role."""
+    roles = assign_roles(model, family)
+    modules = dict(model.named_modules())
+    return {name: (role, modules[name]) for name, role in roles.items()}
+
+
+class InputElementCounter:
+    """Counts the input elements each named layer receives in the denoiser's first call."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.counts: dict[str, int] = {}
+        modules = dict(model.named_modules())
+        self._hooks = [modules[n].register_forward_pre_hook(self._count(n)) for n in names]
+        self._hooks.append(model.register_forward_hook(lambda *_: self.remove()))
+
+    def _count(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.counts[name] = self.counts.get(name, 0) + args[0].numel()
+        return hook
+
+    def remove(self) -> None:
+        """Detach all hooks (called after the first denoiser call)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Run one job and write its artifacts into ``out_dir``; returns the metrics dict."""
+    timings: dict[str, float] = {}
+    validate_quant_args(cfg.quant.weight, cfg.quant.act)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(cfg.model, device=device)
+    swap_scheduler(pipe, cfg.sampler.scheduler)
+    timings["load_s"] = time.perf_counter() - t0
+    denoiser_name, denoiser = denoiser_of(pipe)
+    dtype = next(denoiser.parameters()).dtype
+    smp = sampling_of(cfg)
+    family = cfg.model.family
+
+    q = cfg.quant
+    attn_cfg = OmegaConf.to_container(q.attn, resolve=True)
+    if not cfg.load:
+        layers = quantizable_layers(denoiser, family)
+        rules = OmegaConf.to_container(q.rules, resolve=True)
+        specs = resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
+
+    prompts = eval_prompts(cfg)
+    seeds = sample_seeds(cfg.eval.seed, len(prompts))
+    fp_images, timings["sampling_fp_s"], fp_cached = fp_reference_images(pipe, cfg, prompts, seeds, smp)
+
+    t0 = time.perf_counter()
+    if cfg.load:
+        specs = [LayerSpec.from_dict(d) for d in read_metadata(cfg.load)["specs"]]
+        load_quantized(cfg.load, denoiser)
+        calib_info: dict[str, Any] = {"loaded_from": str(cfg.load)}
+    else:
+        calib_prompts = calibration.calibration_prompts(
+            list(cfg.model.prompts) or list(cfg.calib.prompts), cfg.calib.prompts_file, cfg.calib.num_prompts
+        )
+        samples, calib_hit = calibration.load_or_capture(
+            pipe, family, model_key=model_key(cfg), prompts=calib_prompts, seed=cfg.calib.seed,
+            steps=int(cfg.calib.steps or smp.steps), guidance=smp.guidance, resolution=smp.resolution,
+            keep_steps=cfg.calib.num_steps, batch_size=cfg.calib.batch_size, call_kwargs=smp.call_kwargs,
+            cache_dir=cfg.paths.cache_dir if cfg.calib.cache else None,
+        )
+        timings["calib_capture_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        method = get_method(q.method)
+        stats = method(denoiser, specs, samples, OmegaConf.to_container(q, resolve=True), device=device, dtype=dtype)
+        timings["quantize_s"] = time.perf_counter() - t1
+        calib_info = {"samples": len(samples), "cache_hit": calib_hit, **stats}
+    timings["calibration_s"] = time.perf_counter() - t0
+    (out_dir / "spec.txt").write_text(format_spec_table(specs))
+
+    counter = InputElementCounter(denoiser, [s.name for s in specs])
+    t0 = time.perf_counter()
+    q_images = generate_images(pipe, family, prompts, seeds, steps=smp.steps, guidance=smp.guidance,
+                               resolution=smp.resolution, batch_size=smp.batch_size, call_kwargs=smp.call_kwargs)
+    timings["sampling_quant_s"] = time.perf_counter() - t0
+
+    cost = weight_bits(denoiser)
+    cost["effective_act_bits"] = activation_bits(denoiser, counter.counts, specs)
+    cost["layers_quantized"] = sum(s.quantized for s in specs)
+    cost["layers_total"] = len(specs)
+
+    metrics: dict[str, Any] = {
+        "status": "ok",
+        "model": cfg.model.name,
+        "quant": q.name,
+        "method": q.method,
+        "denoiser": f"{denoiser_name}:{type(denoiser).__name__.removeprefix('Quant')}",
+        "fidelity": fidelity_metrics(fp_images, q_images, list(cfg.eval.metrics)),
+        "cost": cost,
+        "time": {k: round(v, 3) for k, v in timings.items()},
+        "calib": {**calib_info, "fp_images_cache_hit": fp_cached},
+        "prompts": prompts,
+        "seeds": seeds,
+    }
+    if cfg.eval.grid:
+        n = min(len(prompts), cfg.eval.grid_max)
+        image_grid([fp_images[:n], q_images[:n]], ["FP", q.name], prompts[:n]).save(out_dir / "grid.png")
+    if cfg.export:
+        path = export_quantized(denoiser, specs, out_dir / "model", attn_cfg,
+                                extra={"model": cfg.model.name, "quant": q.name})
+        metrics["export"] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 4)}
+    write_metrics(out_dir, metrics)
+    return metrics
+
+
+def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:
+    """Write metrics.json (atomically)."""
+    tmp = out_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, default=str))
+    tmp.replace(out_dir / "metrics.json")

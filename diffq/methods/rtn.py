@@ -1,0 +1,22 @@
+"""Baseline PTQ: round-to-nearest weights with observer-chosen ranges, static activation ranges."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from diffq.calib import CalibSample
+from diffq.methods.common import calibrate_activations, calibrate_weights, prepare
+from diffq.spec import LayerSpec
+
+
+def apply(
+    model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSample], cfg: Any, *,
+    device: torch.device, dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Quantize ``model`` in place: weights once (then frozen), activations from ``calib``."""
+    layers = prepare(model, specs, cfg.get("attn"))
+    calibrate_weights(layers, keep_original=cfg.get("keep_fp_weights", True))
+    n_act = calibrate_activations(model, calib, device, dtype)
+    return {"layers_quantized": len(layers), "act_quantizers_calibrated": n_act}

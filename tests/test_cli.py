@@ -1,0 +1,128 @@
+"""The Hydra app end to end: default run, every config composes, sweeps, bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from diffq.errors import CalibrationError, ConfigError
+from diffq.job import run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+QUICK = ["eval.prompts=[a photo of a red circle,a photo of two blue squares]", "calib.num_prompts=2",
+         "calib.num_steps=2", "model.steps=4"]
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "diffq", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_default_run_writes_all_artifacts(tmp_path):
+    res = _cli([f"hydra.run.dir={tmp_path / 'run'}", "export=true"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    for name in ("grid.png", "metrics.json", "spec.txt", "config.yaml", "model/diffusion_model.safetensors"):
+        assert (run_dir / name).exists(), name
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "ok" and m["quant"] == "w8a8"
+    assert 25 < m["fidelity"]["psnr"]["mean"] < 100 and m["fidelity"]["ssim"]["mean"] > 0.8
+    assert len(m["fidelity"]["psnr"]["per_image"]) == len(m["prompts"])
+    assert 8 < m["cost"]["effective_weight_bits"] < 10 and 7.9 < m["cost"]["effective_act_bits"] < 9
+    assert m["cost"]["size_quant_mb"] < m["cost"]["size_fp_mb"]
+    assert m["time"]["calibration_s"] > 0 and m["time"]["sampling_quant_s"] > 0
+    spec = (run_dir / "spec.txt").read_text()
+    assert "conv_in" in spec and "int8/channel/sym" in spec
+    assert OmegaConf.load(run_dir / "config.yaml").model.name == "tiny_sd15"
+    # reload the export: same images as the quantized model
+    res = _cli([f"hydra.run.dir={tmp_path / 'reload'}", f"load={run_dir / 'model'}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m2 = json.loads((tmp_path / "reload" / "metrics.json").read_text())
+    assert m2["fidelity"]["psnr"]["per_image"] == m["fidelity"]["psnr"]["per_image"]
+
+
+def test_sweep_records_failures_and_writes_summary(tmp_path):
+    res = _cli(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "quant.weight.granularity=channel,group:7", *QUICK],
+               cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert "group size 7" in rows[1]["error"] and "granularity=group:7" in rows[1]["overrides"]
+    assert float(rows[0]["psnr"]) > 20
+    assert (tmp_path / "sweep" / "summary.md").read_text().count("\n") == 4
+    assert (tmp_path / "sweep" / "summary.png").exists()
+
+
+def test_bad_input_exits_with_one_clear_message(tmp_path):
+    res = _cli([f"hydra.run.dir={tmp_path / 'r'}", "quant.weight.format=fp", "quant.weight.bits=4", "quant.weight.exp=5",
+                "quant.weight.man=3"], cwd=tmp_path)
+    assert res.returncode == 2 and "E5M3" in res.stderr + res.stdout and "Traceback" not in res.stderr
+    res = _cli(["model=nope"], cwd=tmp_path)
+    assert res.returncode != 0 and "nope" in res.stderr
+
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+QUANTS = sorted(p.stem for p in (CONF / "quant").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_config_composes(compose, model):
+    cfg = compose(f"model={model}")
+    assert cfg.model.name == model and cfg.model.pipeline_class.endswith("Pipeline")
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_every_quant_preset_composes_and_validates(compose, quant):
+    from diffq.spec import validate_quant_args
+
+    cfg = compose(f"quant={quant}")
+    assert cfg.quant.name == quant
+    validate_quant_args(cfg.quant.weight, cfg.quant.act)
+
+
+def test_experiments_compose(compose):
+    for exp in (CONF / "experiment").glob("*.yaml"):
+        compose(f"experiment={exp.stem}")
+
+
+def test_wrong_key_fails_at_compose_time(compose):
+    with pytest.raises(Exception, match="bitz"):
+        compose("quant.weight.bitz=4")
+
+
+@pytest.mark.parametrize("family_model", ["tiny_sdxl", "tiny_dit", "tiny_pixart", "tiny_sd3", "tiny_flux"])
+def test_tiny_models_run_end_to_end(compose, tmp_path, family_model):
+    cfg = compose(f"model={family_model}", "eval.grid=false", *QUICK)
+    m = run(cfg, tmp_path)
+    assert m["status"] == "ok" and m["fidelity"]["psnr"]["mean"] > 20
+    assert m["cost"]["layers_quantized"] > 0.5 * m["cost"]["layers_total"]
+
+
+def test_missing_calibration_prompt_file(compose, tmp_path):
+    cfg = compose("calib.prompts_file=/nonexistent/prompts.txt", *QUICK)
+    with pytest.raises(ConfigError, match="prompts.txt"):
+        run(cfg, tmp_path)
+
+
+def test_nan_in_calibration_activations_stops_early(compose, tmp_path, monkeypatch):
+    import diffq.calib as calib_mod
+
+    real = calib_mod.load_or_capture
+
+    def poisoned(*args, **kwargs):
+        samples, hit = real(*args, **kwargs)
+        samples[0].kwargs["encoder_hidden_states"] = samples[0].kwargs["encoder_hidden_states"].clone()
+        samples[0].kwargs["encoder_hidden_states"][0, 0, 0] = float("nan")
+        return samples, hit
+
+    monkeypatch.setattr(calib_mod, "load_or_capture", poisoned)
+    cfg = compose(*QUICK)
+    with pytest.raises(CalibrationError, match="NaN"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
