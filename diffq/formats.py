@@ -21,6 +21,7 @@ __all__ = [
     "Format",
     "IntFormat",
     "FPFormat",
+    "BlockFormat",
     "NVFP4Format",
     "MXFP4Format",
     "TernaryFormat",
@@ -181,7 +182,8 @@ class FPFormat(Format):
         return (2 - 2.0**-self.man) * 2.0 ** (2**self.exp - 1 - self.bias)
 
     def round_generic(self, y: Tensor) -> Tensor:
-        """Round to the grid by the ExMy formula (ties to even); the reference for the fast paths."""
+        """Round to the grid by the ExMy formula (ties to even; with M=0 a tie goes to the larger
+        power of two); the reference for the fast paths."""
         y = y.float().clamp(-self.maxval, self.maxval)
         e = (torch.frexp(y).exponent - 1).clamp_min(1 - self.bias)
         step = torch.ldexp(torch.ones_like(y), e - self.man)
@@ -239,7 +241,7 @@ _E2M1 = FPFormat(2, 1)
 _E4M3 = FPFormat(4, 3)
 
 
-class _BlockFP4(Format):
+class BlockFormat(Format):
     """E2M1 elements sharing one scale per ``block_size`` consecutive elements."""
 
     block_size: int
@@ -275,7 +277,7 @@ class _BlockFP4(Format):
 
 
 @dataclass(frozen=True)
-class NVFP4Format(_BlockFP4):
+class NVFP4Format(BlockFormat):
     """NVFP4: block 16, E4M3 block scale times an fp32 tensor scale ``amax / (6 * 448)``."""
 
     block_size: int = 16
@@ -299,7 +301,7 @@ class NVFP4Format(_BlockFP4):
 
 
 @dataclass(frozen=True)
-class MXFP4Format(_BlockFP4):
+class MXFP4Format(BlockFormat):
     """MXFP4 (OCP MX): block 32, E8M0 scale ``2^(floor(log2 amax) - 2)``; values in (6, 8)·scale clip to 6."""
 
     block_size: int = 32
@@ -405,8 +407,7 @@ class BinaryFormat(Format):
         """Binarised ``w2d`` [out, K]; clipped STE to ``w2d`` (zero where |w| > 1), true gradient to ``sigma``."""
         out = self.combine(self.signs(w2d, sigma), sigma)
         if w2d.requires_grad:
-            wc = w2d.clamp(-1.0, 1.0)
-            out = out + (wc - wc.detach())
+            out = out + (w2d - w2d.detach()) * (w2d.detach().abs() <= 1.0)
         return out
 
     def init_sigma(self, w2d: Tensor) -> Tensor:
@@ -420,11 +421,11 @@ class BinaryFormat(Format):
         return torch.stack(sigmas)
 
     def to_codes(self, q: Tensor) -> Tensor:
-        weights = (2 ** torch.arange(self.bases, dtype=torch.int32)).view(-1, *([1] * (q.dim() - 1)))
+        weights = (2 ** torch.arange(self.bases, dtype=torch.int32, device=q.device)).view(-1, *([1] * (q.dim() - 1)))
         return ((q > 0).to(torch.int32) * weights).sum(0).to(torch.uint8)
 
     def from_codes(self, codes: Tensor) -> Tensor:
-        shifts = torch.arange(self.bases, dtype=torch.int32).view(-1, *([1] * codes.dim()))
+        shifts = torch.arange(self.bases, dtype=torch.int32, device=codes.device).view(-1, *([1] * codes.dim()))
         return ((codes.to(torch.int32)[None] >> shifts) & 1).float() * 2.0 - 1.0
 
 

@@ -151,7 +151,8 @@ ATTN_QUANTIZERS = ("q_quantizer", "k_quantizer", "v_quantizer", "softmax_quantiz
 def _quantized_sdpa(attn: nn.Module, sdpa: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """An SDPA with q/k/v (and optionally the softmax output) fake-quantized."""
 
-    def run(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        q, k, v = query, key, value
         if attn.q_quantizer is not None:
             q, k, v = attn.q_quantizer(q), attn.k_quantizer(k), attn.v_quantizer(v)
         smq = attn.softmax_quantizer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from functools import lru_cache
+from functools import cache
 
 from torch import nn
 
@@ -113,7 +113,7 @@ SHARED_ROLE_TABLE: RoleTable = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compiled(family: str | None) -> tuple[tuple[re.Pattern[str], str], ...]:
     table = FAMILY_ROLE_TABLES.get(family, ()) + SHARED_ROLE_TABLE
     return tuple((re.compile(fnmatch.translate(pattern)), role) for pattern, role in table)

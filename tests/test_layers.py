@@ -69,32 +69,33 @@ def test_every_architecture_wraps_and_stays_close_at_w8a8(family):
     assert n_quant == sum(s.quantized for s in specs) > 0
     ref, test = outputs(fp, calib), outputs(model, calib)
     err = rel_error(ref, test)
-    assert 0 < err < 0.05, f"{family}: relative error {err:.4f} at W8A8"
+    assert 0 < err < 0.08, f"{family}: relative error {err:.4f} at W8A8"
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
-def test_lower_bits_hurt_more(family):
-    fp, m8, _, calib = quantized_copy(family)
-    _, m4, _, _ = quantized_copy(family, weight={"format": "int", "bits": 4, "granularity": "channel"})
+def test_lower_weight_bits_hurt_more(family):
+    fp_act = {"format": "none"}
+    fp, m8, _, calib = quantized_copy(family, act=fp_act)
+    _, m4, _, _ = quantized_copy(family, weight={"format": "int", "bits": 4, "granularity": "channel"}, act=fp_act)
     ref = outputs(fp, calib)
     assert rel_error(ref, outputs(m4, calib)) > 2 * rel_error(ref, outputs(m8, calib))
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_attention_matmul_quantizers(family):
-    attn8 = {"enabled": True, "qkv": {"format": "int", "bits": 8, "granularity": "tensor"},
-             "softmax": {"format": "int", "bits": 8, "granularity": "tensor", "symmetric": False}}
-    attn4 = {"enabled": True, "qkv": {"format": "int", "bits": 4, "granularity": "tensor"},
-             "softmax": {"format": "int", "bits": 4, "granularity": "tensor", "symmetric": False}}
-    attn_off = {"enabled": True, "qkv": {"format": "none"}, "softmax": {"format": "none"}}
-    fp, base, _, calib = quantized_copy(family)
-    _, off, _, _ = quantized_copy(family, attn=attn_off)
-    _, q8, _, _ = quantized_copy(family, attn=attn8)
-    _, q4, _, _ = quantized_copy(family, attn=attn4)
-    names = [n for n, _ in iter_quantizers(q8)]
-    assert any(n.endswith(".softmax_quantizer") for n in names) and any(n.endswith(".q_quantizer") for n in names)
+    def attn(bits: int | None) -> dict:
+        fmt = {"format": "none"} if bits is None else {"format": "int", "bits": bits, "granularity": "tensor"}
+        return {"enabled": True, "qkv": fmt, "softmax": {**fmt, "symmetric": False}}
+
+    only_attn = {"weight": {"format": "none"}, "act": {"format": "none"}, "rules": []}
+    fp, _, _, calib = quantized_copy(family)
     ref = outputs(fp, calib)
-    e_base = rel_error(ref, outputs(base, calib))
-    assert rel_error(ref, outputs(off, calib)) == pytest.approx(e_base, rel=1e-4)
-    e8, e4 = rel_error(ref, outputs(q8, calib)), rel_error(ref, outputs(q4, calib))
-    assert e_base < e8 < 0.08 and e4 > 1.5 * e8
+    errors = {}
+    for bits in (None, 8, 4):
+        _, model, _, _ = quantized_copy(family, attn=attn(bits), **only_attn)
+        names = [n for n, _ in iter_quantizers(model)]
+        if bits is not None:
+            assert any(n.endswith(".softmax_quantizer") for n in names) and any(n.endswith(".q_quantizer") for n in names)
+        errors[bits] = rel_error(ref, outputs(model, calib))
+    assert errors[None] < 1e-5  # the wrapped processor with no quantizers is the original maths
+    assert 0 < errors[8] < 0.02 and errors[4] > 3 * errors[8], errors

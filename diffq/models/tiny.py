@@ -7,7 +7,8 @@ CPU. Sample resolution 32 works for all of them (a two-block VAE downsamples by 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import diffusers
 import torch
@@ -54,7 +55,7 @@ DIT_TINY_LABELS: dict[int, str] = {
 }
 
 _CLIP_MAX_LENGTH = 77
-_T5_MAX_LENGTH = 128
+_T5_MAX_LENGTH = 512  # like the real T5 tokenizers; pipelines pass max_sequence_length
 _COMPONENT_KEYS = ("vae", "text_encoder", "t5", "words")
 
 
@@ -70,22 +71,21 @@ class _Factory:
         self.clip_tokenizer = build_word_tokenizer(words, _CLIP_MAX_LENGTH, "clip")
         self.t5_tokenizer = build_word_tokenizer(words, _T5_MAX_LENGTH, "t5")
 
-    def seeded(self, make: Callable[[], nn.Module]) -> nn.Module:
-        """Build one module right after seeding torch with the next component seed."""
+    def seeded(self, cls: type[nn.Module], *args: Any, **kwargs: Any) -> nn.Module:
+        """``cls(*args, **kwargs)`` in eval mode, built right after seeding torch with the next
+        component seed; a size override that does not fit becomes a ConfigError."""
         torch.manual_seed(self.seed + self.count)
         self.count += 1
-        return make().eval()
-
-    def denoiser(self, cls: type, defaults: dict[str, Any]) -> nn.Module:
-        """The denoiser from ``defaults`` updated with the user's size overrides."""
-        config = {**defaults, **self.denoiser_overrides(cls)}
         try:
-            return self.seeded(lambda: cls(**config))
+            return cls(*args, **kwargs).eval()
         except (ValueError, TypeError, AssertionError, RuntimeError) as err:
             raise ConfigError(
-                f"tiny {self.family} {cls.__name__} cannot be built from {config}: {err}; "
-                "fix the model.tiny overrides"
+                f"tiny {self.family} {cls.__name__} cannot be built: {err}; fix the model.tiny overrides"
             ) from err
+
+    def denoiser(self, cls: type[nn.Module], defaults: dict[str, Any]) -> nn.Module:
+        """The denoiser from ``defaults`` updated with the user's size overrides."""
+        return self.seeded(cls, **{**defaults, **self.denoiser_overrides(cls)})
 
     def denoiser_overrides(self, cls: type) -> dict[str, Any]:
         """Overrides that are not component keys; each must be an argument of ``cls``."""
@@ -109,8 +109,7 @@ class _Factory:
             "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id, **self.overrides.get("text_encoder", {}),
         })
-        cls = CLIPTextModelWithProjection if projection else CLIPTextModel
-        return self.seeded(lambda: cls(config))
+        return self.seeded(CLIPTextModelWithProjection if projection else CLIPTextModel, config)
 
     def t5(self, d_model: int) -> nn.Module:
         """A T5 encoder with ``d_model`` features."""
@@ -121,20 +120,19 @@ class _Factory:
             "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
             "decoder_start_token_id": tok.pad_token_id, **self.overrides.get("t5", {}),
         })
-        return self.seeded(lambda: T5EncoderModel(config))
+        return self.seeded(T5EncoderModel, config)
 
     def vae(self, scaling_factor: float, shift_factor: float | None = None) -> nn.Module:
         """A two-block AutoencoderKL (downsamples by 2, 4 latent channels)."""
         flow = shift_factor is not None
-        config = {
+        return self.seeded(AutoencoderKL, **{
             "block_out_channels": (16, 32), "in_channels": 3, "out_channels": 3,
             "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
             "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32,
             "scaling_factor": scaling_factor, "shift_factor": shift_factor,
             "use_quant_conv": not flow, "use_post_quant_conv": not flow,
             **self.overrides.get("vae", {}),
-        }
-        return self.seeded(lambda: AutoencoderKL(**config))
+        })
 
 
 def _unet_defaults() -> dict[str, Any]:
@@ -168,7 +166,8 @@ def _build_sdxl(f: _Factory) -> DiffusionPipeline:
     }
     den = {**defaults, **f.denoiser_overrides(UNet2DConditionModel)}
     hidden = den["cross_attention_dim"] // 2  # the two encoders' hidden states are concatenated
-    defaults["projection_class_embeddings_input_dim"] = hidden + 6 * den["addition_time_embed_dim"]  # pooled + 6 time ids
+    # add_embedding input: pooled text (text_encoder_2 projection) + 6 time ids
+    defaults["projection_class_embeddings_input_dim"] = hidden + 6 * den["addition_time_embed_dim"]
     unet = f.denoiser(UNet2DConditionModel, defaults)
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,

@@ -5,7 +5,8 @@ pipelines can call (padding, truncation, tensors, batch_decode) and save/load wi
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast

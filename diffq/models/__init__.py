@@ -1,0 +1,18 @@
+"""Model adapters: load diffusers pipelines (tiny, hub id or local folder), name their parts, sample them."""
+from diffq.models.generate import dit_label_ids, generate_images, sample_seeds
+from diffq.models.loading import (
+    denoiser_of,
+    family_of_pipeline,
+    load_pipeline,
+    resolve_dtype,
+    set_denoiser,
+    text_encoders_of,
+)
+from diffq.models.tiny import FAMILIES, PIPELINE_CLASSES, build_tiny_pipeline
+from diffq.models.tokenizers import build_word_tokenizer
+
+__all__ = [
+    "FAMILIES", "PIPELINE_CLASSES", "build_tiny_pipeline", "build_word_tokenizer", "load_pipeline",
+    "resolve_dtype", "denoiser_of", "set_denoiser", "text_encoders_of", "family_of_pipeline",
+    "generate_images", "sample_seeds", "dit_label_ids",
+]
