@@ -24,7 +24,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
     row: dict[str, Any] = {c: "" for c in COLUMNS}
-    row.update(job=job_dir.name, overrides=" ".join(overrides))
+    row.update(job=job_dir.name, overrides=" ".join(o.replace("\\", "") for o in overrides))
     if not path.exists():
         row.update(status="failed", error="no metrics.json: the job crashed (see its log)")
         return row
