@@ -209,23 +209,26 @@ class Quantizer(nn.Module):
         """Grid values (int: codes incl. zero point) of ``v``; when a gradient is needed, STE on
         rounding, zero outside the grid's range (inclusive bounds, like the fused kernels)."""
         fmt = self.fmt
-        y = v * (1.0 / params["scale"])  # reciprocal-multiply, as the fused kernels do
+        y = v * (1.0 / params["scale"])  # reciprocal-multiply, exactly as torch's fake_quantize kernels
         if isinstance(fmt, IntFormat):
             q = torch.round(y.detach())
             if "zero_point" in params:
-                q = q + params["zero_point"]
-            inside = (q >= fmt.qmin) & (q <= fmt.qmax)
-            q = q.clamp(fmt.qmin, fmt.qmax)
+                q.add_(params["zero_point"])
+            inside = (q >= fmt.qmin) & (q <= fmt.qmax) if y.requires_grad else None
+            q.clamp_(fmt.qmin, fmt.qmax)
         else:
-            inside = y.detach().abs() <= fmt.maxval
+            inside = y.detach().abs() <= fmt.maxval if y.requires_grad else None
             q = fmt.round(y.detach())
-        return q + (y - y.detach()) * inside if y.requires_grad else q
+        return q if inside is None else q + (y - y.detach()) * inside
 
     @staticmethod
     def _dequant(q: Tensor, params: dict[str, Tensor]) -> Tensor:
-        if "zero_point" in params:
-            q = q - params["zero_point"]
-        return q * params["scale"]
+        if q.requires_grad:
+            q = q - params["zero_point"] if "zero_point" in params else q
+            return q * params["scale"]
+        if "zero_point" in params:  # q is a fresh temporary: work in place (this is the hot path)
+            q.sub_(params["zero_point"])
+        return q.mul_(params["scale"])
 
     def _params(self, v: Tensor) -> dict[str, Tensor]:
         """Quantization parameters for the grouped view ``v``: stored (static) or from ``v`` (dynamic)."""
@@ -369,10 +372,11 @@ class Quantizer(nn.Module):
         self._shape = tuple(x.shape)
         if not self.enabled:
             return x
-        xf = x.float()
-        if self._fused_ok():
-            return self._fused(xf).to(x.dtype)
-        v = self._view(xf)
+        if self.kind == "act" and self.granularity == "tensor" and not (self.dynamic or self.learnable):
+            # static per-tensor activations: scalar params, no view (a view of NCHW would copy twice)
+            params = {k: t.reshape(()) for k, t in self._params(x).items()}
+            return self._dequant(self._grid(x.float(), params), params).to(x.dtype)
+        v = self._view(x.float())
         params = self._params(v)
         if isinstance(self.fmt, BinaryFormat):
             out = self.fmt.fake_quant(v.reshape(v.shape[0], -1), params["sigma"])
@@ -383,29 +387,6 @@ class Quantizer(nn.Module):
                 params["scale"] = s.detach() + (s * g - (s * g).detach())  # value s, gradient scaled by g
             out = self._dequant(self._grid(v, params), params)
         return self._unview(out, tuple(x.shape)).to(x.dtype)
-
-    def _fused_ok(self) -> bool:
-        return (
-            isinstance(self.fmt, IntFormat)
-            and not self.dynamic
-            and not self.learnable
-            and self.granularity in ("tensor", "channel")
-            and self.scale.numel() > 0
-        )
-
-    def _fused(self, x: Tensor) -> Tensor:
-        fmt = self.fmt
-        assert isinstance(fmt, IntFormat)
-        scale = self.scale.reshape(-1).float()
-        zp = self.zero_point if not self.symmetric else torch.zeros_like(self.scale)
-        zp = zp.reshape(-1).to(torch.int32)
-        if self.granularity == "tensor":
-            return torch.fake_quantize_per_tensor_affine(x, scale, zp, fmt.qmin, fmt.qmax)
-        if self.kind == "weight":
-            out = torch.fake_quantize_per_channel_affine(x.reshape(x.shape[0], -1), scale, zp, 0, fmt.qmin, fmt.qmax)
-            return out.reshape(x.shape)
-        axis = self.feature_axis % x.dim()
-        return torch.fake_quantize_per_channel_affine(x, scale, zp, axis, fmt.qmin, fmt.qmax)
 
     # ----------------------------------------------------------------- export
     @torch.no_grad()
