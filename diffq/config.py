@@ -86,7 +86,6 @@ class QuantConfig:
     )
     rules: List[RuleConfig] = field(default_factory=list)
     attn: AttnQuantConfig = field(default_factory=AttnQuantConfig)
-    targets: List[str] = field(default_factory=lambda: ["denoiser"])  # denoiser, text_encoder
     strict: bool = False  # a rule matching no layer is an error instead of a warning
     keep_fp_weights: bool = True  # keep the FP weight next to the frozen fake-quant one
 

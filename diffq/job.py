@@ -21,7 +21,7 @@ from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.methods import get_method
 from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds
 from diffq.roles import ROLES, assign_roles
-from diffq.spec import LayerSpec, format_spec_table, resolve_spec, validate_quant_args
+from diffq.spec import LayerSpec, TensorQuant, format_spec_table, resolve_spec, validate_quant_args
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         timings["quantize_s"] = time.perf_counter() - t1
         calib_info = {"samples": len(samples), "cache_hit": calib_hit, **stats}
     timings["calibration_s"] = time.perf_counter() - t0
-    (out_dir / "spec.txt").write_text(format_spec_table(specs))
+    spec_text = format_spec_table(specs)
+    if attn_cfg.get("enabled"):
+        spec_text += f"attention matmuls: q/k/v {_describe(attn_cfg['qkv'])}, softmax output {_describe(attn_cfg['softmax'])}\n"
+    (out_dir / "spec.txt").write_text(spec_text)
 
     counter = InputElementCounter(denoiser, [s.name for s in specs])
     t0 = time.perf_counter()
@@ -216,6 +219,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         metrics["export"] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 4)}
     write_metrics(out_dir, metrics)
     return metrics
+
+
+def _describe(args: dict[str, Any]) -> str:
+    return TensorQuant.from_mapping(args, "quant.attn").describe()
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:

@@ -145,9 +145,6 @@ def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
 # --------------------------------------------------------------------------- attention
 
 
-ATTN_QUANTIZERS = ("q_quantizer", "k_quantizer", "v_quantizer", "softmax_quantizer")
-
-
 def _quantized_sdpa(attn: nn.Module, sdpa: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """An SDPA with q/k/v (and optionally the softmax output) fake-quantized."""
 

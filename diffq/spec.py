@@ -16,7 +16,7 @@ from torch import nn
 
 from diffq.config import QuantArgsConfig
 from diffq.errors import ConfigError
-from diffq.formats import Format, make_format
+from diffq.formats import Format, IntFormat, make_format
 from diffq.quantizer import Quantizer
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class TensorQuant:
         fmt = self.build_format()
         if fmt is None:
             return "fp"
-        sym = "" if fmt.name.startswith(("fp", "nv", "mx", "tern", "bin")) else ("/sym" if self.symmetric else "/asym")
+        sym = ("/sym" if self.symmetric else "/asym") if isinstance(fmt, IntFormat) else ""
         dyn = "/dyn" if self.dynamic else ""
         return f"{fmt.name}/{self.granularity}{sym}{dyn}"
 

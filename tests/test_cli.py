@@ -104,6 +104,15 @@ def test_tiny_models_run_end_to_end(compose, tmp_path, family_model):
     assert m["cost"]["layers_quantized"] > 0.5 * m["cost"]["layers_total"]
 
 
+def test_calibration_set_is_cached_and_attention_listed_in_spec(compose, tmp_path):
+    cfg = compose("eval.grid=false", "quant.attn.enabled=true", *QUICK)
+    first = run(cfg, tmp_path / "a")
+    second = run(compose("eval.grid=false", "quant=w4a8", *QUICK), tmp_path / "b")
+    assert second["calib"]["cache_hit"] and second["calib"]["fp_images_cache_hit"]
+    assert second["calib"]["samples"] == first["calib"]["samples"] == 2  # 1 batch x 2 kept steps
+    assert "attention matmuls: q/k/v int8/tensor/sym, softmax output uint8/tensor/asym" in (tmp_path / "a" / "spec.txt").read_text()
+
+
 def test_missing_calibration_prompt_file(compose, tmp_path):
     cfg = compose("calib.prompts_file=/nonexistent/prompts.txt", *QUICK)
     with pytest.raises(ConfigError, match="prompts.txt"):

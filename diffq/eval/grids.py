@@ -10,10 +10,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 def image_grid(
-    rows: Sequence[torch.Tensor], row_labels: Sequence[str], captions: Sequence[str], cell: int = 128
+    rows: Sequence[torch.Tensor], row_labels: Sequence[str], captions: Sequence[str], cell: int = 128, gap: int = 4
 ) -> Image.Image:
     """Tile ``rows`` of [N, 3, H, W] images in [0, 1]; tiny images are upscaled (nearest)."""
     n = rows[0].shape[0]
+    tile = cell - gap
     font = ImageFont.load_default()
     label_w, cap_lines = 90, 3
     cap_h = 12 * cap_lines + 6
@@ -27,6 +28,5 @@ def image_grid(
         draw.text((4, y + cell // 2 - 6), label, fill="black", font=font)
         arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         for j in range(n):
-            tile = Image.fromarray(arr[j]).resize((cell, cell), Image.NEAREST)
-            grid.paste(tile, (label_w + j * cell, y))
+            grid.paste(Image.fromarray(arr[j]).resize((tile, tile), Image.NEAREST), (label_w + j * cell, y))
     return grid
