@@ -1,0 +1,443 @@
+"""Train the offline testbed models on the shapes world (reproducible, resumable, CPU-friendly).
+
+    python scripts/train_testbed.py --stage all            # data, vae, clip, unet, flux
+    python scripts/train_testbed.py --stage vae --threads 1
+
+Stages write standard diffusers/transformers folders under ``assets/testbed/``; each stage
+checkpoints every few hundred steps into ``<cache>/testbed_train/`` and resumes from there,
+and a finished stage (its folder has ``train_log.json``) is skipped unless ``--force``.
+Stages vae and clip are independent, and so are unet and flux (after vae and clip): run them
+as two processes with ``--threads 1`` each to use both cores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffq.models.tokenizers import build_word_tokenizer  # noqa: E402
+from diffq.testbed.prompts import training_example, vocabulary  # noqa: E402
+from diffq.testbed.world import IMAGE_SIZE, render  # noqa: E402
+
+DEFAULT_ASSETS = ROOT / "assets" / "testbed"
+DEFAULT_CACHE = Path(os.environ.get("DIFFQ_CACHE_DIR", Path.home() / ".cache" / "diffq")) / "testbed_train"
+MAX_TOKENS = 16
+SEED = 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def dataset(n: int, cache: Path, seed: int = SEED) -> tuple[np.ndarray, list[str]]:
+    """``n`` training images uint8 [n, 32, 32, 3] and captions, cached on disk."""
+    path = cache / f"data_{seed}_{n}.npz"
+    if path.exists():
+        d = np.load(path, allow_pickle=False)
+        return d["images"], [str(c) for c in d["captions"]]
+    rng = np.random.default_rng(seed)
+    examples = [training_example(rng) for _ in tqdm(range(n), desc="scenes")]
+    images = np.stack([render(e.scene) for e in tqdm(examples, desc="render")])
+    captions = [e.caption for e in examples]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=images, captions=np.array(captions))
+    return images, captions
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def tokenizer(style: str = "clip"):
+    """The world's word-level tokenizer."""
+    return build_word_tokenizer(vocabulary(), max_length=MAX_TOKENS, style=style)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+class Trainer:
+    """Minimal resumable loop: Adam + cosine schedule, periodic checkpoints, tqdm progress."""
+
+    def __init__(self, name: str, modules: dict[str, torch.nn.Module], steps: int, lr: float, cache: Path,
+                 warmup: int = 200):
+        self.name, self.modules, self.steps = name, modules, steps
+        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        )
+        self.step = 0
+        self.ckpt = cache / f"{name}_ckpt.pt"
+        self.losses: list[float] = []
+        if self.ckpt.exists():
+            state = torch.load(self.ckpt, weights_only=True)
+            for k, m in modules.items():
+                m.load_state_dict(state["modules"][k])
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            self.step, self.losses = state["step"], state["losses"]
+            print(f"[{name}] resumed at step {self.step}")
+
+    def save(self) -> None:
+        """Checkpoint everything needed to resume."""
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        state = {"modules": {k: m.state_dict() for k, m in self.modules.items()}, "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(), "step": self.step, "losses": self.losses}
+        torch.save(state, self.ckpt.with_suffix(".tmp"))
+        os.replace(self.ckpt.with_suffix(".tmp"), self.ckpt)
+
+    def run(self, loss_fn, every: int = 250) -> float:
+        """Train until ``steps``; ``loss_fn(step, rng)`` returns a scalar loss. Returns wall seconds."""
+        t0 = time.perf_counter()
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.name)
+        for m in self.modules.values():
+            m.train()
+        while self.step < self.steps:
+            rng = np.random.default_rng((SEED, self.step))
+            loss = loss_fn(self.step, rng)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            self.losses.append(float(loss))
+            bar.update(1)
+            if self.step % 50 == 0:
+                bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
+            if self.step % every == 0 or self.step == self.steps:
+                self.save()
+        bar.close()
+        for m in self.modules.values():
+            m.eval()
+        return time.perf_counter() - t0
+
+
+def write_log(folder: Path, info: dict) -> None:
+    """Stage log (also the 'done' marker)."""
+    (folder / "train_log.json").write_text(json.dumps(info, indent=2))
+
+
+def done(folder: Path) -> bool:
+    """Whether a stage already finished."""
+    return (folder / "train_log.json").exists()
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def vae_config() -> dict:
+    """Tiny AutoencoderKL: 32x32x3 <-> 16x16x4."""
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32], layers_per_block=1,
+                latent_channels=4, norm_num_groups=8, sample_size=IMAGE_SIZE)
+
+
+def train_vae(args) -> None:
+    """Reconstruction (L1 + MSE) with a tiny KL term."""
+    from diffusers import AutoencoderKL
+
+    out = args.assets / "vae"
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(**vae_config())
+    images, _ = dataset(args.data, args.cache)
+    data = to_tensor(images)
+    n_train = len(data) - 500
+    trainer = Trainer("vae", {"vae": vae}, args.vae_steps, lr=1e-3, cache=args.cache)
+
+    def loss_fn(step, rng):
+        x = data[rng.integers(0, n_train, args.batch)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / x[0].numel()
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+
+    seconds = trainer.run(loss_fn)
+    with torch.no_grad():
+        held = data[n_train:]
+        lat = torch.cat([vae.encode(held[i : i + 100]).latent_dist.mean for i in range(0, len(held), 100)])
+        rec = torch.cat([vae.decode(lat[i : i + 100]).sample for i in range(0, len(lat), 100)])
+        psnr = psnr_db(rec, held)
+        mean, std = float(lat.mean()), float(lat.std())
+    vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
+    vae.save_pretrained(out, safe_serialization=True)
+    write_log(out, {"steps": args.vae_steps, "batch": args.batch, "seconds": round(seconds, 1),
+                    "heldout_psnr_db": round(psnr, 2), "latent_mean": mean, "latent_std": std})
+    print(f"[vae] held-out PSNR {psnr:.2f} dB, {seconds:.0f} s")
+
+
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean per-image PSNR of [-1, 1] images, computed over [0, 1]."""
+    a, b = (a.clamp(-1, 1) + 1) / 2, (b + 1) / 2
+    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+def clip_config(vocab_size: int):
+    """Tiny CLIP: text tower (conditions the generators) and vision tower (CLIP score)."""
+    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+    text = CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256, num_hidden_layers=3,
+                          num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=2, eos_token_id=3,
+                          pad_token_id=0, projection_dim=64)
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=4, hidden_size=64, intermediate_size=256,
+                              num_hidden_layers=3, num_attention_heads=4, projection_dim=64)
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64)
+
+
+def clip_pixel_values(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> CLIP input (world images are already 32x32; simple [-1, 1] normalisation)."""
+    return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_clip(args) -> None:
+    """Contrastive training; captions with identical text in a batch count as positives."""
+    from transformers import CLIPModel
+
+    out = args.assets / "clip"
+    tok = tokenizer()
+    torch.manual_seed(SEED)
+    model = CLIPModel(clip_config(len(tok)))
+    images, captions = dataset(args.data, args.cache)
+    n_train = len(images) - 500
+    ids = tok(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    imgs = torch.from_numpy(images)
+    trainer = Trainer("clip", {"clip": model}, args.clip_steps, lr=1e-3, cache=args.cache)
+    batch = args.clip_batch
+    caption_index = {c: i for i, c in enumerate(sorted(set(captions)))}
+    cap_ids = torch.tensor([caption_index[c] for c in captions])
+
+    def loss_fn(step, rng):
+        idx = torch.from_numpy(rng.integers(0, n_train, batch))
+        o = model(input_ids=ids[idx], pixel_values=clip_pixel_values(imgs[idx]))
+        same = (cap_ids[idx, None] == cap_ids[None, idx]).float()
+        target = same / same.sum(1, keepdim=True)
+        return 0.5 * (-(target * o.logits_per_text.log_softmax(1)).sum(1).mean()
+                      - (target * o.logits_per_image.log_softmax(1)).sum(1).mean())
+
+    seconds = trainer.run(loss_fn)
+    acc = clip_retrieval(model, tok, args)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    write_log(out, {"steps": args.clip_steps, "batch": args.clip_batch, "seconds": round(seconds, 1),
+                    "text_to_image_top1_100": acc})
+    print(f"[clip] text->image top-1 among 100 held-out pairs: {acc:.3f}, {seconds:.0f} s")
+
+
+@torch.no_grad()
+def clip_retrieval(model, tok, args, n: int = 100) -> float:
+    """Top-1 text->image retrieval among ``n`` held-out pairs with distinct, fully specified captions."""
+    rng = np.random.default_rng(12345)
+    pairs: dict[str, np.ndarray] = {}
+    while len(pairs) < n:
+        ex = training_example(rng)
+        n_objects = len(ex.scene.objects)
+        fully = all(c in ex.caption for c in {o.color for o in ex.scene.objects}) or n_objects > 2
+        if fully and ex.caption not in pairs:
+            pairs[ex.caption] = render(ex.scene)
+    caps = list(pairs)
+    ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    imgs = torch.from_numpy(np.stack([pairs[c] for c in caps]))
+    o = model(input_ids=ids, pixel_values=clip_pixel_values(imgs))
+    return float((o.logits_per_text.argmax(1) == torch.arange(n)).float().mean())
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+def load_frozen_parts(assets: Path):
+    """Trained VAE and CLIP text tower (frozen), and the tokenizer."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the text towers load from the full CLIP folder: vision keys are unused
+    vae = AutoencoderKL.from_pretrained(assets / "vae").eval()
+    text = CLIPTextModel.from_pretrained(assets / "clip").eval()
+    text_proj = CLIPTextModelWithProjection.from_pretrained(assets / "clip").eval()
+    return vae, text, text_proj, tokenizer()
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, cache: Path) -> torch.Tensor:
+    """Scaled VAE latents (posterior means) of all training images, cached."""
+    path = cache / f"latents_{len(images)}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    x = to_tensor(images)
+    lat = torch.cat([vae.encode(x[i : i + 500]).latent_dist.mean for i in tqdm(range(0, len(x), 500), desc="encode")])
+    lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+    torch.save(lat, path)
+    return lat
+
+
+@torch.no_grad()
+def text_table(text_model, tok, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states [U, T, D], pooled [U, D], index per example) over the unique captions + ''."""
+    uniq = sorted(set(captions) | {""})
+    ids = tok(uniq, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    out = text_model(ids)
+    pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+    hidden = out.last_hidden_state
+    index = {c: i for i, c in enumerate(uniq)}
+    return hidden, pooled, torch.tensor([index[c] for c in captions] + [index[""]])
+
+
+def unet_config() -> dict:
+    """Tiny SD-style UNet on 16x16x4 latents."""
+    return dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=64,
+                attention_head_dim=8, norm_num_groups=16)
+
+
+def train_unet(args) -> None:
+    """DDPM epsilon-prediction training with 10% caption dropout (for classifier-free guidance)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    out = args.assets / "unet_pipeline"
+    vae, text, _, tok = load_frozen_parts(args.assets)
+    images, captions = dataset(args.data, args.cache)
+    latents = encode_latents(vae, images, args.cache)
+    hidden, _, index = text_table(text, tok, captions)
+    empty = index[-1]
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(**unet_config())
+    sched_kwargs = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    ddpm = DDPMScheduler(**{k: v for k, v in sched_kwargs.items() if k not in ("set_alpha_to_one", "steps_offset")})
+    trainer = Trainer("unet", {"unet": unet}, args.gen_steps, lr=args.gen_lr, cache=args.cache)
+
+    def loss_fn(step, rng):
+        idx = torch.from_numpy(rng.integers(0, len(latents), args.batch))
+        x0 = latents[idx]
+        cond = index[idx].clone()
+        cond[torch.from_numpy(rng.random(args.batch) < 0.1)] = empty
+        noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+        t = torch.from_numpy(rng.integers(0, 1000, args.batch))
+        xt = ddpm.add_noise(x0, noise, t)
+        pred = unet(xt, t, encoder_hidden_states=hidden[cond], return_dict=False)[0]
+        return F.mse_loss(pred, noise)
+
+    seconds = trainer.run(loss_fn)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(**sched_kwargs), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_log(out, {"steps": args.gen_steps, "batch": args.batch, "lr": args.gen_lr, "seconds": round(seconds, 1),
+                    "final_loss": float(np.mean(trainer.losses[-200:]))})
+
+
+def flux_config() -> dict:
+    """Tiny FLUX-style MM-DiT on 2x2-packed 16x16x4 latents (64 tokens of 16 channels)."""
+    return dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=16,
+                num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64, guidance_embeds=False,
+                axes_dims_rope=[4, 6, 6])
+
+
+def t5_config(vocab_size: int):
+    """Tiny T5 encoder, trained jointly with the FLUX transformer (FLUX's sequence encoder)."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=256, num_layers=2, num_heads=4,
+                    dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def train_flux(args) -> None:
+    """Rectified-flow (velocity) training with 10% caption dropout; T5 learned jointly."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline as _FP
+    from transformers import T5EncoderModel
+
+    out = args.assets / "flux_pipeline"
+    vae, text, text_proj, tok = load_frozen_parts(args.assets)
+    tok5 = tokenizer("t5")
+    images, captions = dataset(args.data, args.cache)
+    latents = encode_latents(vae, images, args.cache)
+    _, pooled, index = text_table(text_proj, tok, captions)
+    uniq = sorted(set(captions) | {""})
+    ids5 = tok5(uniq, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+    empty = index[-1]
+    torch.manual_seed(SEED)
+    transformer = FluxTransformer2DModel(**flux_config())
+    t5 = T5EncoderModel(t5_config(len(tok5)))
+    packed = _FP._pack_latents(latents, len(latents), 4, 16, 16)
+    img_ids = _FP._prepare_latent_image_ids(len(latents), 8, 8, "cpu", torch.float32)
+    txt_ids = torch.zeros(MAX_TOKENS, 3)
+    trainer = Trainer("flux", {"transformer": transformer, "t5": t5}, args.gen_steps, lr=args.gen_lr,
+                      cache=args.cache)
+
+    def loss_fn(step, rng):
+        idx = torch.from_numpy(rng.integers(0, len(packed), args.batch))
+        x0 = packed[idx]
+        cond = index[idx].clone()
+        cond[torch.from_numpy(rng.random(args.batch) < 0.1)] = empty
+        noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+        # logit-normal timesteps (SD3/FLUX training), t=1 is pure noise
+        s = torch.sigmoid(torch.from_numpy(rng.standard_normal(args.batch).astype(np.float32)))
+        xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
+        seq = t5(ids5[cond])[0]
+        pred = transformer(hidden_states=xt, timestep=s, pooled_projections=pooled[cond], encoder_hidden_states=seq,
+                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return F.mse_loss(pred, noise - x0)
+
+    seconds = trainer.run(loss_fn)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tok, text_encoder_2=t5,
+                        tokenizer_2=tok5, transformer=transformer)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_log(out, {"steps": args.gen_steps, "batch": args.batch, "lr": args.gen_lr, "seconds": round(seconds, 1),
+                    "final_loss": float(np.mean(trainer.losses[-200:]))})
+
+
+# ----------------------------------------------------------------------------- main
+
+STAGES = {"data": lambda a: dataset(a.data, a.cache), "vae": train_vae, "clip": train_clip, "unet": train_unet,
+          "flux": train_flux}
+OUTPUTS = {"vae": "vae", "clip": "clip", "unet": "unet_pipeline", "flux": "flux_pipeline"}
+
+
+def main() -> None:
+    """Run the requested stages in order."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", nargs="+", default=["all"], choices=["all", *STAGES])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--data", type=int, default=60000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--clip-batch", type=int, default=256)
+    p.add_argument("--vae-steps", type=int, default=2000)
+    p.add_argument("--clip-steps", type=int, default=2000)
+    p.add_argument("--gen-steps", type=int, default=12000)
+    p.add_argument("--gen-lr", type=float, default=5e-4)
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="where trained models are written")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="data, latents and resumable checkpoints")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    stages = list(STAGES) if args.stage == ["all"] else args.stage
+    for stage in stages:
+        folder = args.assets / OUTPUTS.get(stage, "")
+        if stage != "data" and done(folder) and not args.force:
+            print(f"[{stage}] already trained ({folder}); --force to retrain")
+            continue
+        STAGES[stage](args)
+
+
+if __name__ == "__main__":
+    main()
