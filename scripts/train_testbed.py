@@ -283,7 +283,8 @@ def encode_latents(vae, images: np.ndarray, cache: Path) -> torch.Tensor:
     x = to_tensor(images)
     lat = torch.cat([vae.encode(x[i : i + 500]).latent_dist.mean for i in tqdm(range(0, len(x), 500), desc="encode")])
     lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
-    torch.save(lat, path)
+    torch.save(lat, path.with_suffix(f".tmp{os.getpid()}"))
+    os.replace(path.with_suffix(f".tmp{os.getpid()}"), path)
     return lat
 
 
@@ -297,6 +298,18 @@ def text_table(text_model, tok, captions: list[str]) -> tuple[torch.Tensor, torc
     hidden = out.last_hidden_state
     index = {c: i for i, c in enumerate(uniq)}
     return hidden, pooled, torch.tensor([index[c] for c in captions] + [index[""]])
+
+
+def draw_batch(rng: np.random.Generator, x: torch.Tensor, index: torch.Tensor, batch: int):
+    """(x0, caption indices with 10% dropped to the empty caption, Gaussian noise) for one step.
+
+    ``index`` holds one caption index per example plus, last, the empty caption's index.
+    """
+    idx = torch.from_numpy(rng.integers(0, len(x), batch))
+    cond = index[idx].clone()
+    cond[torch.from_numpy(rng.random(batch) < 0.1)] = index[-1]
+    x0 = x[idx]
+    return x0, cond, torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
 
 
 def unet_config() -> dict:
@@ -316,20 +329,15 @@ def train_unet(args) -> None:
     images, captions = dataset(args.data, args.cache)
     latents = encode_latents(vae, images, args.cache)
     hidden, _, index = text_table(text, tok, captions)
-    empty = index[-1]
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(**unet_config())
     sched_kwargs = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
     ddpm = DDPMScheduler(**{k: v for k, v in sched_kwargs.items() if k not in ("set_alpha_to_one", "steps_offset")})
-    trainer = Trainer("unet", {"unet": unet}, args.gen_steps, lr=args.gen_lr, cache=args.cache)
+    trainer = Trainer("unet", {"unet": unet}, args.unet_steps, lr=args.gen_lr, cache=args.cache)
 
     def loss_fn(step, rng):
-        idx = torch.from_numpy(rng.integers(0, len(latents), args.batch))
-        x0 = latents[idx]
-        cond = index[idx].clone()
-        cond[torch.from_numpy(rng.random(args.batch) < 0.1)] = empty
-        noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+        x0, cond, noise = draw_batch(rng, latents, index, args.batch)
         t = torch.from_numpy(rng.integers(0, 1000, args.batch))
         xt = ddpm.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=hidden[cond], return_dict=False)[0]
@@ -340,7 +348,7 @@ def train_unet(args) -> None:
                                    scheduler=DDIMScheduler(**sched_kwargs), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    write_log(out, {"steps": args.gen_steps, "batch": args.batch, "lr": args.gen_lr, "seconds": round(seconds, 1),
+    write_log(out, {"steps": trainer.steps, "batch": args.batch, "lr": args.gen_lr, "seconds": round(seconds, 1),
                     "final_loss": float(np.mean(trainer.losses[-200:]))})
 
 
@@ -373,22 +381,17 @@ def train_flux(args) -> None:
     _, pooled, index = text_table(text_proj, tok, captions)
     uniq = sorted(set(captions) | {""})
     ids5 = tok5(uniq, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-    empty = index[-1]
     torch.manual_seed(SEED)
     transformer = FluxTransformer2DModel(**flux_config())
     t5 = T5EncoderModel(t5_config(len(tok5)))
     packed = _FP._pack_latents(latents, len(latents), 4, 16, 16)
     img_ids = _FP._prepare_latent_image_ids(len(latents), 8, 8, "cpu", torch.float32)
     txt_ids = torch.zeros(MAX_TOKENS, 3)
-    trainer = Trainer("flux", {"transformer": transformer, "t5": t5}, args.gen_steps, lr=args.gen_lr,
+    trainer = Trainer("flux", {"transformer": transformer, "t5": t5}, args.flux_steps, lr=args.gen_lr,
                       cache=args.cache)
 
     def loss_fn(step, rng):
-        idx = torch.from_numpy(rng.integers(0, len(packed), args.batch))
-        x0 = packed[idx]
-        cond = index[idx].clone()
-        cond[torch.from_numpy(rng.random(args.batch) < 0.1)] = empty
-        noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+        x0, cond, noise = draw_batch(rng, packed, index, args.batch)
         # logit-normal timesteps (SD3/FLUX training), t=1 is pure noise
         s = torch.sigmoid(torch.from_numpy(rng.standard_normal(args.batch).astype(np.float32)))
         xt = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
@@ -402,7 +405,7 @@ def train_flux(args) -> None:
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text, tokenizer=tok, text_encoder_2=t5,
                         tokenizer_2=tok5, transformer=transformer)
     pipe.save_pretrained(out, safe_serialization=True)
-    write_log(out, {"steps": args.gen_steps, "batch": args.batch, "lr": args.gen_lr, "seconds": round(seconds, 1),
+    write_log(out, {"steps": trainer.steps, "batch": args.batch, "lr": args.gen_lr, "seconds": round(seconds, 1),
                     "final_loss": float(np.mean(trainer.losses[-200:]))})
 
 
@@ -423,7 +426,8 @@ def main() -> None:
     p.add_argument("--clip-batch", type=int, default=256)
     p.add_argument("--vae-steps", type=int, default=2000)
     p.add_argument("--clip-steps", type=int, default=2000)
-    p.add_argument("--gen-steps", type=int, default=12000)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--flux-steps", type=int, default=9000)
     p.add_argument("--gen-lr", type=float, default=5e-4)
     p.add_argument("--force", action="store_true")
     p.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="where trained models are written")
