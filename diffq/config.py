@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from diffq.testbed.assets import asset_path
 
 
 @dataclass
@@ -32,6 +34,8 @@ class ModelConfig:
     # prompts this model understands, replacing calib/eval prompts when set (class labels of
     # class-conditional models such as DiT)
     prompts: List[str] = field(default_factory=list)
+    # fail early on prompts with words the model's word-level tokenizer does not know (testbed)
+    vocabulary_check: bool = False
 
 
 @dataclass
@@ -156,6 +160,8 @@ class DiffqConfig:
 
 def register_configs() -> None:
     """Register the schemas so YAML files are validated against them at compose time."""
+    if not OmegaConf.has_resolver("testbed_asset"):
+        OmegaConf.register_new_resolver("testbed_asset", asset_path)
     cs = ConfigStore.instance()
     cs.store(name="diffq_schema", node=DiffqConfig)
     cs.store(group="model", name="schema", node=ModelConfig)

@@ -19,7 +19,8 @@ from diffq.eval.fidelity import fidelity_metrics
 from diffq.eval.grids import image_grid
 from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.methods import get_method
-from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds
+from diffq.errors import ConfigError
+from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds, unknown_words
 from diffq.roles import ROLES, assign_roles
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table, resolve_spec, validate_quant_args
 
@@ -78,8 +79,6 @@ def swap_scheduler(pipe: Any, name: str | None) -> None:
         return
     import diffusers
 
-    from diffq.errors import ConfigError
-
     cls = getattr(diffusers, name, None)
     if cls is None or not name.endswith("Scheduler"):
         raise ConfigError(f"unknown scheduler {name!r}: use a diffusers scheduler class name, e.g. DDIMScheduler")
@@ -100,6 +99,20 @@ def fp_reference_images(pipe: Any, cfg: DictConfig, prompts: list[str], seeds: l
     seconds = time.perf_counter() - t0
     save_tensors(path, {"images": images}, {"seconds": seconds})
     return images, seconds, False
+
+
+def check_vocabulary(pipe: Any, prompts: list[str]) -> None:
+    """ConfigError when a prompt has words the pipeline's word-level tokenizers do not know."""
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = getattr(pipe, name, None)
+        bad = unknown_words(tok, prompts) if tok is not None and tok.unk_token_id is not None else {}
+        if bad:
+            prompt, words = next(iter(bad.items()))
+            vocab = sorted(w for w in tok.get_vocab() if w.isalpha())
+            raise ConfigError(
+                f"prompt {prompt!r} uses words outside the model's vocabulary {words} ({len(bad)} prompts do); "
+                f"rephrase it with the words this model knows: {' '.join(vocab)}"
+            )
 
 
 def quantizable_layers(model: nn.Module, family: str) -> dict[str, tuple[str, nn.Module]]:
@@ -156,6 +169,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         specs = resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
 
     prompts = eval_prompts(cfg)
+    calib_prompts = calibration.calibration_prompts(
+        list(cfg.model.prompts) or list(cfg.calib.prompts), cfg.calib.prompts_file, cfg.calib.num_prompts
+    )
+    if cfg.model.vocabulary_check:
+        check_vocabulary(pipe, [*prompts, *calib_prompts])
     seeds = sample_seeds(cfg.eval.seed, len(prompts))
     fp_images, timings["sampling_fp_s"], fp_cached = fp_reference_images(pipe, cfg, prompts, seeds, smp)
 
@@ -165,9 +183,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         load_quantized(cfg.load, denoiser)
         calib_info: dict[str, Any] = {"loaded_from": str(cfg.load)}
     else:
-        calib_prompts = calibration.calibration_prompts(
-            list(cfg.model.prompts) or list(cfg.calib.prompts), cfg.calib.prompts_file, cfg.calib.num_prompts
-        )
         samples, calib_hit = calibration.load_or_capture(
             pipe, family, model_key=model_key(cfg), prompts=calib_prompts, seed=cfg.calib.seed,
             steps=int(cfg.calib.steps or smp.steps), guidance=smp.guidance, resolution=smp.resolution,

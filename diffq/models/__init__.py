@@ -9,10 +9,10 @@ from diffq.models.loading import (
     text_encoders_of,
 )
 from diffq.models.tiny import FAMILIES, PIPELINE_CLASSES, build_tiny_pipeline
-from diffq.models.tokenizers import build_word_tokenizer
+from diffq.models.tokenizers import build_word_tokenizer, unknown_words
 
 __all__ = [
-    "FAMILIES", "PIPELINE_CLASSES", "build_tiny_pipeline", "build_word_tokenizer", "load_pipeline",
+    "FAMILIES", "PIPELINE_CLASSES", "build_tiny_pipeline", "build_word_tokenizer", "unknown_words", "load_pipeline",
     "resolve_dtype", "denoiser_of", "set_denoiser", "text_encoders_of", "family_of_pipeline",
     "generate_images", "sample_seeds", "dit_label_ids",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 
 from diffq.config import ModelConfig
 from diffq.errors import CheckpointError, ConfigError
+from diffq.testbed.assets import check_asset_folder, is_testbed_asset
 from diffq.models.tiny import FAMILIES, PIPELINE_CLASSES, build_tiny_pipeline
 from diffq.roles import detect_family
 
@@ -99,6 +100,8 @@ def _from_pretrained(cfg: ModelConfig | DictConfig, cls: type[DiffusionPipeline]
         raise ConfigError(
             f"model {cfg.name} has source=pretrained but no model.pretrained: set it to a hub id or a local folder"
         )
+    if is_testbed_asset(str(cfg.pretrained)):
+        check_asset_folder(str(cfg.pretrained))
     folder = _local_folder(str(cfg.pretrained))
     saved_class = _saved_pipeline_class(folder) if folder is not None else None
     families = {c: f for f, c in PIPELINE_CLASSES.items()}

@@ -6,7 +6,7 @@ pipelines can call (padding, truncation, tensors, batch_decode) and save/load wi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -82,3 +82,16 @@ def build_word_tokenizer(
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, model_max_length=max_length, padding_side="right", **specials
     )
+
+
+def unknown_words(tokenizer: Any, prompts: Sequence[str]) -> dict[str, list[str]]:
+    """Words of each prompt that a word-level ``tokenizer`` maps to its unknown token."""
+    unk = tokenizer.unk_token_id
+    out: dict[str, list[str]] = {}
+    for prompt in prompts:
+        words = prompt.split()
+        enc = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
+        bad = sorted({words[w] for i, w in zip(enc.input_ids, enc.word_ids()) if i == unk})
+        if bad:
+            out[prompt] = bad
+    return out
