@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from diffq.errors import ConfigError
 
-__all__ = ["DEFAULT_WORDS", "build_word_tokenizer"]
+__all__ = ["DEFAULT_WORDS", "build_word_tokenizer", "unknown_words"]
 
 DEFAULT_WORDS: tuple[str, ...] = (
     "a photo of an the and with on in at to of is are there this that it its one two three four"
