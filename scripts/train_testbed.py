@@ -242,20 +242,33 @@ def train_clip(args) -> None:
 
 @torch.no_grad()
 def clip_retrieval(model, tok, args, n: int = 100) -> float:
-    """Top-1 text->image retrieval among ``n`` held-out pairs with distinct, fully specified captions."""
+    """Top-1 text->image retrieval among ``n`` held-out pairs.
+
+    The pairs are evaluation prompts (never training captions) with ground-truth renders, kept
+    only when no other image of the set also satisfies the prompt (checked with the GenEval
+    scorer on detections), so the correct image is unique.
+    """
+    from diffq.eval.geneval import score_image
+    from diffq.testbed.detector import detect
+    from diffq.testbed.groundtruth import render_entry
+    from diffq.testbed.prompts import evaluation_metadata
+
     rng = np.random.default_rng(12345)
-    pairs: dict[str, np.ndarray] = {}
-    while len(pairs) < n:
-        ex = training_example(rng)
-        n_objects = len(ex.scene.objects)
-        fully = all(c in ex.caption for c in {o.color for o in ex.scene.objects}) or n_objects > 2
-        if fully and ex.caption not in pairs:
-            pairs[ex.caption] = render(ex.scene)
-    caps = list(pairs)
+    entries = [evaluation_metadata()[i] for i in rng.permutation(len(evaluation_metadata()))]
+    chosen: list[tuple[dict, np.ndarray, list]] = []
+    for entry in entries:
+        image = render_entry(entry, rng)
+        dets = detect(image)
+        clash = any(score_image(entry, d)[0] for _, _, d in chosen) or any(score_image(e, dets)[0] for e, _, _ in chosen)
+        if not clash:
+            chosen.append((entry, image, dets))
+        if len(chosen) == n:
+            break
+    caps = [e["prompt"] for e, _, _ in chosen]
     ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
-    imgs = torch.from_numpy(np.stack([pairs[c] for c in caps]))
+    imgs = torch.from_numpy(np.stack([im for _, im, _ in chosen]))
     o = model(input_ids=ids, pixel_values=clip_pixel_values(imgs))
-    return float((o.logits_per_text.argmax(1) == torch.arange(n)).float().mean())
+    return float((o.logits_per_text.argmax(1) == torch.arange(len(caps))).float().mean())
 
 
 # ----------------------------------------------------------------------------- generators
@@ -452,6 +465,12 @@ def write_cards(args) -> None:
     """Evaluate every trained model and write its model card (README.md) next to it."""
     logs = {name: json.loads((args.assets / name / "train_log.json").read_text())
             for name in OUTPUTS.values() if done(args.assets / name)}
+    if "clip" in logs:
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(args.assets / "clip").eval()
+        logs["clip"]["text_to_image_top1_100"] = clip_retrieval(clip, tokenizer(), args)
+        write_log(args.assets / "clip", logs["clip"])
     for name in GENERATORS:
         if name in logs:
             logs[name].update(evaluate_generator(args.assets / name))
