@@ -129,7 +129,11 @@ class EvalConfig:
     prompts: List[str] = field(default_factory=list)
     images_per_prompt: int = 1
     seed: int = 0
-    metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])  # psnr, ssim, geneval_shapes
+    # GenEval metadata whose prompts replace `prompts`: "shapes" (the testbed's evaluation set) or a
+    # path to an evaluation_metadata.jsonl; every `geneval_stride`-th entry is used
+    geneval_metadata: Optional[str] = None
+    geneval_stride: int = 1
     grid: bool = True
     grid_max: int = 8  # at most this many columns in grid.png
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "job", "status", "overrides", "psnr", "ssim", "w_bits", "a_bits", "size_quant_mb", "compression",
+    "job", "status", "overrides", "psnr", "ssim", "geneval_fp", "geneval_quant", "w_bits", "a_bits", "size_quant_mb", "compression",
     "calibration_s", "sampling_quant_s", "error",
 ]
 
@@ -34,6 +34,9 @@ def job_row(job_dir: Path) -> dict[str, Any]:
         row["error"] = m.get("error", "")
         return row
     fid, cost, t = m["fidelity"], m["cost"], m["time"]
+    if "geneval_shapes" in m:
+        row.update(geneval_fp=round(m["geneval_shapes"]["fp"]["overall"], 4),
+                   geneval_quant=round(m["geneval_shapes"]["quant"]["overall"], 4))
     row.update(
         psnr=round(fid["psnr"]["mean"], 3) if "psnr" in fid else "",
         ssim=round(fid["ssim"]["mean"], 4) if "ssim" in fid else "",

@@ -113,6 +113,19 @@ def test_calibration_set_is_cached_and_attention_listed_in_spec(compose, tmp_pat
     assert "attention matmuls: q/k/v int8/tensor/sym, softmax output uint8/tensor/asym" in (tmp_path / "a" / "spec.txt").read_text()
 
 
+def test_geneval_shapes_eval_scores_fp_and_quantized(compose, tmp_path):
+    cfg = compose("eval=geneval_shapes", "eval.geneval_stride=20", "eval.images_per_prompt=2", "eval.grid=false",
+                  "calib.num_prompts=2", "calib.num_steps=2", "model.steps=4")
+    m = run(cfg, tmp_path)
+    g = m["geneval_shapes"]
+    assert g["settings"]["prompts"] == 11 and len(m["prompts"]) == 22
+    for side in ("fp", "quant"):
+        assert set(g[side]["tasks"]) <= {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+        assert all(0.0 <= v <= 1.0 for v in g[side]["tasks"].values())
+    with pytest.raises(ConfigError, match="geneval_metadata"):
+        run(compose("eval.metrics=[psnr,geneval_shapes]", *QUICK), tmp_path / "x")
+
+
 def test_missing_calibration_prompt_file(compose, tmp_path):
     cfg = compose("calib.prompts_file=/nonexistent/prompts.txt", *QUICK)
     with pytest.raises(ConfigError, match="prompts.txt"):
