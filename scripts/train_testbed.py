@@ -472,7 +472,7 @@ def write_cards(args) -> None:
         logs["clip"]["text_to_image_top1_100"] = clip_retrieval(clip, tokenizer(), args)
         write_log(args.assets / "clip", logs["clip"])
     for name in GENERATORS:
-        if name in logs:
+        if name in logs and ("geneval_overall" not in logs[name] or args.force):
             logs[name].update(evaluate_generator(args.assets / name))
             write_log(args.assets / name, logs[name])
     for name, log in logs.items():
