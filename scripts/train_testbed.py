@@ -479,7 +479,7 @@ def write_cards(args) -> None:
         card = [f"# testbed `{name}`", "", CARD_TEXT[name], "",
                 f"- parameters (all components in this folder): {params_of(args.assets / name):,}",
                 f"- training: {log['steps']} steps, batch {log['batch']}, {log['seconds'] / 60:.1f} min on "
-                f"this 2-core CPU (one thread), seed {SEED}, data: {args.data} procedurally generated shapes-world "
+                f"a 2-core CPU (shared with another stage), seed {SEED}, data: {args.data} procedurally generated shapes-world "
                 "images with GenEval-style captions (evaluation prompts never used as captions)", ""]
         card += [f"- {k}: {json.dumps(v)}" for k, v in log.items() if k not in ("steps", "batch", "seconds")]
         (args.assets / name / "README.md").write_text("\n".join(card) + "\n")
