@@ -36,6 +36,11 @@ class ModelConfig:
     prompts: List[str] = field(default_factory=list)
     # fail early on prompts with words the model's word-level tokenizer does not know (testbed)
     vocabulary_check: bool = False
+    # the procedural world the model was trained on ("shapes" for the testbed): eval=quick then
+    # draws its prompts from the world's GenEval set and scores them with the world's detector
+    world: Optional[str] = None
+    # CLIP model for clip_score (hub id or folder): the one the paper evaluations use
+    clip_model: Optional[str] = None
 
 
 @dataclass
@@ -122,6 +127,18 @@ class SamplerConfig:
 
 
 @dataclass
+class FidConfig:
+    """FID/KID settings (see diffq/eval/fid.py)."""
+
+    reference: Optional[str] = None  # real images: "shapes" (testbed world renders) or a folder
+    num_reference: int = 1000
+    backend: str = "torchmetrics"  # torchmetrics | clean-fid
+    resize: str = "tf_bilinear"  # tf_bilinear (TF / torch-fidelity numbers) | clean (clean-fid)
+    weights: Optional[str] = None  # Inception weights file; default: torch-fidelity's if cached, else offline copy
+    kid_subset_size: int = 1000
+
+
+@dataclass
 class EvalConfig:
     """What to generate for evaluation and which metrics to compute."""
 
@@ -129,11 +146,16 @@ class EvalConfig:
     prompts: List[str] = field(default_factory=list)
     images_per_prompt: int = 1
     seed: int = 0
-    metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])  # psnr, ssim, geneval_shapes
-    # GenEval metadata whose prompts replace `prompts`: "shapes" (the testbed's evaluation set) or a
-    # path to an evaluation_metadata.jsonl; every `geneval_stride`-th entry is used
+    # psnr, ssim, lpips, fid, fid_fp, clip_score, geneval_shapes (see diffq/eval/suite.py)
+    metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    # GenEval metadata whose prompts replace `prompts`: "shapes" (the testbed's evaluation set, also
+    # scored with the shapes detector) or a path to an evaluation_metadata.jsonl; every
+    # `geneval_stride`-th entry is used
     geneval_metadata: Optional[str] = None
     geneval_stride: int = 1
+    fid: FidConfig = field(default_factory=FidConfig)
+    clip_model: Optional[str] = None  # hub id or folder for clip_score
+    lpips_net: str = "alex"  # alex | vgg | squeeze
     grid: bool = True
     grid_max: int = 8  # at most this many columns in grid.png
 

@@ -16,15 +16,15 @@ from diffq import calib as calibration
 from diffq.calib.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.errors import ConfigError
 from diffq.eval.cost import activation_bits, weight_bits
-from diffq.eval.fidelity import fidelity_metrics
+from diffq.eval.fidelity import FIDELITY_METRICS, fidelity_metrics
 from diffq.eval.geneval import load_metadata
 from diffq.eval.grids import image_grid
+from diffq.eval.suite import check_eval, evaluate
 from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.methods import get_method
 from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds, unknown_words
 from diffq.roles import ROLES, assign_roles
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table, resolve_spec, validate_quant_args
-from diffq.testbed.evaluate import geneval_shapes
 from diffq.testbed.prompts import evaluation_metadata
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     entries = geneval_entries(cfg)
     metric_names = list(cfg.eval.metrics)
-    if "geneval_shapes" in metric_names and entries is None:
-        raise ConfigError("eval metric geneval_shapes needs eval.geneval_metadata (e.g. shapes): use eval=geneval_shapes")
+    check_eval(cfg.eval)
     prompts = eval_prompts(cfg, entries)
     calib_prompts = calibration.calibration_prompts(
         list(cfg.model.prompts) or list(cfg.calib.prompts), cfg.calib.prompts_file, cfg.calib.num_prompts
@@ -235,22 +234,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "quant": q.name,
         "method": q.method,
         "denoiser": f"{denoiser_name}:{type(denoiser).__name__.removeprefix('Quant')}",
-        "fidelity": fidelity_metrics(fp_images, q_images, [m for m in metric_names if m != "geneval_shapes"]),
+        "metrics": evaluate(cfg.eval, fp_images, q_images, prompts, entries, cfg.paths.cache_dir),
+        "fidelity": fidelity_metrics(fp_images, q_images, [m for m in metric_names if m in FIDELITY_METRICS]),
         "cost": cost,
         "time": {k: round(v, 3) for k, v in timings.items()},
         "calib": {**calib_info, "fp_images_cache_hit": fp_cached},
         "prompts": prompts,
         "seeds": seeds,
     }
-    if "geneval_shapes" in metric_names:
-        t0 = time.perf_counter()
-        k = cfg.eval.images_per_prompt
-        metrics["geneval_shapes"] = {
-            name: {"overall": r.overall, "tasks": r.tasks} for name, r in
-            (("fp", geneval_shapes(fp_images, entries, k)), ("quant", geneval_shapes(q_images, entries, k)))
-        }
-        metrics["geneval_shapes"]["settings"] = {"prompts": len(entries), "images_per_prompt": k,
-                                                 "detector": "shapes", "seconds": round(time.perf_counter() - t0, 2)}
     if cfg.eval.grid:
         n = min(len(prompts), cfg.eval.grid_max)
         image_grid([fp_images[:n], q_images[:n]], ["FP", q.name], prompts[:n]).save(out_dir / "grid.png")

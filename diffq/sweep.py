@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "job", "status", "overrides", "psnr", "ssim", "geneval_fp", "geneval_quant", "w_bits", "a_bits", "size_quant_mb", "compression",
+    "job", "status", "overrides", "psnr", "ssim", "lpips", "geneval_fp", "geneval_quant", "fid_fp", "fid_quant",
+    "fid_to_fp", "clip_fp", "clip_quant", "w_bits", "a_bits", "size_quant_mb", "compression",
     "calibration_s", "sampling_quant_s", "error",
 ]
 
@@ -33,18 +34,30 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     if row["status"] != "ok":
         row["error"] = m.get("error", "")
         return row
-    fid, cost, t = m["fidelity"], m["cost"], m["time"]
-    if "geneval_shapes" in m:
-        row.update(geneval_fp=round(m["geneval_shapes"]["fp"]["overall"], 4),
-                   geneval_quant=round(m["geneval_shapes"]["quant"]["overall"], 4))
+    metrics, cost, t = m["metrics"], m["cost"], m["time"]
+    row.update({col: round(value, 4) for col, value in metric_columns(metrics).items()})
     row.update(
-        psnr=round(fid["psnr"]["mean"], 3) if "psnr" in fid else "",
-        ssim=round(fid["ssim"]["mean"], 4) if "ssim" in fid else "",
         w_bits=round(cost["effective_weight_bits"], 3), a_bits=round(cost["effective_act_bits"], 3),
         size_quant_mb=round(cost["size_quant_mb"], 4), compression=round(cost["compression"], 3),
         calibration_s=t.get("calibration_s", ""), sampling_quant_s=t.get("sampling_quant_s", ""),
     )
     return row
+
+
+def metric_columns(metrics: dict[str, Any]) -> dict[str, float]:
+    """Summary columns of a job's ``metrics`` block (those it computed)."""
+    picks = {"psnr": ("psnr", "quant"), "ssim": ("ssim", "quant"), "lpips": ("lpips", "quant"),
+             "geneval_fp": ("geneval_shapes", "fp", "overall"), "geneval_quant": ("geneval_shapes", "quant", "overall"),
+             "fid_fp": ("fid", "fp", "fid"), "fid_quant": ("fid", "quant", "fid"), "fid_to_fp": ("fid_fp", "quant", "fid"),
+             "clip_fp": ("clip_score", "fp"), "clip_quant": ("clip_score", "quant")}
+    out = {}
+    for col, path in picks.items():
+        value: Any = metrics
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            out[col] = float(value)
+    return out
 
 
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:

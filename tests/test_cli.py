@@ -15,6 +15,7 @@ from diffq.errors import CalibrationError, ConfigError
 from diffq.job import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+TINY = "model=tiny_sd15"  # tests of the machinery, not of the testbed model
 QUICK = ["eval.prompts=[a photo of a red circle,a photo of two blue squares]", "calib.num_prompts=2",
          "calib.num_steps=2", "model.steps=4"]
 
@@ -31,15 +32,20 @@ def test_default_run_writes_all_artifacts(tmp_path):
     for name in ("grid.png", "metrics.json", "spec.txt", "config.yaml", "model/diffusion_model.safetensors"):
         assert (run_dir / name).exists(), name
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["status"] == "ok" and m["quant"] == "w8a8"
+    assert m["status"] == "ok" and m["quant"] == "w8a8" and m["model"] == "testbed_unet"
     assert 25 < m["fidelity"]["psnr"]["mean"] < 100 and m["fidelity"]["ssim"]["mean"] > 0.8
+    assert m["metrics"]["psnr"]["quant"] == m["fidelity"]["psnr"]["mean"]
+    g = m["metrics"]["geneval_shapes"]  # the testbed's own benchmark, FP and W8A8
+    assert g["settings"] == {"prompts": 51, "images_per_prompt": 2, "detector": "shapes"}
+    assert g["fp"]["overall"] >= 0.45 and g["quant"]["overall"] >= g["fp"]["overall"] - 0.15
+    assert len(g["fp"]["tasks"]) == 6
     assert len(m["fidelity"]["psnr"]["per_image"]) == len(m["prompts"])
     assert 8 < m["cost"]["effective_weight_bits"] < 10 and 7.9 < m["cost"]["effective_act_bits"] < 9
     assert m["cost"]["size_quant_mb"] < m["cost"]["size_fp_mb"]
     assert m["time"]["calibration_s"] > 0 and m["time"]["sampling_quant_s"] > 0
     spec = (run_dir / "spec.txt").read_text()
     assert "conv_in" in spec and "int8/channel/sym" in spec
-    assert OmegaConf.load(run_dir / "config.yaml").model.name == "tiny_sd15"
+    assert OmegaConf.load(run_dir / "config.yaml").model.name == "testbed_unet"
     # reload the export: same images as the quantized model
     res = _cli([f"hydra.run.dir={tmp_path / 'reload'}", f"load={run_dir / 'model'}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -48,7 +54,7 @@ def test_default_run_writes_all_artifacts(tmp_path):
 
 
 def test_sweep_records_failures_and_writes_summary(tmp_path):
-    res = _cli(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "quant.weight.granularity=channel,group:7", *QUICK],
+    res = _cli(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", TINY, "quant.weight.granularity=channel,group:7", *QUICK],
                cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
@@ -93,7 +99,7 @@ def test_experiments_compose(compose):
 
 def test_wrong_key_fails_at_compose_time(compose):
     with pytest.raises(Exception, match="bitz"):
-        compose("quant.weight.bitz=4")
+        compose(TINY, "quant.weight.bitz=4")
 
 
 @pytest.mark.parametrize("family_model", ["tiny_sdxl", "tiny_dit", "tiny_pixart", "tiny_sd3", "tiny_flux"])
@@ -105,29 +111,29 @@ def test_tiny_models_run_end_to_end(compose, tmp_path, family_model):
 
 
 def test_calibration_set_is_cached_and_attention_listed_in_spec(compose, tmp_path):
-    cfg = compose("eval.grid=false", "quant.attn.enabled=true", *QUICK)
+    cfg = compose(TINY, "eval.grid=false", "quant.attn.enabled=true", *QUICK)
     first = run(cfg, tmp_path / "a")
-    second = run(compose("eval.grid=false", "quant=w4a8", *QUICK), tmp_path / "b")
+    second = run(compose(TINY, "eval.grid=false", "quant=w4a8", *QUICK), tmp_path / "b")
     assert second["calib"]["cache_hit"] and second["calib"]["fp_images_cache_hit"]
     assert second["calib"]["samples"] == first["calib"]["samples"] == 2  # 1 batch x 2 kept steps
     assert "attention matmuls: q/k/v int8/tensor/sym, softmax output uint8/tensor/asym" in (tmp_path / "a" / "spec.txt").read_text()
 
 
 def test_geneval_shapes_eval_scores_fp_and_quantized(compose, tmp_path):
-    cfg = compose("eval=geneval_shapes", "eval.geneval_stride=20", "eval.images_per_prompt=2", "eval.grid=false",
+    cfg = compose(TINY, "eval=geneval_shapes", "eval.geneval_stride=20", "eval.images_per_prompt=2", "eval.grid=false",
                   "calib.num_prompts=2", "calib.num_steps=2", "model.steps=4")
     m = run(cfg, tmp_path)
-    g = m["geneval_shapes"]
+    g = m["metrics"]["geneval_shapes"]
     assert g["settings"]["prompts"] == 11 and len(m["prompts"]) == 22
     for side in ("fp", "quant"):
         assert set(g[side]["tasks"]) <= {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
         assert all(0.0 <= v <= 1.0 for v in g[side]["tasks"].values())
     with pytest.raises(ConfigError, match="geneval_metadata"):
-        run(compose("eval.metrics=[psnr,geneval_shapes]", *QUICK), tmp_path / "x")
+        run(compose(TINY, "eval.metrics=[psnr,geneval_shapes]", *QUICK), tmp_path / "x")
 
 
 def test_missing_calibration_prompt_file(compose, tmp_path):
-    cfg = compose("calib.prompts_file=/nonexistent/prompts.txt", *QUICK)
+    cfg = compose(TINY, "calib.prompts_file=/nonexistent/prompts.txt", *QUICK)
     with pytest.raises(ConfigError, match="prompts.txt"):
         run(cfg, tmp_path)
 
@@ -144,7 +150,7 @@ def test_nan_in_calibration_activations_stops_early(compose, tmp_path, monkeypat
         return samples, hit
 
     monkeypatch.setattr(calib_mod, "load_or_capture", poisoned)
-    cfg = compose(*QUICK)
+    cfg = compose(TINY, *QUICK)
     with pytest.raises(CalibrationError, match="NaN"):
         run(cfg, tmp_path)
     assert not (tmp_path / "metrics.json").exists()

@@ -10,7 +10,7 @@ from diffq.errors import CheckpointError
 from diffq.export import WEIGHTS_NAME, export_quantized, load_quantized, pack_bits, read_metadata, unpack_bits
 from diffq.layers import layer_table
 from diffq.models import build_tiny_pipeline
-from tests.helpers import A8, KEEP_FP, outputs, quantized_copy
+from tests.helpers import A8, outputs, quantized_copy
 
 CONFIGS = {
     "int8": ({"format": "int", "bits": 8, "granularity": "channel"}, A8),

@@ -1,6 +1,7 @@
 """The testbed training script runs every stage end to end (a few steps) and resumes."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -36,3 +37,37 @@ def test_all_stages_write_loadable_models_and_skip_when_done(tmp_path):
     assert type(flux.text_encoder_2).__name__ == "T5EncoderModel"
     again = _train(tmp_path, "--stage", "vae")
     assert again.returncode == 0 and "already trained" in again.stdout
+    _check_conditioning(sd, flux)
+    _check_latent_space(sd, assets / "vae")
+
+
+def _check_conditioning(sd, flux) -> None:
+    """The text features each pipeline computes at inference are the ones its denoiser was trained
+    on (FluxPipeline pools CLIPTextModel's pooler_output; SD uses the last hidden states)."""
+    spec = importlib.util.spec_from_file_location("train_testbed", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    prompts = ["a photo of a red circle", "a photo of two blue squares"]
+    hidden, _, index = script.text_table(sd.text_encoder, sd.tokenizer, prompts)
+    with torch.no_grad():
+        embeds, _ = sd.encode_prompt(prompts, "cpu", 1, False)
+        _, pooled, _ = flux.encode_prompt(prompts, prompts, max_sequence_length=16)
+    torch.testing.assert_close(embeds, hidden[index[:-1]])
+    _, train_pooled, index = script.text_table(flux.text_encoder, flux.tokenizer, prompts)
+    torch.testing.assert_close(pooled, train_pooled[index[:-1]])
+
+
+def _check_latent_space(sd, vae_folder: Path) -> None:
+    """StableDiffusionPipeline decodes latents / scale, ignoring shift_factor: its VAE carries the shift,
+    so it decodes (and encodes) the (mean - shift) * scale latents the UNet was trained on."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor
+    assert sd.vae.config.shift_factor is None and shift != 0
+    z, x = torch.randn(2, 4, 16, 16), torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(sd.vae.decode(z / scale).sample, vae.decode(z / scale + shift).sample,
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(sd.vae.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean - shift,
+                                   atol=1e-5, rtol=1e-4)

@@ -1,16 +1,20 @@
 """Deterministic classical detector for the shapes world (the testbed's GenEval backend).
 
-Every pixel is matched to the palette colour whose background-to-colour segment in RGB passes
-closest to it: an anti-aliased edge pixel is a blend of the background and its object's colour,
-so it lies on that segment, while the nearest full colour can be another one (half-yellow is
-nearer green than yellow). Its position along the segment is its coverage. Pixels covered at
-least CORE_COVERAGE form 8-connected components per colour (the objects; specks below
-MIN_PIXELS are dropped). Each object's coverage, with its rim pixels of the same colour
-(coverage >= RIM_COVERAGE, within RIM px), is upsampled bilinearly UPSAMPLE times and cut at
-half its peak (0.5 on renders), the shape's edge: its extent is the box, and it gives the fill
-ratio of the box and the drop of the mass centre below the box centre. Triangles drop (about
-0.14 of the height; circles and squares 0); squares fill their box (about 0.98; circles 0.78).
-A triangle's apex is a sliver the 0.5 cut loses, so its box is fitted instead: base line,
+Like GenEval's pipeline (instance masks first, then a colour classification of each masked
+object), it finds objects by foreground and names each one's colour as a whole, so an object
+whose shading drifts (generated images do) stays one object of one colour.
+
+Every pixel's foreground strength is its coverage along the closest background-to-colour
+segment in RGB: an anti-aliased edge pixel is a blend of the background and its object's colour,
+so it lies on that segment (half-yellow is nearer green than yellow, but on yellow's segment).
+Pixels covered at least CORE_COVERAGE form 8-connected components (the objects; specks below
+MIN_PIXELS are dropped). An object's colour is the palette colour whose segment passes closest
+to the mean of its core pixels. Its coverage along that colour, with rim pixels (coverage >=
+RIM_COVERAGE, within RIM px), is upsampled bilinearly UPSAMPLE times and cut at half its peak
+(0.5 on renders), the shape's edge: its extent is the box, and it gives the fill ratio of the
+box and the drop of the mass centre below the box centre. Triangles drop (about 0.14 of the
+height; circles and squares 0); squares fill their box (about 0.98; circles 0.78). A
+triangle's apex is a sliver the 0.5 cut loses, so its box is fitted instead: base line,
 centroid, and side sqrt(2 * area). On renders boxes are within 0.4 px of the drawn shapes, and
 the thresholds hold under Gaussian noise (sigma 8 of 255) and blur (sigma 0.8 px).
 """
@@ -70,21 +74,11 @@ def _measure(weights: np.ndarray, top: int, left: int) -> tuple[str, tuple[float
     return shape, (float(x0), float(y0), float(x1), float(y1))
 
 
-def _objects_of_color(best: np.ndarray, coverage: np.ndarray, k: int) -> list[Detection]:
-    core = (best == k) & (coverage >= CORE_COVERAGE)
-    labels, n = ndimage.label(core, _EIGHT)
-    if n == 0:
-        return []
-    sizes = ndimage.sum_labels(core, labels, np.arange(1, n + 1))
-    labels[np.isin(labels, np.flatnonzero(sizes < MIN_PIXELS) + 1)] = 0
-    dist, (iy, ix) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
-    owner = np.where((best == k) & (coverage >= RIM_COVERAGE) & (dist <= RIM), labels[iy, ix], 0)
-    dets = []
-    for i, sl in enumerate(ndimage.find_objects(owner), start=1):
-        if sl is not None:
-            shape, box = _measure(np.where(owner[sl] == i, coverage[sl], 0), sl[0].start, sl[1].start)
-            dets.append(Detection(shape, box, labels == i, _NAMES[k], 1.0))
-    return dets
+def segment_colors(mean_rgb: np.ndarray) -> np.ndarray:
+    """Index into COLORS of the background-to-colour segment closest to each RGB row ``[n, 3]``."""
+    x = mean_rgb.astype(np.float32) - _BG
+    coverage = np.clip(x @ _DIRS.T / (_DIRS**2).sum(1), 0, 1)
+    return np.linalg.norm(x[:, None, :] - coverage[..., None] * _DIRS, axis=-1).argmin(-1)
 
 
 def detect(image: np.ndarray) -> list[Detection]:
@@ -92,8 +86,28 @@ def detect(image: np.ndarray) -> list[Detection]:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ConfigError(f"detect expects a uint8 RGB image [H, W, 3], got {image.dtype} {tuple(image.shape)}; "
                           "convert with (x * 255).round().astype(np.uint8) and put channels last")
-    best, coverage = pixel_colors(image)
-    dets = [d for k in range(len(_NAMES)) for d in _objects_of_color(best, coverage, k)]
+    _, strength = pixel_colors(image)
+    core = strength >= CORE_COVERAGE
+    labels, n = ndimage.label(core, _EIGHT)
+    if n == 0:
+        return []
+    index = np.arange(1, n + 1)
+    labels[np.isin(labels, index[ndimage.sum_labels(core, labels, index) < MIN_PIXELS])] = 0
+    kept = np.unique(labels[labels > 0])
+    if len(kept) == 0:
+        return []
+    means = np.stack([ndimage.mean(image[..., c].astype(np.float32), labels, kept) for c in range(3)], -1)
+    colors = segment_colors(means)
+    x = image.astype(np.float32) - _BG
+    along = np.clip(x @ _DIRS.T / (_DIRS**2).sum(1), 0, 1)  # [H, W, K] coverage along every colour
+    dist, (iy, ix) = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    owner = np.where((strength >= RIM_COVERAGE) & (dist <= RIM), labels[iy, ix], 0)
+    dets = []
+    for label, k in zip(kept, colors):
+        sl = ndimage.find_objects((owner == label).astype(np.int32))[0]
+        weights = np.where(owner[sl] == label, along[sl][..., k], 0)
+        shape, box = _measure(weights, sl[0].start, sl[1].start)
+        dets.append(Detection(shape, box, labels == label, _NAMES[k], 1.0))
     return sorted(dets, key=lambda d: -int(d.mask.sum()))
 
 

@@ -1,0 +1,137 @@
+"""The evaluation suite: every enabled metric for the FP and the quantized images, with its settings.
+
+One entry per metric in ``metrics.json["metrics"]``: ``fp`` and/or ``quant`` values, the
+``settings`` that produced them (sample counts, backend, resize mode, model, seeds) and the
+wall ``seconds`` it took. Metrics:
+
+- ``psnr``, ``ssim``, ``lpips``: fidelity of each quantized image to the FP image of the same
+  seed (``quant`` only);
+- ``fid``: FID and KID of FP and of quantized images against real images (``eval.fid.reference``:
+  ``shapes`` renders the testbed world, or a folder);
+- ``fid_fp``: FID and KID of the quantized images against the FP images;
+- ``clip_score``: CLIP score of FP and quantized images against their prompts;
+- ``geneval_shapes``: GenEval on the shapes world (testbed models).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+
+from diffq.errors import ConfigError
+from diffq.eval.fidelity import fidelity_metrics
+
+METRICS = ("psnr", "ssim", "lpips", "fid", "fid_fp", "clip_score", "geneval_shapes")
+
+
+def check_eval(ev: DictConfig) -> None:
+    """ConfigError, before anything is generated, for metrics that cannot run as configured."""
+    from diffq.eval.fid import BACKENDS
+    from diffq.eval.inception import RESIZE_MODES
+
+    names = list(ev.metrics)
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown eval metric(s) {unknown}: choose from {', '.join(METRICS)}")
+    if "fid" in names and not ev.fid.reference:
+        raise ConfigError("eval metric fid needs real images: set eval.fid.reference to a folder of images "
+                          "(or shapes for the testbed world), or use fid_fp for FID against the FP model")
+    if {"fid", "fid_fp"} & set(names) and ev.fid.backend not in BACKENDS:
+        raise ConfigError(f"unknown eval.fid.backend {ev.fid.backend!r}: use one of {', '.join(BACKENDS)}")
+    if {"fid", "fid_fp"} & set(names) and ev.fid.resize not in RESIZE_MODES:
+        raise ConfigError(f"unknown eval.fid.resize {ev.fid.resize!r}: use one of {', '.join(RESIZE_MODES)}")
+    if "clip_score" in names and not ev.clip_model:
+        raise ConfigError("eval metric clip_score needs a CLIP model: set eval.clip_model to a hub id "
+                          "(openai/clip-vit-large-patch14) or a local folder")
+    if "geneval_shapes" in names and not ev.geneval_metadata:
+        raise ConfigError("eval metric geneval_shapes needs eval.geneval_metadata (e.g. shapes): use eval=geneval_shapes")
+
+
+def evaluate(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[str],
+             entries: list[dict[str, Any]] | None, cache_dir: str) -> dict[str, Any]:
+    """Every metric named in ``ev.metrics`` (plus GenEval-shapes when the prompts come from the
+    shapes world), for FP and quantized images in [0, 1] ``[N, 3, H, W]``."""
+    names = list(ev.metrics)
+    if ev.geneval_metadata == "shapes" and "geneval_shapes" not in names:
+        names.append("geneval_shapes")
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "psnr": lambda: _fidelity(fp, quant, "psnr"),
+        "ssim": lambda: _fidelity(fp, quant, "ssim"),
+        "lpips": lambda: _lpips(ev, fp, quant),
+        "fid": lambda: _fid_vs_reference(ev, fp, quant, cache_dir),
+        "fid_fp": lambda: _fid_to_fp(ev, fp, quant),
+        "clip_score": lambda: _clip(ev, fp, quant, prompts),
+        "geneval_shapes": lambda: _geneval(ev, fp, quant, entries),
+    }
+    block = {}
+    for name in names:
+        t0 = time.perf_counter()
+        block[name] = runners[name]()
+        block[name]["seconds"] = round(time.perf_counter() - t0, 3)
+    return block
+
+
+def _fidelity(fp: torch.Tensor, quant: torch.Tensor, name: str) -> dict[str, Any]:
+    values = fidelity_metrics(fp, quant, [name])[name]
+    return {"quant": values["mean"], "settings": {"pairs": len(fp), "reference": "fp images, same seeds"}}
+
+
+def _lpips(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor) -> dict[str, Any]:
+    from diffq.eval.lpips import load_lpips, lpips_pairs
+
+    metric, reason = load_lpips(ev.lpips_net)
+    settings = {"net": ev.lpips_net, "pairs": len(fp)}
+    if metric is None:
+        return {"skipped": reason, "settings": settings}
+    return {"quant": lpips_pairs(fp, quant, metric)["mean"], "settings": settings}
+
+
+def _extractor(ev: DictConfig):
+    from diffq.eval.inception import InceptionFeatures
+
+    return InceptionFeatures(ev.fid.resize, ev.fid.weights)
+
+
+def _fid_vs_reference(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, cache_dir: str) -> dict[str, Any]:
+    from diffq.eval.fid import fid_kid, reference_features
+
+    extractor = _extractor(ev)
+    real, hit = reference_features(ev.fid.reference, ev.fid.num_reference, extractor, cache_dir)
+    out: dict[str, Any] = {}
+    for side, images in (("fp", fp), ("quant", quant)):
+        r = fid_kid(real, images, extractor, ev.fid.backend, ev.fid.kid_subset_size)
+        out[side] = {"fid": r.fid, "kid": r.kid_mean, "kid_std": r.kid_std}
+    out["settings"] = {"reference": ev.fid.reference, "n_reference": len(real), "n_generated": len(fp),
+                       "backend": ev.fid.backend, "resize": ev.fid.resize, "weights": extractor.source,
+                       "reference_cache_hit": hit}
+    return out
+
+
+def _fid_to_fp(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor) -> dict[str, Any]:
+    from diffq.eval.fid import fid_kid
+
+    extractor = _extractor(ev)
+    r = fid_kid(fp, quant, extractor, ev.fid.backend, ev.fid.kid_subset_size)
+    return {"quant": {"fid": r.fid, "kid": r.kid_mean, "kid_std": r.kid_std},
+            "settings": {"reference": "fp images, same seeds", "n": len(fp), "backend": ev.fid.backend,
+                         "resize": ev.fid.resize, "weights": extractor.source}}
+
+
+def _clip(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
+    from diffq.eval.clip_score import clip_score, load_clip
+
+    model = load_clip(ev.clip_model)
+    out = {side: clip_score(images, prompts, model)["mean"] for side, images in (("fp", fp), ("quant", quant))}
+    return {**out, "settings": {"model": str(ev.clip_model), "n": len(fp)}}
+
+
+def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    from diffq.testbed.evaluate import geneval_shapes
+
+    k = ev.images_per_prompt
+    out: dict[str, Any] = {side: {"overall": r.overall, "tasks": r.tasks} for side, r in
+                           (("fp", geneval_shapes(fp, entries, k)), ("quant", geneval_shapes(quant, entries, k)))}
+    out["settings"] = {"prompts": len(entries), "images_per_prompt": k, "detector": "shapes"}
+    return out
