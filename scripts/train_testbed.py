@@ -562,7 +562,7 @@ CARD_TEXT = {
             "text->image top-1 >= 0.9 among 100 held-out pairs with distinct captions.",
     "unet_pipeline": "StableDiffusionPipeline: UNet2DConditionModel (channels 32/64, cross-attention at 8x8 to "
                      "the frozen tiny CLIP text tower), DDPM epsilon training with 10% caption dropout, DDIM sampling (20 steps) with CFG 3 "
-                     "(CFG 2 / 3 gave GenEval-shapes 0.70 / 0.78 on these weights; the 4000-step checkpoint was best at 2). "
+                     "(CFG 2 / 3 gave GenEval-shapes 0.70 / 0.78 on these weights). "
                      "The saved weights are the EMA (0.999) over the last cycle; the pipeline's VAE carries the latent shift "
                      "in its conv biases (StableDiffusionPipeline ignores shift_factor). "
                      "Bar: GenEval-shapes overall >= 0.6, every task above chance.",
@@ -605,7 +605,8 @@ def main() -> None:
     for stage in stages:
         folder = args.assets / OUTPUTS.get(stage, "")
         if stage not in ("data", "cards") and done(folder) and not args.force:
-            print(f"[{stage}] already trained ({folder}); --force to retrain")
+            print(f"[{stage}] already trained ({folder}); --force runs it again, resuming from its checkpoint "
+                  f"in {args.cache} (delete that to start over; append cycles to train longer)")
             continue
         STAGES[stage](args)
 

@@ -11,6 +11,9 @@ wall ``seconds`` it took. Metrics:
 - ``fid_fp``: FID and KID of the quantized images against the FP images;
 - ``clip_score``: CLIP score of FP and quantized images against their prompts;
 - ``geneval_shapes``: GenEval on the shapes world (testbed models).
+
+The Inception features of the FP and quantized images are computed once per job, so the first
+FID metric's ``seconds`` include them.
 """
 from __future__ import annotations
 
@@ -56,12 +59,13 @@ def evaluate(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: lis
     names = list(ev.metrics)
     if ev.geneval_metadata == "shapes" and "geneval_shapes" not in names:
         names.append("geneval_shapes")
+    inception = _InceptionSides(ev, fp, quant)
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "psnr": lambda: _fidelity(fp, quant, "psnr"),
         "ssim": lambda: _fidelity(fp, quant, "ssim"),
         "lpips": lambda: _lpips(ev, fp, quant),
-        "fid": lambda: _fid_vs_reference(ev, fp, quant, cache_dir),
-        "fid_fp": lambda: _fid_to_fp(ev, fp, quant),
+        "fid": lambda: _fid_vs_reference(ev, inception, cache_dir),
+        "fid_fp": lambda: _fid_to_fp(ev, inception),
         "clip_score": lambda: _clip(ev, fp, quant, prompts),
         "geneval_shapes": lambda: _geneval(ev, fp, quant, entries),
     }
@@ -88,35 +92,52 @@ def _lpips(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor) -> dict[str, A
     return {"quant": lpips_pairs(fp, quant, metric)["mean"], "settings": settings}
 
 
-def _extractor(ev: DictConfig):
-    from diffq.eval.inception import InceptionFeatures
+class _InceptionSides:
+    """The Inception network and the FP / quantized images' features, each computed once for
+    every FID metric of the job."""
 
-    return InceptionFeatures(ev.fid.resize, ev.fid.weights)
+    def __init__(self, ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor):
+        self.ev, self.images, self.features = ev, {"fp": fp, "quant": quant}, {}
+        self._extractor = None
+
+    @property
+    def extractor(self):
+        from diffq.eval.inception import InceptionFeatures
+
+        if self._extractor is None:
+            self._extractor = InceptionFeatures(self.ev.fid.resize, self.ev.fid.weights)
+        return self._extractor
+
+    def __getitem__(self, side: str) -> torch.Tensor:
+        from diffq.eval.fid import extract_features
+
+        if side not in self.features:
+            self.features[side] = extract_features(self.images[side], self.extractor, desc=f"inception features ({side})")
+        return self.features[side]
 
 
-def _fid_vs_reference(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, cache_dir: str) -> dict[str, Any]:
+def _fid_vs_reference(ev: DictConfig, inception: _InceptionSides, cache_dir: str) -> dict[str, Any]:
     from diffq.eval.fid import fid_kid, reference_features
 
-    extractor = _extractor(ev)
+    extractor = inception.extractor
     real, hit = reference_features(ev.fid.reference, ev.fid.num_reference, extractor, cache_dir)
     out: dict[str, Any] = {}
-    for side, images in (("fp", fp), ("quant", quant)):
-        r = fid_kid(real, images, extractor, ev.fid.backend, ev.fid.kid_subset_size)
+    for side in ("fp", "quant"):
+        r = fid_kid(real, inception[side], extractor, ev.fid.backend, ev.fid.kid_subset_size)
         out[side] = {"fid": r.fid, "kid": r.kid_mean, "kid_std": r.kid_std}
-    out["settings"] = {"reference": ev.fid.reference, "n_reference": len(real), "n_generated": len(fp),
+    out["settings"] = {"reference": ev.fid.reference, "n_reference": len(real), "n_generated": len(inception["fp"]),
                        "backend": ev.fid.backend, "resize": ev.fid.resize, "weights": extractor.source,
                        "reference_cache_hit": hit}
     return out
 
 
-def _fid_to_fp(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor) -> dict[str, Any]:
+def _fid_to_fp(ev: DictConfig, inception: _InceptionSides) -> dict[str, Any]:
     from diffq.eval.fid import fid_kid
 
-    extractor = _extractor(ev)
-    r = fid_kid(fp, quant, extractor, ev.fid.backend, ev.fid.kid_subset_size)
+    r = fid_kid(inception["fp"], inception["quant"], inception.extractor, ev.fid.backend, ev.fid.kid_subset_size)
     return {"quant": {"fid": r.fid, "kid": r.kid_mean, "kid_std": r.kid_std},
-            "settings": {"reference": "fp images, same seeds", "n": len(fp), "backend": ev.fid.backend,
-                         "resize": ev.fid.resize, "weights": extractor.source}}
+            "settings": {"reference": "fp images, same seeds", "n": r.n_real, "backend": ev.fid.backend,
+                         "resize": ev.fid.resize, "weights": inception.extractor.source}}
 
 
 def _clip(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
