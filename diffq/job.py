@@ -16,10 +16,9 @@ from diffq import calib as calibration
 from diffq.calib.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.errors import ConfigError
 from diffq.eval.cost import activation_bits, weight_bits
-from diffq.eval.fidelity import FIDELITY_METRICS, fidelity_metrics
 from diffq.eval.geneval import load_metadata
 from diffq.eval.grids import image_grid
-from diffq.eval.suite import check_eval, evaluate
+from diffq.eval.suite import check_eval, evaluate, split_per_image
 from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.methods import get_method
 from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds, unknown_words
@@ -182,7 +181,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         specs = resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
 
     entries = geneval_entries(cfg)
-    metric_names = list(cfg.eval.metrics)
     check_eval(cfg.eval)
     prompts = eval_prompts(cfg, entries)
     calib_prompts = calibration.calibration_prompts(
@@ -228,14 +226,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     cost["layers_quantized"] = sum(s.quantized for s in specs)
     cost["layers_total"] = len(specs)
 
+    suite = evaluate(cfg.eval, fp_images, q_images, prompts, entries, cfg.paths.cache_dir)
     metrics: dict[str, Any] = {
         "status": "ok",
         "model": cfg.model.name,
         "quant": q.name,
         "method": q.method,
         "denoiser": f"{denoiser_name}:{type(denoiser).__name__.removeprefix('Quant')}",
-        "metrics": evaluate(cfg.eval, fp_images, q_images, prompts, entries, cfg.paths.cache_dir),
-        "fidelity": fidelity_metrics(fp_images, q_images, [m for m in metric_names if m in FIDELITY_METRICS]),
+        "metrics": suite,
+        "fidelity": split_per_image(suite),
         "cost": cost,
         "time": {k: round(v, 3) for k, v in timings.items()},
         "calib": {**calib_info, "fp_images_cache_hit": fp_cached},

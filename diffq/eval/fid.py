@@ -122,6 +122,11 @@ def _cleanfid(real: torch.Tensor, fake: torch.Tensor, subset: int, subsets: int,
     return float(fid), float(np.mean(kids)), float(np.std(kids))
 
 
+def image_files(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive), sorted; none when it is not a folder."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+
+
 def load_image_folder(folder: str | Path, limit: int | None = None) -> torch.Tensor:
     """uint8 images ``[N, 3, H, W]`` of a folder (sorted, recursive), all of the first one's size."""
     from PIL import Image, UnidentifiedImageError
@@ -129,7 +134,7 @@ def load_image_folder(folder: str | Path, limit: int | None = None) -> torch.Ten
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise CheckpointError(f"reference image folder {root} does not exist: point eval.fid.reference at a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    files = image_files(root)[:limit]
     if len(files) < 2:
         raise CheckpointError(f"reference image folder {root} has {len(files)} images (png/jpg/webp/bmp); FID needs many")
     arrays = []
@@ -165,7 +170,7 @@ def reference_features(reference: str, n: int, extractor: InceptionFeatures, cac
         source: dict[str, Any] = {"world": "shapes", "seed": seed}
     else:
         root = Path(reference).expanduser()
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+        files = image_files(root)
         source = {"folder": str(root.resolve()), "files": [(str(p.relative_to(root)), p.stat().st_size,
                                                           p.stat().st_mtime_ns) for p in files[:n]]}
     key = cache_key({**source, "n": n, "resize": extractor.resize, "weights": extractor.source})

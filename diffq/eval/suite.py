@@ -79,7 +79,14 @@ def evaluate(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: lis
 
 def _fidelity(fp: torch.Tensor, quant: torch.Tensor, name: str) -> dict[str, Any]:
     values = fidelity_metrics(fp, quant, [name])[name]
-    return {"quant": values["mean"], "settings": {"pairs": len(fp), "reference": "fp images, same seeds"}}
+    return {"quant": values["mean"], "per_image": values["per_image"],
+            "settings": {"pairs": len(fp), "reference": "fp images, same seeds"}}
+
+
+def split_per_image(block: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Move the per-image fidelity values out of the metrics block: ``{name: {mean, per_image}}``."""
+    return {name: {"mean": entry["quant"], "per_image": entry.pop("per_image")}
+            for name, entry in block.items() if "per_image" in entry}
 
 
 def _lpips(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor) -> dict[str, Any]:
