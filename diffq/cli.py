@@ -42,6 +42,8 @@ def task(cfg: DictConfig) -> dict | None:
         log.error("job failed: %s\n%s", e, traceback.format_exc())
         write_metrics(out_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}", "overrides": _overrides()})
         return None
+    if metrics["status"] == "worker":  # another process of an accelerate launch writes the results
+        return None
     metrics["overrides"] = _overrides()
     write_metrics(out_dir, metrics)
     fid = metrics["fidelity"]

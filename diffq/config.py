@@ -139,6 +139,30 @@ class FidConfig:
 
 
 @dataclass
+class GenEvalConfig:
+    """GenEval prompts and scoring (diffq/eval/geneval.py; real backend: diffq/eval/geneval_detector.py)."""
+
+    # prompts: "shapes" (the testbed world's set, 201 prompts) or a path to an evaluation_metadata.jsonl
+    # (the official 553); they replace eval.prompts, and every `stride`-th entry is used
+    metadata: Optional[str] = None
+    stride: int = 1
+    backend: str = "auto"  # auto (shapes for the shapes world, else mask2former) | shapes | mask2former
+    detector: str = "facebook/mask2former-swin-small-coco-instance"  # hub id or folder (mask2former backend)
+    clip_model: str = "openai/clip-vit-large-patch14"  # colour classifier (mask2former backend)
+    threshold: float = 0.3
+    counting_threshold: float = 0.9
+    max_objects: int = 16
+    position_threshold: float = 0.1
+    bgcolor: str = "#999"  # colour outside the object's mask in the crop CLIP classifies
+    colors: List[str] = field(default_factory=lambda: ["red", "orange", "yellow", "green", "blue", "purple", "pink",
+                                                       "brown", "black", "white"])
+    templates: List[str] = field(default_factory=lambda: ["a photo of a {color} {cls}",
+                                                          "a photo of a {color}-colored {cls}",
+                                                          "a photo of a {color} object"])
+    batch_size: int = 8
+
+
+@dataclass
 class EvalConfig:
     """What to generate for evaluation and which metrics to compute."""
 
@@ -146,13 +170,10 @@ class EvalConfig:
     prompts: List[str] = field(default_factory=list)
     images_per_prompt: int = 1
     seed: int = 0
-    # psnr, ssim, lpips, fid, fid_fp, clip_score, geneval_shapes (see diffq/eval/suite.py)
+    # psnr, ssim, lpips, fid, fid_fp, clip_score, geneval (see diffq/eval/suite.py); geneval is
+    # added by itself when eval.geneval.metadata is set
     metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
-    # GenEval metadata whose prompts replace `prompts`: "shapes" (the testbed's evaluation set, also
-    # scored with the shapes detector) or a path to an evaluation_metadata.jsonl; every
-    # `geneval_stride`-th entry is used
-    geneval_metadata: Optional[str] = None
-    geneval_stride: int = 1
+    geneval: GenEvalConfig = field(default_factory=GenEvalConfig)
     fid: FidConfig = field(default_factory=FidConfig)
     clip_model: Optional[str] = None  # hub id or folder for clip_score
     lpips_net: str = "alex"  # alex | vgg | squeeze

@@ -13,12 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from diffq import calib as calibration
-from diffq.calib.cache import cache_key, cache_path, load_tensors, save_tensors
+from diffq.calib.cache import cache_key
 from diffq.errors import ConfigError
 from diffq.eval.cost import activation_bits, weight_bits
 from diffq.eval.geneval import load_metadata
 from diffq.eval.grids import image_grid
-from diffq.eval.suite import check_eval, evaluate, split_per_image
+from diffq.eval.samples import (SampleFolder, Shard, current_shard, generate_samples, process_state,
+                                wait_for_everyone)
+from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
 from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.methods import get_method
 from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds, unknown_words
@@ -41,10 +43,22 @@ class Sampling:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU."""
+    """``auto`` picks this process's accelerator under ``accelerate launch``, else CUDA when
+    available, else CPU."""
     if name == "auto":
+        state = process_state()
+        if state.num_processes > 1:
+            return state.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def shared_out_dir(out_dir: Path) -> Path:
+    """The main process's output folder, for every process of an ``accelerate launch`` (each one's
+    Hydra may have stamped its own)."""
+    from accelerate.utils import broadcast_object_list
+
+    return Path(broadcast_object_list([str(out_dir)])[0])
 
 
 def sampling_of(cfg: DictConfig) -> Sampling:
@@ -71,18 +85,19 @@ def model_key(cfg: DictConfig) -> dict[str, Any]:
 
 def geneval_entries(cfg: DictConfig) -> list[dict[str, Any]] | None:
     """The GenEval metadata entries the evaluation uses, if any."""
-    source = cfg.eval.geneval_metadata
+    source = cfg.eval.geneval.metadata
     if not source:
         return None
     entries = list(evaluation_metadata()) if source == "shapes" else load_metadata(source)
-    return entries[:: max(1, cfg.eval.geneval_stride)]
+    return entries[:: max(1, cfg.eval.geneval.stride)]
 
 
-def eval_prompts(cfg: DictConfig, entries: list[dict[str, Any]] | None) -> list[str]:
-    """Evaluation prompts, prompt-major: GenEval entries' prompts, else the model's own prompts
-    (e.g. class labels), else ``eval.prompts``."""
-    prompts = [e["prompt"] for e in entries] if entries else (list(cfg.model.prompts) or list(cfg.eval.prompts))
-    return [p for p in prompts for _ in range(cfg.eval.images_per_prompt)]
+def sample_entries(cfg: DictConfig, entries: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """One metadata entry per evaluation prompt: the GenEval entries, else ``{"prompt": p}`` for the
+    model's own prompts (e.g. class labels), else for ``eval.prompts``."""
+    if entries:
+        return entries
+    return [{"prompt": p} for p in (list(cfg.model.prompts) or list(cfg.eval.prompts))]
 
 
 def swap_scheduler(pipe: Any, name: str | None) -> None:
@@ -97,20 +112,22 @@ def swap_scheduler(pipe: Any, name: str | None) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
-def fp_reference_images(pipe: Any, cfg: DictConfig, prompts: list[str], seeds: list[int], smp: Sampling) -> tuple[torch.Tensor, float, bool]:
-    """FP images for the eval prompts, from the cache when this exact setting ran before."""
-    key = cache_key({"model": model_key(cfg), "prompts": prompts, "seeds": seeds, "steps": smp.steps,
-                     "guidance": smp.guidance, "res": smp.resolution, "kw": smp.call_kwargs})
-    path = cache_path(cfg.paths.cache_dir, "fp_images", key)
-    if (hit := load_tensors(path)) is not None:
-        log.info("FP reference images loaded from cache %s", path)
-        return hit[0]["images"], float(hit[1]["seconds"]), True
+def sample_setting(cfg: DictConfig, entries: list[dict[str, Any]], seeds: list[int], smp: Sampling) -> dict[str, Any]:
+    """What determines the FP model's evaluation images (the key of their cached folder)."""
+    return {"model": model_key(cfg), "entries": cache_key({"entries": entries}), "images_per_prompt":
+            cfg.eval.images_per_prompt, "seeds": cache_key({"seeds": seeds}), "steps": smp.steps,
+            "guidance": smp.guidance, "res": smp.resolution, "kw": smp.call_kwargs}
+
+
+def make_samples(pipe: Any, cfg: DictConfig, folder: SampleFolder, seeds: list[int], smp: Sampling, shard: Shard,
+                 desc: str) -> tuple[float, int]:
+    """Generate what is missing of ``folder`` (this process's shard); (seconds, images generated)."""
     t0 = time.perf_counter()
-    images = generate_images(pipe, cfg.model.family, prompts, seeds, steps=smp.steps, guidance=smp.guidance,
-                             resolution=smp.resolution, batch_size=smp.batch_size, call_kwargs=smp.call_kwargs)
-    seconds = time.perf_counter() - t0
-    save_tensors(path, {"images": images}, {"seconds": seconds})
-    return images, seconds, False
+    made = generate_samples(pipe, cfg.model.family, folder, seeds, shard=shard, batch_size=smp.batch_size, desc=desc,
+                            steps=smp.steps, guidance=smp.guidance, resolution=smp.resolution,
+                            call_kwargs=smp.call_kwargs)
+    wait_for_everyone()
+    return time.perf_counter() - t0, made
 
 
 def check_vocabulary(pipe: Any, prompts: list[str]) -> None:
@@ -159,10 +176,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run one job and write its artifacts into ``out_dir``; returns the metrics dict."""
     timings: dict[str, float] = {}
     validate_quant_args(cfg.quant.weight, cfg.quant.act)
+    shard = current_shard()
+    if shard.world > 1:
+        out_dir = shared_out_dir(out_dir)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if shard.is_main:
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     t0 = time.perf_counter()
     pipe = load_pipeline(cfg.model, device=device)
@@ -180,16 +201,22 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         rules = OmegaConf.to_container(q.rules, resolve=True)
         specs = resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
 
-    entries = geneval_entries(cfg)
     check_eval(cfg.eval)
-    prompts = eval_prompts(cfg, entries)
+    geneval = geneval_entries(cfg)
+    check_geneval_classes(cfg.eval, geneval)
+    entries = sample_entries(cfg, geneval)
+    k = cfg.eval.images_per_prompt
+    prompts = [e["prompt"] for e in entries for _ in range(k)]
     calib_prompts = calibration.calibration_prompts(
         list(cfg.model.prompts) or list(cfg.calib.prompts), cfg.calib.prompts_file, cfg.calib.num_prompts
     )
     if cfg.model.vocabulary_check:
         check_vocabulary(pipe, [*prompts, *calib_prompts])
     seeds = sample_seeds(cfg.eval.seed, len(prompts))
-    fp_images, timings["sampling_fp_s"], fp_cached = fp_reference_images(pipe, cfg, prompts, seeds, smp)
+    setting = sample_setting(cfg, entries, seeds, smp)
+    fp_folder = SampleFolder(Path(cfg.paths.cache_dir).expanduser() / "fp_samples" / cache_key(setting), entries, k,
+                             setting)
+    timings["sampling_fp_s"], fp_made = make_samples(pipe, cfg, fp_folder, seeds, smp, shard, "FP samples")
 
     t0 = time.perf_counter()
     if cfg.load:
@@ -213,20 +240,27 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     spec_text = format_spec_table(specs)
     if attn_cfg.get("enabled"):
         spec_text += f"attention matmuls: q/k/v {_describe(attn_cfg['qkv'])}, softmax output {_describe(attn_cfg['softmax'])}\n"
-    (out_dir / "spec.txt").write_text(spec_text)
+    if shard.is_main:
+        (out_dir / "spec.txt").write_text(spec_text)
 
     counter = InputElementCounter(denoiser, [s.name for s in specs])
-    t0 = time.perf_counter()
-    q_images = generate_images(pipe, family, prompts, seeds, steps=smp.steps, guidance=smp.guidance,
-                               resolution=smp.resolution, batch_size=smp.batch_size, call_kwargs=smp.call_kwargs)
-    timings["sampling_quant_s"] = time.perf_counter() - t0
+    q_setting = {**setting, "quant": OmegaConf.to_container(q, resolve=True), "load": cfg.load,
+                 "calib": OmegaConf.to_container(cfg.calib, resolve=True)}
+    q_folder = SampleFolder(out_dir / "samples", entries, k, q_setting)
+    timings["sampling_quant_s"], q_made = make_samples(pipe, cfg, q_folder, seeds, smp, shard, f"{q.name} samples")
+    if not counter.counts:  # every image was already on disk: count one denoiser call's inputs
+        _count_one_call(pipe, cfg, smp, prompts[0], seeds[0])
+    counter.remove()
+    if not shard.is_main:
+        return {"status": "worker", "shard": shard.rank}
+    fp_images, q_images = fp_folder.load(), q_folder.load()
 
     cost = weight_bits(denoiser)
     cost["effective_act_bits"] = activation_bits(denoiser, counter.counts, specs)
     cost["layers_quantized"] = sum(s.quantized for s in specs)
     cost["layers_total"] = len(specs)
 
-    suite = evaluate(cfg.eval, fp_images, q_images, prompts, entries, cfg.paths.cache_dir)
+    suite = evaluate(cfg.eval, fp_images, q_images, prompts, geneval, cfg.paths.cache_dir, device)
     metrics: dict[str, Any] = {
         "status": "ok",
         "model": cfg.model.name,
@@ -237,7 +271,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "fidelity": split_per_image(suite),
         "cost": cost,
         "time": {k: round(v, 3) for k, v in timings.items()},
-        "calib": {**calib_info, "fp_images_cache_hit": fp_cached},
+        "calib": {**calib_info, "fp_images_cache_hit": fp_made == 0},
+        "samples": {"fp": str(fp_folder.root), "quant": str(q_folder.root), "generated_fp": fp_made,
+                    "generated_quant": q_made, "processes": shard.world},
         "prompts": prompts,
         "seeds": seeds,
     }
@@ -250,6 +286,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         metrics["export"] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 4)}
     write_metrics(out_dir, metrics)
     return metrics
+
+
+def _count_one_call(pipe: Any, cfg: DictConfig, smp: Sampling, prompt: str, seed: int) -> None:
+    """Run the sampler briefly on one prompt so input-element counters see a denoiser call."""
+    generate_images(pipe, cfg.model.family, [prompt], [seed], steps=2, guidance=smp.guidance,
+                    resolution=smp.resolution, batch_size=1, call_kwargs=smp.call_kwargs, progress=False)
 
 
 def _describe(args: dict[str, Any]) -> str:

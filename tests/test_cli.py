@@ -35,11 +35,19 @@ def test_default_run_writes_all_artifacts(tmp_path):
     assert m["status"] == "ok" and m["quant"] == "w8a8" and m["model"] == "testbed_unet"
     assert 25 < m["fidelity"]["psnr"]["mean"] < 100 and m["fidelity"]["ssim"]["mean"] > 0.8
     assert m["metrics"]["psnr"]["quant"] == m["fidelity"]["psnr"]["mean"]
-    g = m["metrics"]["geneval_shapes"]  # the testbed's own benchmark, FP and W8A8
-    assert g["settings"] == {"prompts": 51, "images_per_prompt": 2, "detector": "shapes"}
+    g = m["metrics"]["geneval"]  # the testbed's own benchmark, FP and W8A8
+    assert g["settings"] == {"backend": "shapes", "detector": "shapes", "prompts": 51, "images_per_prompt": 2,
+                             "threshold": 0.3, "counting_threshold": 0.9, "max_objects": 16, "position_threshold": 0.1}
     assert g["fp"]["overall"] >= 0.45 and g["quant"]["overall"] >= g["fp"]["overall"] - 0.15
     assert len(g["fp"]["tasks"]) == 6
     assert len(m["fidelity"]["psnr"]["per_image"]) == len(m["prompts"])
+    # the images, in GenEval's folder layout: quantized in the run folder, FP in the shared cache
+    for side in ("quant", "fp"):
+        root = Path(m["samples"][side])
+        assert sorted(p.name for p in root.glob("*/samples/*.png"))[:2] == ["00000.png", "00000.png"]
+        assert len(list(root.glob("*/samples/*.png"))) == 102 and len(list(root.glob("*/metadata.jsonl"))) == 51
+        assert json.loads((root / "00050" / "metadata.jsonl").read_text())["prompt"] == m["prompts"][-1]
+    assert Path(m["samples"]["quant"]) == run_dir / "samples"
     assert 8 < m["cost"]["effective_weight_bits"] < 10 and 7.9 < m["cost"]["effective_act_bits"] < 9
     assert m["cost"]["size_quant_mb"] < m["cost"]["size_fp_mb"]
     assert m["time"]["calibration_s"] > 0 and m["time"]["sampling_quant_s"] > 0
@@ -120,16 +128,16 @@ def test_calibration_set_is_cached_and_attention_listed_in_spec(compose, tmp_pat
 
 
 def test_geneval_shapes_eval_scores_fp_and_quantized(compose, tmp_path):
-    cfg = compose(TINY, "eval=geneval_shapes", "eval.geneval_stride=20", "eval.images_per_prompt=2", "eval.grid=false",
+    cfg = compose(TINY, "eval=geneval_shapes", "eval.geneval.stride=20", "eval.images_per_prompt=2", "eval.grid=false",
                   "calib.num_prompts=2", "calib.num_steps=2", "model.steps=4")
     m = run(cfg, tmp_path)
-    g = m["metrics"]["geneval_shapes"]
+    g = m["metrics"]["geneval"]
     assert g["settings"]["prompts"] == 11 and len(m["prompts"]) == 22
     for side in ("fp", "quant"):
         assert set(g[side]["tasks"]) <= {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
         assert all(0.0 <= v <= 1.0 for v in g[side]["tasks"].values())
-    with pytest.raises(ConfigError, match="geneval_metadata"):
-        run(compose(TINY, "eval.metrics=[psnr,geneval_shapes]", *QUICK), tmp_path / "x")
+    with pytest.raises(ConfigError, match="eval.geneval.metadata"):
+        run(compose(TINY, "eval.metrics=[psnr,geneval]", *QUICK), tmp_path / "x")
 
 
 def test_missing_calibration_prompt_file(compose, tmp_path):

@@ -95,10 +95,10 @@ def test_metrics_that_cannot_run_stop_before_generation(compose, overrides, matc
 
 
 def test_testbed_job_reports_every_cheap_metric_with_settings(compose, tmp_path):
-    cfg = compose("eval.geneval_stride=25", "eval.metrics=[psnr,ssim,lpips,clip_score]", "eval.grid=false",
+    cfg = compose("eval.geneval.stride=25", "eval.metrics=[psnr,ssim,lpips,clip_score]", "eval.grid=false",
                   "calib.num_prompts=2", "calib.num_steps=2")
     m = run(cfg, tmp_path)["metrics"]
-    assert set(m) == {"psnr", "ssim", "lpips", "clip_score", "geneval_shapes"}
+    assert set(m) == {"psnr", "ssim", "lpips", "clip_score", "geneval"}
     assert m["clip_score"]["fp"] > 10 and abs(m["clip_score"]["quant"] - m["clip_score"]["fp"]) < 5
     assert m["clip_score"]["settings"]["model"].endswith("clip") and m["clip_score"]["settings"]["n"] == 18
     assert "skipped" in m["lpips"] or 0 <= m["lpips"]["quant"] < 0.5
@@ -107,7 +107,7 @@ def test_testbed_job_reports_every_cheap_metric_with_settings(compose, tmp_path)
 
 @pytest.mark.slow
 def test_testbed_job_fid_against_world_and_fp(compose, tmp_path):
-    cfg = compose("eval.geneval_stride=25", "eval.metrics=[fid,fid_fp]", "eval.fid.num_reference=64", "eval.grid=false",
+    cfg = compose("eval.geneval.stride=25", "eval.metrics=[fid,fid_fp]", "eval.fid.num_reference=64", "eval.grid=false",
                   "calib.num_prompts=2", "calib.num_steps=2")
     m = run(cfg, tmp_path)["metrics"]
     assert m["fid"]["settings"]["reference"] == "shapes" and m["fid"]["settings"]["n_reference"] == 64

@@ -10,7 +10,8 @@ wall ``seconds`` it took. Metrics:
   ``shapes`` renders the testbed world, or a folder);
 - ``fid_fp``: FID and KID of the quantized images against the FP images;
 - ``clip_score``: CLIP score of FP and quantized images against their prompts;
-- ``geneval_shapes``: GenEval on the shapes world (testbed models).
+- ``geneval``: GenEval of FP and quantized images, overall and per task (``eval.geneval``: the
+  shapes detector on the testbed world, Mask2Former + CLIP on real prompts).
 
 The Inception features of the FP and quantized images are computed once per job, so the first
 FID metric's ``seconds`` include them.
@@ -26,7 +27,8 @@ from omegaconf import DictConfig
 from diffq.errors import ConfigError
 from diffq.eval.fidelity import fidelity_metrics
 
-METRICS = ("psnr", "ssim", "lpips", "fid", "fid_fp", "clip_score", "geneval_shapes")
+METRICS = ("psnr", "ssim", "lpips", "fid", "fid_fp", "clip_score", "geneval")
+GENEVAL_BACKENDS = ("auto", "shapes", "mask2former")
 
 
 def check_eval(ev: DictConfig) -> None:
@@ -48,17 +50,39 @@ def check_eval(ev: DictConfig) -> None:
     if "clip_score" in names and not ev.clip_model:
         raise ConfigError("eval metric clip_score needs a CLIP model: set eval.clip_model to a hub id "
                           "(openai/clip-vit-large-patch14) or a local folder")
-    if "geneval_shapes" in names and not ev.geneval_metadata:
-        raise ConfigError("eval metric geneval_shapes needs eval.geneval_metadata (e.g. shapes): use eval=geneval_shapes")
+    if "geneval" in names and not ev.geneval.metadata:
+        raise ConfigError("eval metric geneval needs prompts: set eval.geneval.metadata to an evaluation_metadata.jsonl "
+                          "(or shapes on the testbed), e.g. eval=geneval eval.geneval.metadata=/path/to/it")
+    if ev.geneval.backend not in GENEVAL_BACKENDS:
+        raise ConfigError(f"unknown eval.geneval.backend {ev.geneval.backend!r}: use one of {', '.join(GENEVAL_BACKENDS)}")
+    if ev.geneval.metadata and geneval_backend(ev) == "shapes" and ev.geneval.metadata != "shapes":
+        raise ConfigError("the shapes detector scores only the shapes world's prompts: use eval.geneval.metadata=shapes "
+                          "or eval.geneval.backend=mask2former")
+
+
+def geneval_backend(ev: DictConfig) -> str:
+    """The GenEval backend in use: ``auto`` is the shapes detector on the shapes world, else Mask2Former."""
+    if ev.geneval.backend != "auto":
+        return ev.geneval.backend
+    return "shapes" if ev.geneval.metadata == "shapes" else "mask2former"
+
+
+def check_geneval_classes(ev: DictConfig, entries: list[dict[str, Any]] | None) -> None:
+    """ConfigError, before generation, when the Mask2Former detector lacks a class the metadata names."""
+    if not entries or geneval_backend(ev) != "mask2former":
+        return
+    from diffq.eval.geneval_detector import check_classes, detector_classes
+
+    check_classes(entries, detector_classes(ev.geneval.detector))
 
 
 def evaluate(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[str],
-             entries: list[dict[str, Any]] | None, cache_dir: str) -> dict[str, Any]:
-    """Every metric named in ``ev.metrics`` (plus GenEval-shapes when the prompts come from the
-    shapes world), for FP and quantized images in [0, 1] ``[N, 3, H, W]``."""
+             entries: list[dict[str, Any]] | None, cache_dir: str, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Every metric named in ``ev.metrics`` (plus GenEval when the prompts come from GenEval
+    metadata), for FP and quantized images in [0, 1] ``[N, 3, H, W]``."""
     names = list(ev.metrics)
-    if ev.geneval_metadata == "shapes" and "geneval_shapes" not in names:
-        names.append("geneval_shapes")
+    if ev.geneval.metadata and "geneval" not in names:
+        names.append("geneval")
     inception = _InceptionSides(ev, fp, quant)
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "psnr": lambda: _fidelity(fp, quant, "psnr"),
@@ -67,7 +91,7 @@ def evaluate(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: lis
         "fid": lambda: _fid_vs_reference(ev, inception, cache_dir),
         "fid_fp": lambda: _fid_to_fp(ev, inception),
         "clip_score": lambda: _clip(ev, fp, quant, prompts),
-        "geneval_shapes": lambda: _geneval(ev, fp, quant, entries),
+        "geneval": lambda: _geneval(ev, fp, quant, entries, device),
     }
     block = {}
     for name in names:
@@ -155,11 +179,29 @@ def _clip(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[s
     return {**out, "settings": {"model": str(ev.clip_model), "n": len(fp)}}
 
 
-def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: list[dict[str, Any]]) -> dict[str, Any]:
-    from diffq.testbed.evaluate import geneval_shapes
+def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: list[dict[str, Any]],
+             device: str | torch.device) -> dict[str, Any]:
+    from diffq.eval.fid import to_uint8
+    from diffq.eval.geneval import score
 
-    k = ev.images_per_prompt
-    out: dict[str, Any] = {side: {"overall": r.overall, "tasks": r.tasks} for side, r in
-                           (("fp", geneval_shapes(fp, entries, k)), ("quant", geneval_shapes(quant, entries, k)))}
-    out["settings"] = {"prompts": len(entries), "images_per_prompt": k, "detector": "shapes"}
+    g, k = ev.geneval, ev.images_per_prompt
+    backend = geneval_backend(ev)
+    if backend == "shapes":
+        from diffq.testbed.detector import ShapesDetector
+
+        detector, settings = ShapesDetector(), {"detector": "shapes"}
+    else:
+        from diffq.eval.geneval_detector import Mask2FormerClipDetector
+
+        detector = Mask2FormerClipDetector(g.detector, g.clip_model, device=device, batch_size=g.batch_size,
+                                           min_score=min(g.threshold, g.counting_threshold), max_objects=g.max_objects,
+                                           colors=list(g.colors), templates=list(g.templates), bgcolor=g.bgcolor)
+        settings = dict(detector.settings)
+    thresholds = {"threshold": g.threshold, "counting_threshold": g.counting_threshold,
+                  "max_objects": g.max_objects, "position_threshold": g.position_threshold}
+    out: dict[str, Any] = {}
+    for side, images in (("fp", fp), ("quant", quant)):
+        r = score(entries, detector(to_uint8(images).permute(0, 2, 3, 1).numpy()), k, **thresholds)
+        out[side] = {"overall": r.overall, "tasks": r.tasks}
+    out["settings"] = {"backend": backend, "prompts": len(entries), "images_per_prompt": k, **settings, **thresholds}
     return out
