@@ -96,7 +96,27 @@ class QuantConfig:
     rules: List[RuleConfig] = field(default_factory=list)
     attn: AttnQuantConfig = field(default_factory=AttnQuantConfig)
     strict: bool = False  # a rule matching no layer is an error instead of a warning
+    recon: str = "none"  # none | layer | block (BRECQ / AdaRound) | fbr (EDA-DM); settings in `recon`
     keep_fp_weights: bool = True  # keep the FP weight next to the frozen fake-quant one
+
+
+@dataclass
+class ReconConfig:
+    """Reconstruction settings (diffq/methods/reconstruct.py); defaults are BRECQ's paper values."""
+
+    name: str = "paper"
+    iters: int = 20000  # rounding steps per unit (fbr: the joint loop)
+    lr: float = 1e-3  # Adam lr of the rounding variables
+    reg_weight: float = 0.01  # lambda of the rounding regulariser
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2  # fraction of iters with the regulariser off
+    act_iters: int = 5000  # LSQ steps on activation step sizes after rounding (layer/block)
+    act_lr: float = 4e-4
+    fine_grained_weight: float = 1.0  # fbr: weight of the inner layers' output MSE (EDA-DM add_loss)
+    fbr_regularizer: bool = False  # fbr: keep the rounding regulariser in the joint loop
+    qdrop: float = 0.0  # probability of an FP input element (QDrop); EDA-DM uses 0.5
+    seed: int = 0
 
 
 @dataclass
@@ -195,6 +215,7 @@ class DiffqConfig:
     model: ModelConfig = MISSING
     quant: QuantConfig = MISSING
     calib: CalibConfig = MISSING
+    recon: ReconConfig = field(default_factory=ReconConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -214,5 +235,6 @@ def register_configs() -> None:
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="quant", name="schema", node=QuantConfig)
     cs.store(group="calib", name="schema", node=CalibConfig)
+    cs.store(group="recon", name="schema", node=ReconConfig)
     cs.store(group="sampler", name="schema", node=SamplerConfig)
     cs.store(group="eval", name="schema", node=EvalConfig)

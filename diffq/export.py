@@ -89,7 +89,8 @@ def export_quantized(
         wq = layer.weight_quantizer
         if wq is None:
             continue
-        codes, params = wq.quantize_codes(layer.weight.detach())
+        source = layer.weight_fq if layer.learned_rounding else layer.weight  # grid values re-quantize to themselves
+        codes, params = wq.quantize_codes(source.detach())
         stored, layout = _encode_codes(codes, wq.fmt.name, wq.fmt.storage_bits)
         tensors[f"{name}.weight.codes"] = stored
         layout["params"] = sorted(params)

@@ -127,6 +127,11 @@ class IntFormat(Format):
     def round(self, y: Tensor) -> Tensor:
         return torch.round(y.float()).clamp(self.qmin, self.qmax)
 
+    def grid_neighbors(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(largest grid value <= y, smallest > it): the two choices of learned rounding (unclamped)."""
+        down = torch.floor(y.float())
+        return down, down + 1
+
     def to_codes(self, q: Tensor) -> Tensor:
         return (q.to(torch.int16) & (2**self.bits - 1)).to(torch.uint8)
 
@@ -188,6 +193,18 @@ class FPFormat(Format):
         e = (torch.frexp(y).exponent - 1).clamp_min(1 - self.bias)
         step = torch.ldexp(torch.ones_like(y), e - self.man)
         return torch.round(y / step) * step
+
+    def grid_neighbors(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(largest grid value <= y, the next grid value up), within +-maxval: the two choices of
+        learned rounding, each weight with its own FP step."""
+        y = y.float().clamp(-self.maxval, self.maxval)
+        a = y.abs()
+        e = (torch.frexp(a).exponent - 1).clamp_min(1 - self.bias)
+        step = torch.ldexp(torch.ones_like(a), e - self.man)
+        a_down = torch.floor(a / step) * step
+        a_up = torch.minimum(a_down + step, torch.full_like(a, self.maxval))
+        negative = y < 0
+        return torch.where(negative, -a_up, a_down), torch.where(negative, -a_down, a_up)
 
     def round(self, y: Tensor) -> Tensor:
         y = y.float()

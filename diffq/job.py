@@ -23,6 +23,8 @@ from diffq.eval.samples import (SampleFolder, Shard, current_shard, generate_sam
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
 from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.methods import get_method
+from diffq.methods.reconstruct import MODES as RECON_MODES
+from diffq.methods.reconstruct import reconstruct
 from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds, unknown_words
 from diffq.roles import ROLES, assign_roles
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table, resolve_spec, validate_quant_args
@@ -40,6 +42,19 @@ class Sampling:
     resolution: int
     batch_size: int
     call_kwargs: dict[str, Any]
+
+
+def check_recon(cfg: DictConfig) -> None:
+    """ConfigError, before anything runs, for a reconstruction that cannot run as configured."""
+    q = cfg.quant
+    if q.recon == "none":
+        return
+    if q.recon not in RECON_MODES:
+        raise ConfigError(f"unknown quant.recon {q.recon!r}: use none or one of {', '.join(RECON_MODES)}")
+    if cfg.load:
+        raise ConfigError("quant.recon applies when quantizing, not to a loaded export: drop load= or quant.recon")
+    if not q.keep_fp_weights:
+        raise ConfigError("reconstruction needs the FP weights next to the quantized ones: set quant.keep_fp_weights=true")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -176,6 +191,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run one job and write its artifacts into ``out_dir``; returns the metrics dict."""
     timings: dict[str, float] = {}
     validate_quant_args(cfg.quant.weight, cfg.quant.act)
+    check_recon(cfg)
     shard = current_shard()
     if shard.world > 1:
         out_dir = shared_out_dir(out_dir)
@@ -234,6 +250,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         t1 = time.perf_counter()
         method = get_method(q.method)
         stats = method(denoiser, specs, samples, OmegaConf.to_container(q, resolve=True), device=device, dtype=dtype)
+        if q.recon != "none":
+            stats.update(reconstruct(denoiser, samples, OmegaConf.to_container(cfg.recon, resolve=True), q.recon,
+                                     device=device, dtype=dtype))
         timings["quantize_s"] = time.perf_counter() - t1
         calib_info = {"samples": len(samples), "cache_hit": calib_hit, **stats}
     timings["calibration_s"] = time.perf_counter() - t0

@@ -29,6 +29,9 @@ class QuantMixin:
         self.weight_quantizer = weight_q
         self.input_quantizer = input_q
         self.register_buffer("weight_fq", None, persistent=False)
+        self.rounding: nn.Module | None = None  # learned rounding being trained (reconstruction)
+        self.quant_enabled = True  # False: compute in floating point (FP targets during reconstruction)
+        self.learned_rounding = False  # weight_fq holds a learned rounding: export it, not RTN of weight
 
     @property
     def frozen(self) -> bool:
@@ -37,6 +40,8 @@ class QuantMixin:
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with (frozen cache, live fake-quant, or FP)."""
+        if self.rounding is not None:
+            return self.rounding(self.weight)
         if self.weight_fq is not None:
             return self.weight_fq
         if self.weight_quantizer is not None:
@@ -66,19 +71,24 @@ class QuantMixin:
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    def _operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.quant_enabled:
+            return x, self.weight
+        return self._quant_input(x), self.quantized_weight()
+
 
 class QuantLinearMixin(QuantMixin):
     """Forward of a quantized nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return F.linear(self._quant_input(x), self.quantized_weight(), self.bias)
+        return F.linear(*self._operands(x), self.bias)
 
 
 class QuantConv2dMixin(QuantMixin):
     """Forward of a quantized nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self._conv_forward(self._quant_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(*self._operands(x), self.bias)
 
 
 @functools.lru_cache(maxsize=None)

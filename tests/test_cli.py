@@ -37,7 +37,7 @@ def test_default_run_writes_all_artifacts(tmp_path):
     assert m["metrics"]["psnr"]["quant"] == m["fidelity"]["psnr"]["mean"]
     g = m["metrics"]["geneval"]  # the testbed's own benchmark, FP and W8A8
     assert g["settings"] == {"backend": "shapes", "detector": "shapes", "prompts": 51, "images_per_prompt": 2,
-                             "threshold": 0.3, "counting_threshold": 0.9, "max_objects": 16, "position_threshold": 0.1}
+                             "threshold": 0.3, "counting_threshold": 0.9, "max_objects": 16, "position_threshold": 0.1, "seed": 0}
     assert g["fp"]["overall"] >= 0.45 and g["quant"]["overall"] >= g["fp"]["overall"] - 0.15
     assert len(g["fp"]["tasks"]) == 6
     assert len(m["fidelity"]["psnr"]["per_image"]) == len(m["prompts"])

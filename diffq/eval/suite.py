@@ -97,6 +97,7 @@ def evaluate(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: lis
     for name in names:
         t0 = time.perf_counter()
         block[name] = runners[name]()
+        block[name]["settings"]["seed"] = ev.seed  # sample i's noise seed derives from (seed, i)
         block[name]["seconds"] = round(time.perf_counter() - t0, 3)
     return block
 

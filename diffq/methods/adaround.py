@@ -1,0 +1,83 @@
+"""AdaRound: learned up/down rounding of a layer's weight on its quantizer's grid (INT or FP).
+
+``W~ = s * clamp(down(W/s) + h(V) * (up - down))`` with the rectified sigmoid
+``h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``, zeta = 1.1, gamma = -0.1, where
+down/up are the grid neighbours of ``W/s`` (integers for INT; for FP each weight's own step, so
+the same code learns rounding on FP grids). ``h`` starts at the fractional position of ``W/s``
+between its neighbours, so the initial soft weight is the FP weight (clamped to the grid's
+range); the regulariser ``sum(1 - |2h - 1|^beta)`` pushes ``h`` to 0 or 1; the final weight
+rounds up where ``V >= 0``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from diffq.errors import ConfigError
+from diffq.formats import FPFormat, IntFormat
+from diffq.quantizer import Quantizer
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+class AdaRound(nn.Module):
+    """Learnable rounding of one weight tensor under a calibrated (static) weight quantizer."""
+
+    def __init__(self, quantizer: Quantizer, weight: Tensor):
+        super().__init__()
+        fmt = quantizer.fmt
+        if not isinstance(fmt, (IntFormat, FPFormat)) or quantizer.dynamic:
+            raise ConfigError(f"learned rounding needs a static int or fp weight quantizer; {quantizer.extra_repr()} "
+                              "is not one: use quant.weight.format=int or fp, or quant.recon=none")
+        self.quantizer = quantizer
+        self.shape = tuple(weight.shape)
+        with torch.no_grad():
+            v = quantizer._view(weight.detach().float())
+            params = {k: t.detach() for k, t in quantizer._params(v).items()}
+            y = v * (1.0 / params["scale"])
+            down, up = fmt.grid_neighbors(y)
+            step = up - down
+            frac = torch.where(step > 0, (y - down) / step.clamp_min(1e-12), torch.zeros_like(y)).clamp(0, 1)
+            # h(V0) = frac: invert the rectified sigmoid (clamped away from its flat ends)
+            p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+        self.register_buffer("down", down)
+        self.register_buffer("step", step)
+        self.params = params
+        self.V = nn.Parameter(torch.log(p / (1 - p)))
+
+    def h(self) -> Tensor:
+        """Soft rounding in [0, 1] per weight."""
+        return (torch.sigmoid(self.V) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def regularizer(self, beta: float) -> Tensor:
+        """``sum(1 - |2h - 1|^beta)``: zero when every h is 0 or 1."""
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+    def _dequant(self, grid: Tensor) -> Tensor:
+        fmt, params = self.quantizer.fmt, self.params
+        if isinstance(fmt, IntFormat):
+            zero = params.get("zero_point")
+            q = grid if zero is None else grid + zero
+            q = q.clamp(fmt.qmin, fmt.qmax)
+            q = q if zero is None else q - zero
+        else:
+            q = grid.clamp(-fmt.maxval, fmt.maxval)
+        return self.quantizer._unview(q * params["scale"], self.shape)
+
+    def forward(self, weight: Tensor | None = None) -> Tensor:
+        """The soft-rounded fake-quant weight (``weight`` is ignored: the grid neighbours are fixed)."""
+        return self._dequant(self.down + self.h() * self.step).to(self.V.dtype)
+
+    @torch.no_grad()
+    def hard(self) -> Tensor:
+        """The final weight: up where ``V >= 0``, else down; every value on the grid."""
+        return self._dequant(self.down + (self.V >= 0).float() * self.step)
+
+
+def beta_schedule(step: int, total: int, warmup: float, start: float, end: float) -> float | None:
+    """Beta of the rounding regulariser, decayed linearly from ``start`` to ``end`` after the
+    warm-up (BRECQ's LinearTempDecay); None during the warm-up (regulariser off)."""
+    first = int(warmup * total)
+    if step < first:
+        return None
+    return end + (start - end) * max(0.0, 1 - (step - first) / max(1, total - first))
