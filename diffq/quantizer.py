@@ -386,7 +386,9 @@ class Quantizer(nn.Module):
                 g = (v.numel() / s.numel() * self.fmt.maxval) ** -0.5
                 params["scale"] = s.detach() + (s * g - (s * g).detach())  # value s, gradient scaled by g
             out = self._dequant(self._grid(v, params), params)
-        return self._unview(out, tuple(x.shape)).to(x.dtype)
+        out = self._unview(out, tuple(x.shape)).to(x.dtype)
+        # keep the input's layout: a moved-axis view would send the next conv down another kernel
+        return out.contiguous() if x.is_contiguous() else out
 
     # ----------------------------------------------------------------- export
     @torch.no_grad()

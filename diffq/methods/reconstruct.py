@@ -178,7 +178,7 @@ class _Unit:
         """Hard rounding into the layers' frozen weights; step sizes fixed."""
         for n, r in self.roundings.items():
             layer = self.layers[n]
-            layer.weight_fq = r.hard().to(layer.weight.dtype)
+            layer.weight_fq = r.hard().to(layer.weight.dtype).contiguous()  # same conv kernels as a reload
             layer.learned_rounding = True
             layer.rounding = None
         for q in self.acts:
@@ -245,7 +245,7 @@ def _optimise(unit: _Unit, items: Sequence[_Item], fp_items: Sequence[_Item], rc
             opt.step()
             if sched is not None:
                 sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for h in hooks:
             h.remove()
