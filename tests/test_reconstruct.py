@@ -16,8 +16,8 @@ from diffq.methods.reconstruct import fp_mode, reconstruct
 from diffq.quantizer import Quantizer
 from tests.helpers import A8, pipeline_and_calib, quantized_copy
 
-QUICK = {"iters": 60, "lr": 3e-3, "reg_weight": 0.01, "beta_start": 20.0, "beta_end": 2.0, "warmup": 0.2,
-         "act_iters": 20, "act_lr": 4e-4, "fine_grained_weight": 1.0, "fbr_regularizer": False, "qdrop": 0.0, "seed": 0}
+QUICK = {"iters": 40, "lr": 3e-3, "reg_weight": 0.01, "beta_start": 20.0, "beta_end": 2.0, "warmup": 0.2,
+         "act_iters": 10, "act_lr": 4e-4, "fine_grained_weight": 1.0, "fbr_regularizer": False, "qdrop": 0.0, "seed": 0}
 W4 = {"format": "int", "bits": 4, "granularity": "channel", "symmetric": True}
 
 
@@ -149,7 +149,7 @@ def test_cli_reconstruction_beats_rtn_and_checks_its_config(compose, tmp_path):
     base = ["model=tiny_sd15", "quant=w4a8", "eval.grid=false", "calib.num_prompts=4", "calib.num_steps=2",
             "model.steps=4"]
     rtn = run(compose(*base), tmp_path / "rtn")
-    brecq = run(compose(*base, "quant.recon=block", "recon=quick", "recon.iters=80", "recon.act_iters=20"),
+    brecq = run(compose(*base, "quant.recon=block", "recon=quick", "recon.iters=40", "recon.act_iters=10"),
                 tmp_path / "brecq")
     assert brecq["calib"]["recon"] == "block" and brecq["calib"]["recon_units"] == 5
     assert brecq["fidelity"]["psnr"]["mean"] > rtn["fidelity"]["psnr"]["mean"]
