@@ -120,11 +120,25 @@ class ReconConfig:
 
 
 @dataclass
+class EdaDmConfig:
+    """EDA-DM's timestep-diverse selection (diffq/calib/select.py)."""
+
+    hook: str = "auto"  # module whose output is compared across steps (auto: mid-block attention output)
+    lam: float = 5.0  # weight of diversity vs density (5.0 for SD in the paper's code)
+    radius: Optional[float] = None  # absolute density radius (the code's 0.3 for SD); null: radius_quantile
+    radius_quantile: float = 0.3  # radius as this quantile of the pairwise feature distances
+
+
+@dataclass
 class CalibConfig:
     """Calibration set: which prompts the FP sampler runs and which denoiser inputs are kept."""
 
     name: str = "uniform"
-    selection: str = "uniform"  # uniform over the sampler steps
+    # uniform (num_steps evenly spaced steps per trajectory) | edadm | all_steps_random (num_samples
+    # drawn from every step of every trajectory)
+    selection: str = "uniform"
+    num_samples: Optional[int] = None  # edadm / all_steps_random; default num_prompts x num_steps
+    edadm: EdaDmConfig = field(default_factory=EdaDmConfig)
     prompts: List[str] = field(default_factory=list)
     prompts_file: Optional[str] = None  # one prompt per line; overrides `prompts`
     num_prompts: int = 4

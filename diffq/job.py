@@ -14,6 +14,7 @@ from torch import nn
 
 from diffq import calib as calibration
 from diffq.calib.cache import cache_key
+from diffq.calib.select import step_histogram
 from diffq.errors import ConfigError
 from diffq.eval.cost import activation_bits, weight_bits
 from diffq.eval.geneval import load_metadata
@@ -244,7 +245,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             pipe, family, model_key=model_key(cfg), prompts=calib_prompts, seed=cfg.calib.seed,
             steps=int(cfg.calib.steps or smp.steps), guidance=smp.guidance, resolution=smp.resolution,
             keep_steps=cfg.calib.num_steps, batch_size=cfg.calib.batch_size, call_kwargs=smp.call_kwargs,
-            cache_dir=cfg.paths.cache_dir if cfg.calib.cache else None,
+            cache_dir=cfg.paths.cache_dir if cfg.calib.cache else None, selection=cfg.calib.selection,
+            num_samples=cfg.calib.num_samples, edadm=OmegaConf.to_container(cfg.calib.edadm, resolve=True),
         )
         timings["calib_capture_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -254,7 +256,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             stats.update(reconstruct(denoiser, samples, OmegaConf.to_container(cfg.recon, resolve=True), q.recon,
                                      device=device, dtype=dtype))
         timings["quantize_s"] = time.perf_counter() - t1
-        calib_info = {"samples": len(samples), "cache_hit": calib_hit, **stats}
+        calib_info = {"samples": len(samples), "selection": cfg.calib.selection, "cache_hit": calib_hit,
+                      "steps": step_histogram(samples, max(s.step for s in samples) + 1), **stats}
     timings["calibration_s"] = time.perf_counter() - t0
     spec_text = format_spec_table(specs)
     if attn_cfg.get("enabled"):

@@ -1,12 +1,17 @@
 """Calibration data: capture the FP sampler's denoiser inputs, cache them, hand them to methods."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from diffq.calib.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.calib.capture import CalibSample, capture_trajectories, flatten_samples, unflatten_samples, uniform_steps
+from diffq.calib.select import (SELECTIONS, assemble, capture_pool, edadm_counts, select_items, step_histogram,
+                                trajectory_count)
 from diffq.errors import ConfigError
 from diffq.models import sample_seeds
 
@@ -47,24 +52,62 @@ def load_or_capture(
     batch_size: int,
     call_kwargs: dict[str, Any],
     cache_dir: str | None,
+    selection: str = "uniform",
+    num_samples: int | None = None,
+    edadm: Mapping[str, Any] | None = None,
 ) -> tuple[list[CalibSample], bool]:
-    """The calibration set for this config, from the cache when present; returns (samples, hit)."""
+    """The calibration set for this config, from the cache when present; returns (samples, hit).
+
+    ``uniform`` keeps ``keep_steps`` evenly spaced calls of each trajectory; ``edadm`` and
+    ``all_steps_random`` select ``num_samples`` (default: prompts x keep_steps) items from a pool
+    of every call, streamed to disk (see :mod:`diffq.calib.select`)."""
+    if selection not in SELECTIONS:
+        raise ConfigError(f"unknown calib.selection {selection!r}: use one of {', '.join(SELECTIONS)}")
     seeds = sample_seeds(seed, len(prompts))
-    key = cache_key({
-        "v": _CACHE_VERSION, "model": model_key, "prompts": list(prompts), "seeds": seeds, "steps": steps,
-        "guidance": guidance, "resolution": resolution, "keep": keep_steps, "call_kwargs": call_kwargs,
-    })
-    path = cache_path(cache_dir, "calib", key) if cache_dir else None
+    base = {"v": _CACHE_VERSION, "model": model_key, "prompts": list(prompts), "seeds": seeds, "steps": steps,
+            "guidance": guidance, "resolution": resolution, "call_kwargs": call_kwargs}
+    n = int(num_samples or len(prompts) * keep_steps)
+    edadm = dict(edadm or {})
+    choice = {"keep": keep_steps} if selection == "uniform" else {"selection": selection, "n": n, "batch": batch_size,
+                                                                   **({"edadm": edadm} if selection == "edadm" else {})}
+    path = cache_path(cache_dir, "calib", cache_key({**base, **choice})) if cache_dir else None
     if path is not None and (hit := load_tensors(path)) is not None:
         tensors, meta = hit
         log.info("calibration set loaded from cache %s", path)
         return unflatten_samples(tensors, meta["layout"]), True
-    samples = capture_trajectories(
-        pipe, family, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution,
-        keep_steps=keep_steps, batch_size=batch_size, call_kwargs=call_kwargs,
-    )
+    if selection == "uniform":
+        samples = capture_trajectories(
+            pipe, family, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution,
+            keep_steps=keep_steps, batch_size=batch_size, call_kwargs=call_kwargs,
+        )
+    else:
+        samples = _select_from_pool(pipe, family, prompts, seeds, base, cache_dir, selection, n, seed, edadm,
+                                    steps=steps, guidance=guidance, resolution=resolution, batch_size=batch_size,
+                                    call_kwargs=call_kwargs)
     if path is not None:
         tensors, layout = flatten_samples(samples)
         save_tensors(path, tensors, {"layout": layout})
         log.info("calibration set cached at %s", path)
     return samples, False
+
+
+def _select_from_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: list[int], base: dict[str, Any],
+                      cache_dir: str | None, selection: str, n: int, seed: int, edadm: dict[str, Any],
+                      **sampling: Any) -> list[CalibSample]:
+    hook = edadm.get("hook", "auto")
+    with contextlib.ExitStack() as stack:
+        root = Path(os.path.expanduser(str(cache_dir))) if cache_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        folder = root / "calib_pool" / cache_key({**base, "hook": hook, "batch": sampling["batch_size"]})
+        capture_pool(pipe, family, prompts, seeds, folder, hook=hook, **sampling)
+        trajectories, calls = trajectory_count(folder)
+        counts = None
+        if selection == "edadm":
+            features = load_tensors(folder / "features.safetensors")[0]["features"]
+            counts = edadm_counts(features, n, float(edadm.get("lam", 5.0)), edadm.get("radius"),
+                                  float(edadm.get("radius_quantile", 0.3)), cap=trajectories)
+        items = select_items(selection, n, trajectories, calls, seed, counts)
+        samples = assemble(folder, items, sampling["batch_size"])
+    hist = step_histogram(samples, calls)
+    log.info("calibration set (%s): %d samples over %d denoiser calls per trajectory; rows per call: %s",
+             selection, n, calls, " ".join(map(str, hist)))
+    return samples
