@@ -97,6 +97,7 @@ class QuantConfig:
     attn: AttnQuantConfig = field(default_factory=AttnQuantConfig)
     strict: bool = False  # a rule matching no layer is an error instead of a warning
     recon: str = "none"  # none | layer | block (BRECQ / AdaRound) | fbr (EDA-DM); settings in `recon`
+    split_shortcut: bool = False  # Q-Diffusion: separate activation ranges for the up path's concat halves
     keep_fp_weights: bool = True  # keep the FP weight next to the frozen fake-quant one
 
 

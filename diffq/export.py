@@ -24,6 +24,7 @@ from torch import nn
 from diffq.errors import CheckpointError
 from diffq.layers import layer_table
 from diffq.methods.common import prepare
+from diffq.methods.shortcut import SplitQuantizer, apply_splits
 from diffq.spec import LayerSpec
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ def export_quantized(
         "specs": [s.to_dict() for s in specs],
         "attn": None if attn is None else json.loads(json.dumps(attn, default=str)),
         "packed": packed,
+        "splits": {n: layer.input_quantizer.k for n, layer in layers.items()
+                   if isinstance(layer.input_quantizer, SplitQuantizer)},
         "extra": dict(extra or {}),
     }
     folder = Path(folder)
@@ -187,6 +190,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         _check_matches(model, meta)
     specs = [LayerSpec.from_dict(d) for d in meta["specs"]]
     prepare(model, specs, meta["attn"])
+    apply_splits(model, meta.get("splits", {}))
     try:
         with safe_open(str(file), framework="pt") as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}

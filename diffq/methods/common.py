@@ -1,15 +1,16 @@
 """Steps every method shares: attach quantizers, calibrate weights, observe activations."""
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
-from diffq.layers import attach_attention_quantizers, attach_quantizers, iter_quantizers
+from diffq.layers import attach_attention_quantizers, attach_quantizers, is_quant_layer, iter_quantizers
 from diffq.spec import LayerSpec, TensorQuant
 
 log = logging.getLogger(__name__)
@@ -57,3 +58,23 @@ def calibrate_activations(model: nn.Module, calib: Sequence[CalibSample], device
     for q in quantizers:
         q.end_calibration()
     return len(quantizers)
+
+
+@contextlib.contextmanager
+def fp_mode(model: nn.Module) -> Iterator[None]:
+    """Everything in floating point: quantized layers use their FP weights and inputs, and every
+    quantizer (attention matmuls included) passes through."""
+    layers = [m for m in model.modules() if is_quant_layer(m)]
+    quantizers = [q for _, q in iter_quantizers(model)]
+    saved = [q.enabled for q in quantizers]
+    for layer in layers:
+        layer.quant_enabled = False
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.quant_enabled = True
+        for q, e in zip(quantizers, saved):
+            q.enabled = e

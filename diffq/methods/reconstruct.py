@@ -20,11 +20,10 @@ Each calibration call (a sampler step's batch, CFG branches included) is one tra
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,9 +34,10 @@ from tqdm.auto import tqdm
 from diffq.calib import CalibSample
 from diffq.calib.capture import _map_tensors
 from diffq.errors import CalibrationError, ConfigError
-from diffq.layers import iter_quantizers
 from diffq.methods.adaround import AdaRound, beta_schedule
 from diffq.methods.blocks import find_blocks, quant_layers
+from diffq.methods.common import fp_mode
+from diffq.methods.shortcut import SplitQuantizer
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +70,6 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 def _detach(obj: Any) -> Any:
     return _map_tensors(obj, lambda t: t.detach())
-
-
-@contextlib.contextmanager
-def fp_mode(model: nn.Module) -> Iterator[None]:
-    """Everything in floating point: quantized layers use their FP weights and inputs, and every
-    quantizer (attention matmuls included) passes through."""
-    layers = list(quant_layers(model).values())
-    quantizers = [q for _, q in iter_quantizers(model)]
-    saved = [q.enabled for q in quantizers]
-    for layer in layers:
-        layer.quant_enabled = False
-    for q in quantizers:
-        q.enabled = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.quant_enabled = True
-        for q, e in zip(quantizers, saved):
-            q.enabled = e
 
 
 def _capture(model: nn.Module, unit: nn.Module, calib: Sequence[CalibSample], device: torch.device,
@@ -158,8 +138,9 @@ class _Unit:
                 layer.rounding = self.roundings[n] = AdaRound(layer.weight_quantizer, layer.weight)
         self.acts = []
         if learn_acts:
-            self.acts = [layer.input_quantizer for layer in self.layers.values() if layer.input_quantizer is not None
-                         and not layer.input_quantizer.dynamic and layer.input_quantizer.scale.numel()]
+            inputs = [layer.input_quantizer for layer in self.layers.values() if layer.input_quantizer is not None]
+            parts = [p for q in inputs for p in (q.parts if isinstance(q, SplitQuantizer) else [q])]
+            self.acts = [q for q in parts if not q.dynamic and q.scale.numel()]
         self._saved_scales = [q.scale.detach().clone() for q in self.acts]
 
     def rounding_params(self) -> list[nn.Parameter]:
