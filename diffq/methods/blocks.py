@@ -38,15 +38,19 @@ def find_blocks(model: nn.Module, granularity: str, run_once: Callable[[], Any])
         raise ConfigError(f"{type(model).__name__} has no {granularity}-level units with quantized layers: use "
                           f"quant.recon=layer, or quantize layers inside its blocks")
     order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda *_, n=n: order.append(n) if n not in order else None)
-             for n, m in candidates.items()]
+    run_with_hooks([m.register_forward_pre_hook(lambda *_, n=n: order.append(n) if n not in order else None)
+                    for n, m in candidates.items()], run_once)
+    return [(n, candidates[n]) for n in order]
+
+
+def run_with_hooks(hooks: Sequence[Any], run_once: Callable[[], Any]) -> None:
+    """Run ``run_once`` without gradients, then remove ``hooks`` (also on failure)."""
     try:
         with torch.no_grad():
             run_once()
     finally:
         for h in hooks:
             h.remove()
-    return [(n, candidates[n]) for n in order]
 
 
 def quant_layers(block: nn.Module) -> dict[str, nn.Module]:

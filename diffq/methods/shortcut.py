@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from diffq.layers import is_quant_layer
+from diffq.methods.blocks import run_with_hooks
 from diffq.quantizer import Quantizer
 
 _UP_BLOCK = re.compile(r"^up_blocks\.\d+$")
@@ -74,13 +75,7 @@ def concat_splits(model: nn.Module, run_once: Callable[[], Any]) -> dict[str, in
         return hook
 
     ups = {n: m for n, m in model.named_modules() if _UP_BLOCK.match(n)}
-    hooks = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in ups.items()]
-    try:
-        with torch.no_grad():
-            run_once()
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks([m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in ups.items()], run_once)
     splits = {}
     for name, block in ups.items():
         for i, resnet in enumerate(getattr(block, "resnets", [])):
