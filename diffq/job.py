@@ -89,11 +89,22 @@ def sampling_of(cfg: DictConfig) -> Sampling:
     )
 
 
+def weights_fingerprint(path: str | None) -> str | None:
+    """Hash of the file names, sizes and modification times under a local model folder (None for
+    hub ids), so caches notice retrained or replaced weights."""
+    if not path or not Path(path).expanduser().is_dir():
+        return None
+    root = Path(path).expanduser()
+    files = sorted(f for f in root.rglob("*") if f.is_file())
+    return cache_key({"files": [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]})
+
+
 def model_key(cfg: DictConfig) -> dict[str, Any]:
     """What identifies the FP model's outputs (for cache keys)."""
     m = cfg.model
     return {
         "name": m.name, "family": m.family, "source": m.source, "pretrained": m.pretrained,
+        "weights": weights_fingerprint(m.pretrained) if m.source == "pretrained" else None,
         "dtype": m.dtype, "seed": m.seed, "tiny": OmegaConf.to_container(m.tiny, resolve=True),
         "scheduler": cfg.sampler.scheduler,
     }

@@ -147,3 +147,19 @@ def test_two_processes_split_the_samples_and_agree_with_one(tmp_path):
         runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     assert runs["two"]["samples"]["processes"] == 2 and runs["two"]["samples"]["generated_quant"] == 6
     assert runs["two"]["fidelity"]["psnr"]["per_image"] == runs["one"]["fidelity"]["psnr"]["per_image"]
+
+
+def test_cached_fp_samples_notice_retrained_weights(tmp_path):
+    """The FP sample / calibration cache keys carry a fingerprint of a local model folder."""
+    import os
+
+    from diffq.job import weights_fingerprint
+
+    (tmp_path / "unet").mkdir()
+    weights = tmp_path / "unet" / "model.safetensors"
+    weights.write_bytes(b"v1")
+    first = weights_fingerprint(str(tmp_path))
+    assert first == weights_fingerprint(str(tmp_path)) and weights_fingerprint("org/hub-id") is None
+    weights.write_bytes(b"v2-retrained")
+    os.utime(weights, ns=(1, 1))
+    assert weights_fingerprint(str(tmp_path)) != first
