@@ -186,7 +186,7 @@ def _check(loss: torch.Tensor, unit: _Unit, step: int) -> None:
 
 
 def _optimise(unit: _Unit, items: Sequence[_Item], fp_items: Sequence[_Item], rc: Mapping[str, Any], mode: str,
-              stage: str, rng: np.random.Generator, gen: torch.Generator, device: torch.device) -> float:
+              stage: str, rng: np.random.Generator, gen: torch.Generator) -> float:
     """One optimisation loop over ``items``; returns the final loss (mean of the last 10% of steps)."""
     joint = mode == "fbr"
     if stage == "round":
@@ -259,10 +259,10 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
         before = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))
         unit = _Unit(name, module, learn_acts=rc["act_iters"] > 0 or mode == "fbr")
         module.train(False)
-        _optimise(unit, q_items, fp_items, rc, mode, "round", rng, gen, device)
+        _optimise(unit, q_items, fp_items, rc, mode, "round", rng, gen)
         unit.finish()
         if mode != "fbr":
-            _optimise(unit, q_items, fp_items, rc, mode, "act", rng, gen, device)
+            _optimise(unit, q_items, fp_items, rc, mode, "act", rng, gen)
             unit.finish()
         after = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))
         stats["recon_loss"][name] = {"rtn": before, "recon": after}
