@@ -267,8 +267,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             stats.update(reconstruct(denoiser, samples, OmegaConf.to_container(cfg.recon, resolve=True), q.recon,
                                      device=device, dtype=dtype))
         timings["quantize_s"] = time.perf_counter() - t1
+        hist = step_histogram(samples, max(s.step for s in samples) + 1)
+        log.info("calibration set (%s): denoiser input rows per sampler call: %s", cfg.calib.selection,
+                 " ".join(map(str, hist)))
         calib_info = {"samples": len(samples), "selection": cfg.calib.selection, "cache_hit": calib_hit,
-                      "steps": step_histogram(samples, max(s.step for s in samples) + 1), **stats}
+                      "steps": hist, **stats}
     timings["calibration_s"] = time.perf_counter() - t0
     spec_text = format_spec_table(specs)
     if attn_cfg.get("enabled"):

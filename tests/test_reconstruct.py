@@ -92,6 +92,9 @@ def test_blocks_are_found_in_execution_order(family, expected):
     assert all(is_quant_layer(m) for _, m in layers)
     with pytest.raises(ConfigError, match="granularity 'stage'"):
         find_blocks(model, "stage", lambda: None)
+    flat = torch.nn.Sequential(next(m for m in model.modules() if is_quant_layer(m)))  # a layer outside any block
+    with pytest.raises(ConfigError, match="has no block-level units with quantized layers"):
+        find_blocks(flat, "block", lambda: None)
 
 
 @pytest.mark.parametrize("mode,family", [("block", "sd"), ("fbr", "sd"), ("layer", "flux"), ("block", "flux")])
