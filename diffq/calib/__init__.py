@@ -10,8 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from diffq.calib.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.calib.capture import CalibSample, capture_trajectories, flatten_samples, unflatten_samples, uniform_steps
-from diffq.calib.select import (SELECTIONS, assemble, capture_pool, edadm_counts, select_items, step_histogram,
-                                trajectory_count)
+from diffq.calib.select import SELECTIONS, assemble, capture_pool, edadm_counts, select_items, trajectory_count
 from diffq.errors import ConfigError
 from diffq.models import sample_seeds
 
@@ -106,8 +105,4 @@ def _select_from_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: lis
             counts = edadm_counts(features, n, float(edadm.get("lam", 5.0)), edadm.get("radius"),
                                   float(edadm.get("radius_quantile", 0.3)), cap=trajectories)
         items = select_items(selection, n, trajectories, calls, seed, counts)
-        samples = assemble(folder, items, sampling["batch_size"])
-    hist = step_histogram(samples, calls)
-    log.info("calibration set (%s): %d samples over %d denoiser calls per trajectory; rows per call: %s",
-             selection, n, calls, " ".join(map(str, hist)))
-    return samples
+        return assemble(folder, items, sampling["batch_size"])

@@ -39,6 +39,15 @@ def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[
     os.replace(tmp, path)
 
 
+def load_meta(path: Path) -> dict[str, Any] | None:
+    """An entry's JSON metadata without reading its tensors; None when missing or unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("diffq", "{}"))
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError):
+        return None
+
+
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """Read an entry; None (with a warning) when it is missing or unreadable."""
     if not path.exists():

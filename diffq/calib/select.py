@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffq.calib.cache import load_tensors, save_tensors
+from diffq.calib.cache import load_meta, load_tensors, save_tensors
 from diffq.calib.capture import CalibSample, _Recorder, check_finite, flatten_samples, unflatten_samples
 from diffq.errors import CalibrationError, ConfigError
 from diffq.models import denoiser_of, generate_images
@@ -214,11 +214,11 @@ def trajectory_count(folder: Path) -> tuple[int, int]:
     shards = sorted(folder.glob("batch_*.safetensors"))
     total, calls = 0, 0
     for shard in shards:
-        hit = load_tensors(shard)
-        if hit is None:
+        meta = load_meta(shard)
+        if meta is None:
             raise CalibrationError(f"calibration pool shard {shard} is unreadable: delete {folder} to recapture")
-        total += int(hit[1]["trajectories"])
-        calls = len(hit[1]["layout"])
+        total += int(meta["trajectories"])
+        calls = len(meta["layout"])
     return total, calls
 
 

@@ -42,8 +42,8 @@ class CLIPFeatureAdapter(nn.Module):
         return self._tensor(self.model.get_image_features(pixel_values=pixel_values))
 
 
-def load_clip(name_or_path: str | Path) -> tuple[CLIPFeatureAdapter, Any]:
-    """(adapted CLIPModel, CLIPProcessor) from a hub id or a local folder."""
+def load_clip(name_or_path: str | Path, setting: str = "eval.clip_model") -> tuple[CLIPFeatureAdapter, Any]:
+    """(adapted CLIPModel, CLIPProcessor) from a hub id or a local folder; errors name ``setting``."""
     from transformers import CLIPModel, CLIPProcessor
 
     local = Path(str(name_or_path)).expanduser()
@@ -56,7 +56,7 @@ def load_clip(name_or_path: str | Path) -> tuple[CLIPFeatureAdapter, Any]:
         processor = CLIPProcessor.from_pretrained(source)
     except OSError as err:
         raise CheckpointError(f"cannot load CLIP model {name_or_path!r} ({str(err).splitlines()[0]}): pass a local "
-                              f"folder with eval.clip_model=/path, or go online once to download {name_or_path}") from err
+                              f"folder with {setting}=/path, or go online once to download {name_or_path}") from err
     return CLIPFeatureAdapter(model), processor
 
 

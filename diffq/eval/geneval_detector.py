@@ -81,13 +81,15 @@ class Mask2FormerClipDetector:
     def __init__(self, detector: str = DEFAULT_DETECTOR, clip: str = DEFAULT_CLIP, *, device: str | torch.device = "cpu",
                  batch_size: int = 8, min_score: float = THRESHOLD, max_objects: int = MAX_OBJECTS,
                  colors: Sequence[str] = COLORS, templates: Sequence[str] = TEMPLATES, bgcolor: str = "#999"):
-        from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, Mask2FormerForUniversalSegmentation
+        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+
+        from diffq.eval.clip_score import load_clip
 
         self.device = torch.device(device)
         self.model = _load("detector", detector, Mask2FormerForUniversalSegmentation.from_pretrained).to(self.device).eval()
         self.processor = _load("detector", detector, AutoImageProcessor.from_pretrained)
-        self.clip = _load("clip_model", clip, CLIPModel.from_pretrained).to(self.device).eval()
-        self.clip_processor = _load("clip_model", clip, CLIPProcessor.from_pretrained)
+        clip_model, self.clip_processor = load_clip(clip, "eval.geneval.clip_model")
+        self.clip = clip_model.to(self.device)  # returns embedding tensors under transformers 4 and 5
         self.classes = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
         self.batch_size, self.min_score, self.max_objects = batch_size, min_score, max_objects
         self.colors, self.templates = list(colors), list(templates)
@@ -141,8 +143,7 @@ class Mask2FormerClipDetector:
         if cls not in self._classifiers:
             texts = [t.format(color=c, cls=cls) for c in self.colors for t in self.templates]
             tokens = self.clip_processor.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
-            emb = self.clip.get_text_features(**tokens)
-            emb = F.normalize(emb if torch.is_tensor(emb) else emb.pooler_output, dim=-1)
+            emb = F.normalize(self.clip.get_text_features(tokens["input_ids"], tokens.get("attention_mask")), dim=-1)
             self._classifiers[cls] = F.normalize(emb.view(len(self.colors), len(self.templates), -1).mean(1), dim=-1)
         return self._classifiers[cls]
 
@@ -156,8 +157,7 @@ class Mask2FormerClipDetector:
         crops = [Image.fromarray(c).crop(tuple(int(round(v)) for v in box.tolist()))
                  for c, box in zip(composite, boxes)]
         pixels = self.clip_processor.image_processor(images=crops, return_tensors="pt")["pixel_values"]
-        feats = self.clip.get_image_features(pixel_values=pixels.to(self.device))
-        feats = F.normalize(feats if torch.is_tensor(feats) else feats.pooler_output, dim=-1)
+        feats = F.normalize(self.clip.get_image_features(pixels.to(self.device)), dim=-1)
         weights = torch.stack([self._classifier(c) for c in classes])  # [K, colours, D]
         return [self.colors[i] for i in torch.einsum("kd,kcd->kc", feats, weights).argmax(1).tolist()]
 

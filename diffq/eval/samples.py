@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from diffq.errors import CheckpointError, ConfigError
+from diffq.eval.fid import to_uint8
 from diffq.models import generate_images
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,7 @@ class SampleFolder:
         """Save sample ``i`` (float ``[3, H, W]`` in [0, 1]) as PNG, atomically."""
         path = self.path(i)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(array).save(tmp, format="PNG")
+        Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy()).save(tmp, format="PNG")
         os.replace(tmp, path)
 
     def load(self) -> torch.Tensor:

@@ -182,8 +182,8 @@ def _clip(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[s
 
 def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: list[dict[str, Any]],
              device: str | torch.device) -> dict[str, Any]:
-    from diffq.eval.fid import to_uint8
     from diffq.eval.geneval import score
+    from diffq.testbed.evaluate import to_uint8
 
     g, k = ev.geneval, ev.images_per_prompt
     backend = geneval_backend(ev)
@@ -202,7 +202,7 @@ def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: lis
                   "max_objects": g.max_objects, "position_threshold": g.position_threshold}
     out: dict[str, Any] = {}
     for side, images in (("fp", fp), ("quant", quant)):
-        r = score(entries, detector(to_uint8(images).permute(0, 2, 3, 1).numpy()), k, **thresholds)
+        r = score(entries, detector(to_uint8(images)), k, **thresholds)
         out[side] = {"overall": r.overall, "tasks": r.tasks}
     out["settings"] = {"backend": backend, "prompts": len(entries), "images_per_prompt": k, **settings, **thresholds}
     return out

@@ -57,8 +57,3 @@ def quant_layers(block: nn.Module) -> dict[str, nn.Module]:
     """Quantized layers inside ``block`` (itself included when it is one)."""
     return {n: m for n, m in block.named_modules() if is_quant_layer(m)}
 
-
-def set_quant_enabled(layers: Sequence[nn.Module], enabled: bool) -> None:
-    """Switch quantization of ``layers`` (weights and inputs) on or off."""
-    for layer in layers:
-        layer.quant_enabled = enabled

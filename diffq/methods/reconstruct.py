@@ -155,13 +155,16 @@ class _Unit:
     def regularizer(self, beta: float) -> torch.Tensor:
         return sum(r.regularizer(beta) for r in self.roundings.values())
 
-    def finish(self) -> None:
-        """Hard rounding into the layers' frozen weights; step sizes fixed."""
+    def harden(self) -> None:
+        """Hard rounding into the layers' frozen weights."""
         for n, r in self.roundings.items():
             layer = self.layers[n]
             layer.weight_fq = r.hard().to(layer.weight.dtype).contiguous()  # same conv kernels as a reload
             layer.learned_rounding = True
             layer.rounding = None
+
+    def fix_step_sizes(self) -> None:
+        """Stop training the activation step sizes."""
         for q in self.acts:
             q.scale.requires_grad_(False)
 
@@ -246,7 +249,7 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
         raise ConfigError("reconstruction needs the FP weights: set quant.keep_fp_weights=true")
     granularity = "layer" if mode == "layer" else "block"
     with fp_mode(model):
-        units = find_blocks(model, granularity, lambda: _capture_first(model, calib[0], device, dtype))
+        units = find_blocks(model, granularity, lambda: model(**calib[0].to(device, dtype), return_dict=False))
     rng = np.random.default_rng(rc["seed"])
     gen = torch.Generator().manual_seed(int(rc["seed"]))
     stats: dict[str, Any] = {"recon": mode, "recon_units": len(units), "recon_loss": {}}
@@ -260,10 +263,10 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
         unit = _Unit(name, module, learn_acts=rc["act_iters"] > 0 or mode == "fbr")
         module.train(False)
         _optimise(unit, q_items, fp_items, rc, mode, "round", rng, gen)
-        unit.finish()
-        if mode != "fbr":
+        unit.harden()
+        if mode != "fbr":  # BRECQ: step sizes after the rounding (fbr learnt them jointly)
             _optimise(unit, q_items, fp_items, rc, mode, "act", rng, gen)
-            unit.finish()
+        unit.fix_step_sizes()
         after = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))
         stats["recon_loss"][name] = {"rtn": before, "recon": after}
         log.info("%s: output MSE %.4g (RTN) -> %.4g", name, before, after)
@@ -274,7 +277,3 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
 @torch.no_grad()
 def _run(module: nn.Module, item: _Item) -> Any:
     return module(*item.args, **item.kwargs)
-
-
-def _capture_first(model: nn.Module, sample: CalibSample, device: torch.device, dtype: torch.dtype) -> None:
-    model(**sample.to(device, dtype), return_dict=False)

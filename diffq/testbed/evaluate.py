@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from diffq.eval import fid
 from diffq.eval.geneval import GenEvalResult, chance_levels, score
 from diffq.models import generate_images, sample_seeds
 from diffq.testbed.detector import ShapesDetector
@@ -14,8 +15,8 @@ from diffq.testbed.prompts import evaluation_metadata
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [N, 3, H, W] in [0, 1] -> uint8 [N, H, W, 3]."""
-    return (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    """float [N, 3, H, W] in [0, 1] -> uint8 [N, H, W, 3] (the detectors' input)."""
+    return fid.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def geneval_images(
