@@ -84,11 +84,24 @@ class AttnQuantConfig:
 
 
 @dataclass
+class SearchConfig:
+    """Per-layer FP format and scale search (``method: fp_search``, diffq/methods/fp_search.py)."""
+
+    weight: bool = True  # search the weight format and per-channel clipping of FP layers
+    act: bool = True  # search the input-activation format (and clipping of static ranges)
+    alpha_min: float = 0.1  # clipping grid: maxval = alpha * amax, alpha in [alpha_min, alpha_max] (and 1)
+    alpha_max: float = 1.2
+    alphas: int = 100  # points of the clipping grid
+    act_inputs: int = 4  # calibration calls whose layer inputs score the activation candidates
+    memory_mb: int = 2048  # statistics held at once; layers are searched in chunks under it
+
+
+@dataclass
 class QuantConfig:
     """A quantization preset: default formats, ordered per-layer rules, method and knobs."""
 
     name: str = MISSING
-    method: str = "rtn"
+    method: str = "rtn"  # rtn | fp_search (per-layer FP format and clipping search, settings in `search`)
     weight: QuantArgsConfig = field(default_factory=lambda: QuantArgsConfig(granularity="channel"))
     act: QuantArgsConfig = field(
         default_factory=lambda: QuantArgsConfig(format="none", granularity="tensor", symmetric=False)
@@ -97,6 +110,7 @@ class QuantConfig:
     attn: AttnQuantConfig = field(default_factory=AttnQuantConfig)
     strict: bool = False  # a rule matching no layer is an error instead of a warning
     recon: str = "none"  # none | layer | block (BRECQ / AdaRound) | fbr (EDA-DM); settings in `recon`
+    search: SearchConfig = field(default_factory=SearchConfig)  # method fp_search
     split_shortcut: bool = False  # Q-Diffusion: separate activation ranges for the up path's concat halves
     keep_fp_weights: bool = True  # keep the FP weight next to the frozen fake-quant one
 
@@ -117,6 +131,7 @@ class ReconConfig:
     fine_grained_weight: float = 1.0  # fbr: weight of the inner layers' output MSE (EDA-DM add_loss)
     fbr_regularizer: bool = False  # fbr: keep the rounding regulariser in the joint loop
     qdrop: float = 0.0  # probability of an FP input element (QDrop); EDA-DM uses 0.5
+    scale_aware: bool = False  # FP4DiT: rounding variable V' = s*V with s each weight's FP step
     seed: int = 0
 
 

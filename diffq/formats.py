@@ -213,8 +213,7 @@ class FPFormat(Format):
         if (self.exp, self.man) == (5, 2):
             return y.clamp(-57344.0, 57344.0).to(torch.float8_e5m2).float()
         if (self.exp, self.man) == (2, 1):
-            idx = torch.bucketize(y.abs(), _E2M1_BOUNDS.to(y.device))
-            return torch.copysign(_E2M1_GRID.to(y.device)[idx], y)
+            return _e2m1_ladder(y)
         return self.round_generic(y)
 
     def to_codes(self, q: Tensor) -> Tensor:
@@ -245,15 +244,20 @@ class FPFormat(Format):
 
 
 # E2M1 ladder: |y| <= .25 -> 0, < .75 -> .5, <= 1.25 -> 1, < 1.75 -> 1.5, <= 2.5 -> 2, < 3.5 -> 3,
-# <= 5 -> 4, else 6. bucketize puts a value equal to a boundary in the lower bucket, so the
-# "<" boundaries (ties go up to the even neighbour) are moved one ulp down.
-_E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-_E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-_E2M1_BOUNDS = torch.where(
-    torch.tensor([False, True, False, True, False, True, False]),
-    torch.nextafter(_E2M1_BOUNDS, torch.zeros(())),
-    _E2M1_BOUNDS,
-)
+# <= 5 -> 4, else 6 (ties to the even neighbour): one compare-and-add per rung.
+_E2M1_RUNGS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5), (2.5, False, 1.0),
+               (3.5, True, 1.0), (5.0, False, 2.0))  # (threshold, tie goes up, step)
+
+
+def _e2m1_ladder(y: Tensor) -> Tensor:
+    """Nearest E2M1 value of ``y`` (saturating at 6), bit-exact with the ExMy formula."""
+    a = y.abs()
+    q = torch.zeros_like(a)
+    for threshold, tie_up, step in _E2M1_RUNGS:
+        q.add_(a >= threshold if tie_up else a > threshold, alpha=step)
+    return q.copysign_(y)
+
+
 _E2M1 = FPFormat(2, 1)
 _E4M3 = FPFormat(4, 3)
 

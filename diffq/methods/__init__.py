@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Callable
 
 from diffq.errors import ConfigError
-from diffq.methods import rtn
+from diffq.methods import fp_search, rtn
 
-METHODS: dict[str, Callable] = {"rtn": rtn.apply}
+METHODS: dict[str, Callable] = {"rtn": rtn.apply, "fp_search": fp_search.apply}
 
 
 def get_method(name: str) -> Callable:

@@ -6,7 +6,9 @@ down/up are the grid neighbours of ``W/s`` (integers for INT; for FP each weight
 the same code learns rounding on FP grids). ``h`` starts at the fractional position of ``W/s``
 between its neighbours, so the initial soft weight is the FP weight (clamped to the grid's
 range); the regulariser ``sum(1 - |2h - 1|^beta)`` pushes ``h`` to 0 or 1; the final weight
-rounds up where ``V >= 0``.
+rounds up where ``V >= 0``. Scale-aware variant (FP4DiT): the trained variable is ``V' = s * V``
+with ``s`` each weight's absolute grid step, so a weight's rounding moves at a speed inverse to its
+step (small FP steps near zero would otherwise learn as slowly as the coarse ones).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ ZETA, GAMMA = 1.1, -0.1
 class AdaRound(nn.Module):
     """Learnable rounding of one weight tensor under a calibrated (static) weight quantizer."""
 
-    def __init__(self, quantizer: Quantizer, weight: Tensor):
+    def __init__(self, quantizer: Quantizer, weight: Tensor, scale_aware: bool = False):
         super().__init__()
         fmt = quantizer.fmt
         if not isinstance(fmt, (IntFormat, FPFormat)) or quantizer.dynamic:
@@ -40,14 +42,21 @@ class AdaRound(nn.Module):
             frac = torch.where(step > 0, (y - down) / step.clamp_min(1e-12), torch.zeros_like(y)).clamp(0, 1)
             # h(V0) = frac: invert the rectified sigmoid (clamped away from its flat ends)
             p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+            v0 = torch.log(p / (1 - p))
+            v_scale = torch.where(step > 0, step * params["scale"], torch.ones_like(step)) if scale_aware else None
         self.register_buffer("down", down)
         self.register_buffer("step", step)
+        self.register_buffer("v_scale", v_scale)
         self.params = params
-        self.V = nn.Parameter(torch.log(p / (1 - p)))
+        self.V = nn.Parameter(v0 if v_scale is None else v0 * v_scale)
+
+    def logits(self) -> Tensor:
+        """``V`` (the trained variable divided by each weight's step in the scale-aware variant)."""
+        return self.V if self.v_scale is None else self.V / self.v_scale
 
     def h(self) -> Tensor:
         """Soft rounding in [0, 1] per weight."""
-        return (torch.sigmoid(self.V) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+        return (torch.sigmoid(self.logits()) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
     def regularizer(self, beta: float) -> Tensor:
         """``sum(1 - |2h - 1|^beta)``: zero when every h is 0 or 1."""
@@ -71,7 +80,7 @@ class AdaRound(nn.Module):
     @torch.no_grad()
     def hard(self) -> Tensor:
         """The final weight: up where ``V >= 0``, else down; every value on the grid."""
-        return self._dequant(self.down + (self.V >= 0).float() * self.step)
+        return self._dequant(self.down + (self.logits() >= 0).float() * self.step)
 
 
 def beta_schedule(step: int, total: int, warmup: float, start: float, end: float) -> float | None:

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
 from diffq.layers import attach_attention_quantizers, attach_quantizers, is_quant_layer, iter_quantizers
+from diffq.methods.shortcut import apply_splits, concat_splits
 from diffq.spec import LayerSpec, TensorQuant
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,12 @@ def static_act_quantizers(model: nn.Module) -> list:
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, calib: Sequence[CalibSample], device: torch.device, dtype: torch.dtype) -> int:
-    """Run the denoiser over the calibration set while static activation observers record.
-
-    Returns the number of quantizers calibrated.
+def calibrate_activations(model: nn.Module, calib: Sequence[CalibSample], device: torch.device, dtype: torch.dtype,
+                          skip: Sequence[nn.Module] = ()) -> int:
+    """Run the denoiser over the calibration set while static activation observers (all but
+    ``skip``) record. Returns the number of quantizers calibrated.
     """
-    quantizers = static_act_quantizers(model)
+    quantizers = [q for q in static_act_quantizers(model) if not any(q is s for s in skip)]
     if not quantizers:
         return 0
     for q in quantizers:
@@ -58,6 +59,14 @@ def calibrate_activations(model: nn.Module, calib: Sequence[CalibSample], device
     for q in quantizers:
         q.end_calibration()
     return len(quantizers)
+
+
+def split_shortcuts(model: nn.Module, calib: Sequence[CalibSample], device: torch.device, dtype: torch.dtype) -> int:
+    """Q-Diffusion shortcut splitting: one activation range per half of each up-path concatenation."""
+    with fp_mode(model):
+        splits = concat_splits(model, lambda: model(**calib[0].to(device, dtype), return_dict=False))
+    apply_splits(model, splits)
+    return len(splits)
 
 
 @contextlib.contextmanager

@@ -129,13 +129,13 @@ def _mse(out: Any, target: Any) -> torch.Tensor:
 class _Unit:
     """One unit under reconstruction: its rounding modules and learnable activation step sizes."""
 
-    def __init__(self, name: str, module: nn.Module, learn_acts: bool):
+    def __init__(self, name: str, module: nn.Module, learn_acts: bool, scale_aware: bool = False):
         self.name, self.module = name, module
         self.layers = quant_layers(module)
         self.roundings: dict[str, AdaRound] = {}
         for n, layer in self.layers.items():
             if layer.weight_quantizer is not None:
-                layer.rounding = self.roundings[n] = AdaRound(layer.weight_quantizer, layer.weight)
+                layer.rounding = self.roundings[n] = AdaRound(layer.weight_quantizer, layer.weight, scale_aware)
         self.acts = []
         if learn_acts:
             inputs = [layer.input_quantizer for layer in self.layers.values() if layer.input_quantizer is not None]
@@ -260,7 +260,7 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
             fp_items = _capture(model, module, calib, device, dtype, inner)
         q_items = _capture(model, module, calib, device, dtype)
         before = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))
-        unit = _Unit(name, module, learn_acts=rc["act_iters"] > 0 or mode == "fbr")
+        unit = _Unit(name, module, learn_acts=rc["act_iters"] > 0 or mode == "fbr", scale_aware=rc.get("scale_aware", False))
         module.train(False)
         _optimise(unit, q_items, fp_items, rc, mode, "round", rng, gen)
         unit.harden()

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from diffq.calib import CalibSample
-from diffq.methods.common import calibrate_activations, calibrate_weights, fp_mode, prepare
-from diffq.methods.shortcut import apply_splits, concat_splits
+from diffq.methods.common import calibrate_activations, calibrate_weights, prepare, split_shortcuts
 from diffq.spec import LayerSpec
 
 
@@ -19,11 +18,7 @@ def apply(
     """Quantize ``model`` in place: weights once (then frozen), activations from ``calib`` (with
     ``split_shortcut``, the UNet up path's concatenations get one activation range per half)."""
     layers = prepare(model, specs, cfg.get("attn"))
-    splits = {}
-    if cfg.get("split_shortcut"):
-        with fp_mode(model):
-            splits = concat_splits(model, lambda: model(**calib[0].to(device, dtype), return_dict=False))
-        apply_splits(model, splits)
+    n_splits = split_shortcuts(model, calib, device, dtype) if cfg.get("split_shortcut") else 0
     calibrate_weights(layers, keep_original=cfg.get("keep_fp_weights", True))
     n_act = calibrate_activations(model, calib, device, dtype)
-    return {"layers_quantized": len(layers), "act_quantizers_calibrated": n_act, "shortcut_splits": len(splits)}
+    return {"layers_quantized": len(layers), "act_quantizers_calibrated": n_act, "shortcut_splits": n_splits}
