@@ -1,9 +1,12 @@
-"""Benchmarks (targets live here, not in tests): quantized vs FP denoiser step time.
+"""Benchmarks (targets live here, not in tests): fake-quant throughput and quantized vs FP step time.
 
-    python scripts/bench.py [model=tiny_sd15] [--repeats 20]
+    python scripts/bench.py [model=tiny_sd15] [--repeats 20] [--elements 4194304]
 
-Prints, for the default model on this machine, the ratio of the quantized denoiser's step
-time to the FP one (targets: <= 1.05 weight-only, <= 1.5 W8A8) and the calibration wall time.
+Prints, on this machine: the throughput (elements/s) of the FP fake-quant fast paths (FP8 cast,
+FP4 E2M1 ladder) against the generic ExMy formula; for the default model, the ratio of the
+quantized denoiser's step time to the FP one (targets: <= 1.05 weight-only, <= 1.5 with
+activations) and the calibration wall time; with CUDA, a real FP8 matmul (``torch._scaled_mm``)
+against bf16 for the testbed's and FLUX-sized shapes.
 """
 from __future__ import annotations
 
@@ -18,13 +21,71 @@ from omegaconf import OmegaConf
 
 from diffq import calib as calibration
 from diffq.config import register_configs
+from diffq.formats import FPFormat
 from diffq.job import model_key, quantizable_layers, sampling_of
 from diffq.methods import get_method
 from diffq.models import denoiser_of, load_pipeline
 from diffq.roles import ROLES
 from diffq.spec import resolve_spec
 
-TARGETS = {"w8a16": 1.05, "w4a16": 1.05, "w8a8": 1.5, "w8a8_fp8": 1.5, "w4a16_nvfp4": 1.05}
+TARGETS = {"w8a16": 1.05, "w4a16": 1.05, "w8a8": 1.5, "w8a8_fp8": 1.5, "w4a16_nvfp4": 1.05,
+           "fp_w8a8": 1.5, "fp_w4a8": 1.5, "fp_w4a16": 1.05}
+# bench name -> (preset, extra overrides); fp_w4a8 runs the same graph as its learned-rounding
+# variant (learned weights are frozen like RTN ones), so it is timed without reconstruction
+PRESETS = {"w8a16": ("w8a8", ["quant.act.format=none"]), "fp_w4a8": ("fp_w4a8_rtn", []),
+           "fp_w4a16": ("fp_w4a8_rtn", ["quant.act.format=none"])}
+# (tokens, in features, out features): the testbed's largest linear layers and FLUX.1's (3072 wide)
+MATMUL_SHAPES = {"testbed": (1024, 256, 1024), "flux_qkv": (4096, 3072, 3072), "flux_mlp": (4096, 3072, 12288)}
+
+
+def throughput(fn, x: torch.Tensor, repeats: int) -> float:
+    """Elements per second of ``fn(x)`` (median of ``repeats`` calls)."""
+    fn(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return x.numel() / statistics.median(times)
+
+
+def fake_quant_paths(elements: int, repeats: int) -> None:
+    """FP8 cast and FP4 ladder fast paths vs the generic ExMy formula (bit-exact, checked)."""
+    x = torch.randn(elements) * 3
+    print(f"{'fake-quant path':<26}{'Melem/s':>10}{'generic':>10}{'speed-up':>10}")
+    for name, fmt in (("fp8 e4m3 cast", FPFormat(4, 3)), ("fp8 e5m2 cast", FPFormat(5, 2)),
+                      ("fp4 e2m1 ladder", FPFormat(2, 1))):
+        assert torch.equal(fmt.round(x), fmt.round_generic(x)), name
+        fast, generic = throughput(fmt.round, x, repeats), throughput(fmt.round_generic, x, repeats)
+        print(f"{name:<26}{fast / 1e6:>10.1f}{generic / 1e6:>10.1f}{fast / generic:>10.2f}")
+
+
+def scaled_mm_paths(repeats: int) -> None:
+    """A real FP8 matmul (per-tensor scales, bf16 out) vs bf16, on CUDA."""
+    if not torch.cuda.is_available():
+        print("fp8 matmul (torch._scaled_mm): skipped, no CUDA device")
+        return
+    dev = torch.device("cuda")
+    print(f"{'fp8 matmul':<26}{'bf16 ms':>10}{'fp8 ms':>10}{'speed-up':>10}")
+    for name, (m, k, n) in MATMUL_SHAPES.items():
+        a, w = torch.randn(m, k, device=dev), torch.randn(n, k, device=dev)
+        sa, sw = a.abs().amax() / 448, w.abs().amax() / 448
+        a8, w8 = (a / sa).to(torch.float8_e4m3fn), (w / sw).to(torch.float8_e4m3fn)
+        a16, w16 = a.bfloat16(), w.bfloat16()
+
+        def timed(fn) -> float:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / repeats
+
+        bf16 = timed(lambda: a16 @ w16.t())
+        fp8 = timed(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa.float(), scale_b=sw.float(), out_dtype=torch.bfloat16))
+        print(f"{name + f' {m}x{k}x{n}':<26}{bf16 * 1e3:>10.3f}{fp8 * 1e3:>10.3f}{bf16 / fp8:>10.2f}")
 
 
 @torch.no_grad()
@@ -45,7 +106,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--elements", type=int, default=2**22, help="tensor size of the fake-quant throughput runs")
     args = parser.parse_args()
+    fake_quant_paths(args.elements, args.repeats)
+    scaled_mm_paths(args.repeats)
     register_configs()
     with initialize_config_module("diffq.conf", version_base="1.3"):
         cfg = compose("config", overrides=args.overrides)
@@ -66,8 +130,8 @@ def main() -> None:
     print(f"{'config':<14}{'step ms':>9}{'ratio':>8}{'target':>8}{'calib s':>9}")
     for name, target in TARGETS.items():
         with initialize_config_module("diffq.conf", version_base="1.3"):
-            qc = compose("config", overrides=[*args.overrides, f"quant={'w8a8' if name == 'w8a16' else name}",
-                                              *(["quant.act.format=none"] if name == "w8a16" else [])]).quant
+            preset, extra = PRESETS.get(name, (name, []))
+            qc = compose("config", overrides=[*args.overrides, f"quant={preset}", *extra]).quant
         model = copy.deepcopy(fp)
         specs = resolve_spec(quantizable_layers(model, cfg.model.family), qc.weight, qc.act,
                              OmegaConf.to_container(qc.rules), ROLES)

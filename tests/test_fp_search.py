@@ -264,3 +264,19 @@ def test_bad_search_settings_and_nan_inputs_stop_early():
     specs = resolve_spec(quantizable_layers(model, "sd"), W4, A8, KEEP_FP, ROLES)
     with pytest.raises(CalibrationError, match="NaN"):
         get_method("fp_search")(model, specs, bad, {"search": SEARCH}, device=CPU, dtype=torch.float32)
+
+
+def test_job_writes_the_searched_layouts_to_spec_and_metrics(compose, tmp_path):
+    from diffq.job import run
+
+    cfg = compose("model=tiny_sd15", "quant=fp_w4a8_rtn", "quant.search.alphas=8", "eval.grid=false", "export=true",
+                  "eval.prompts=[a photo of a red circle]", "calib.num_prompts=2", "calib.num_steps=2", "model.steps=4")
+    m = run(cfg, tmp_path)
+    chosen = m["calib"]["fp_search"]
+    assert sum(chosen["weight_formats"].values()) == m["cost"]["layers_quantized"]
+    spec = (tmp_path / "spec.txt").read_text()
+    for name, count in chosen["weight_formats"].items():
+        assert spec.count(f"{name}/channel") == count
+    assert spec.count("fp8_e") == sum(chosen["act_formats"].values())
+    formats = {s["weight"]["exp"] for s in read_metadata(tmp_path / "model")["specs"] if s["weight"] and not s["skip"]}
+    assert None not in formats  # the export rebuilds the searched layouts
