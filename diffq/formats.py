@@ -207,14 +207,29 @@ class FPFormat(Format):
         return torch.where(negative, -a_up, a_down), torch.where(negative, -a_down, a_up)
 
     def round(self, y: Tensor) -> Tensor:
+        """Nearest grid value, bit-exact with :meth:`round_generic`: a float8 cast for E4M3 / E5M2,
+        else integer rounding of the float32 bit pattern to ``man`` mantissa bits."""
         y = y.float()
         if (self.exp, self.man) == (4, 3):
             return y.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
         if (self.exp, self.man) == (5, 2):
             return y.clamp(-57344.0, 57344.0).to(torch.float8_e5m2).float()
-        if (self.exp, self.man) == (2, 1):
-            return _e2m1_ladder(y)
-        return self.round_generic(y)
+        return self.round_bits(y)
+
+    def round_bits(self, y: Tensor) -> Tensor:
+        """Round float32 ``y`` by its bit pattern: normal values keep ``man`` mantissa bits (ties to
+        even, with M=0 up, as the formula), values below the smallest normal round on the
+        subnormal step."""
+        y = y.float().clamp(-self.maxval, self.maxval)
+        shift = 23 - self.man
+        bits = y.view(torch.int32)
+        r = (bits >> shift) & 1 if self.man else torch.ones_like(bits)
+        r += (1 << (shift - 1)) - 1
+        r += bits
+        r &= ~((1 << shift) - 1)  # carries into the exponent round up to the next binade
+        step = 2.0 ** (1 - self.bias - self.man)
+        subnormal = y.mul(1.0 / step).round_().mul_(step)
+        return r.view(torch.float32).where(y.abs() >= 2.0 ** (1 - self.bias), subnormal)
 
     def to_codes(self, q: Tensor) -> Tensor:
         q = q.float()
@@ -241,21 +256,6 @@ class FPFormat(Format):
         """All finite non-negative representable values, ascending."""
         values = self.from_codes(torch.arange(2 ** (self.exp + self.man), dtype=torch.uint8))
         return values[values <= self.maxval]
-
-
-# E2M1 ladder: |y| <= .25 -> 0, < .75 -> .5, <= 1.25 -> 1, < 1.75 -> 1.5, <= 2.5 -> 2, < 3.5 -> 3,
-# <= 5 -> 4, else 6 (ties to the even neighbour): one compare-and-add per rung.
-_E2M1_RUNGS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5), (2.5, False, 1.0),
-               (3.5, True, 1.0), (5.0, False, 2.0))  # (threshold, tie goes up, step)
-
-
-def _e2m1_ladder(y: Tensor) -> Tensor:
-    """Nearest E2M1 value of ``y`` (saturating at 6), bit-exact with the ExMy formula."""
-    a = y.abs()
-    q = torch.zeros_like(a)
-    for threshold, tie_up, step in _E2M1_RUNGS:
-        q.add_(a >= threshold if tie_up else a > threshold, alpha=step)
-    return q.copysign_(y)
 
 
 _E2M1 = FPFormat(2, 1)

@@ -49,14 +49,28 @@ def throughput(fn, x: torch.Tensor, repeats: int) -> float:
     return x.numel() / statistics.median(times)
 
 
+def e2m1_ladder(y: torch.Tensor) -> torch.Tensor:
+    """E2M1 by the ties-to-even ladder (<=.25 -> 0, <.75 -> .5, ... , else 6): one compare-and-add per rung."""
+    a = y.abs()
+    q = torch.zeros_like(a)
+    for threshold, tie_up, step in ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5),
+                                    (2.5, False, 1.0), (3.5, True, 1.0), (5.0, False, 2.0)):
+        q.add_(a >= threshold if tie_up else a > threshold, alpha=step)
+    return q.copysign_(y)
+
+
 def fake_quant_paths(elements: int, repeats: int) -> None:
-    """FP8 cast and FP4 ladder fast paths vs the generic ExMy formula (bit-exact, checked)."""
+    """FP8 casts, FP bit rounding (what ``FPFormat.round`` ships) and the FP4 ladder vs the generic
+    ExMy formula, each checked bit-exact against it."""
     x = torch.randn(elements) * 3
+    e2m1, e3m4 = FPFormat(2, 1), FPFormat(3, 4)
+    paths = (("fp8 e4m3 cast", FPFormat(4, 3), FPFormat(4, 3).round), ("fp8 e5m2 cast", FPFormat(5, 2), FPFormat(5, 2).round),
+             ("fp8 e3m4 bit rounding", e3m4, e3m4.round), ("fp4 e2m1 bit rounding", e2m1, e2m1.round),
+             ("fp4 e2m1 ladder", e2m1, e2m1_ladder))
     print(f"{'fake-quant path':<26}{'Melem/s':>10}{'generic':>10}{'speed-up':>10}")
-    for name, fmt in (("fp8 e4m3 cast", FPFormat(4, 3)), ("fp8 e5m2 cast", FPFormat(5, 2)),
-                      ("fp4 e2m1 ladder", FPFormat(2, 1))):
-        assert torch.equal(fmt.round(x), fmt.round_generic(x)), name
-        fast, generic = throughput(fmt.round, x, repeats), throughput(fmt.round_generic, x, repeats)
+    for name, fmt, fn in paths:
+        assert torch.equal(fn(x), fmt.round_generic(x)), name
+        fast, generic = throughput(fn, x, repeats), throughput(fmt.round_generic, x, repeats)
         print(f"{name:<26}{fast / 1e6:>10.1f}{generic / 1e6:>10.1f}{fast / generic:>10.2f}")
 
 

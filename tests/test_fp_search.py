@@ -72,6 +72,10 @@ def test_every_searched_layout_has_its_exact_grid(layout):
     else:
         assert torch.equal(fmt.round(mids), torch.cat([grid[:1], grid[2:]]))
     assert torch.equal(fmt.round(torch.tensor([1e9, -1e9])), torch.tensor([fmt.maxval, -fmt.maxval]))
+    x = torch.cat([torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.arange(-4, 4).repeat(2500),
+                   mids, -mids, grid, -grid, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    fast, ref = fmt.round_bits(x), fmt.round_generic(x)  # the fast path is the formula, bit for bit
+    assert torch.equal(fast, ref) and torch.equal(fast.signbit(), ref.signbit())
     if layout in ((4, 3), (5, 2)):
         dtype = torch.float8_e4m3fn if layout == (4, 3) else torch.float8_e5m2
         every = torch.arange(256, dtype=torch.uint8).view(dtype).float()
