@@ -113,6 +113,24 @@ def test_reconstruction_lowers_every_unit_output_error(mode, family):
         assert torch.equal(m.weight_quantizer(m.weight_fq), m.weight_fq)
 
 
+def test_a_unit_learned_worse_than_rtn_keeps_its_rtn_weights(monkeypatch):
+    _, model, _, calib = quantized_copy("sd", weight=W4, act=A8)
+    rtn = {n: m.weight_fq.clone() for n, m in model.named_modules() if is_quant_layer(m) and m.weight_quantizer is not None}
+
+    def scramble(unit, *args, **kwargs):  # a rounding that lands on the opposite neighbour of RTN
+        for r in unit.roundings.values():
+            with torch.no_grad():
+                r.V.copy_(-r.V.sign())
+        return 0.0
+
+    monkeypatch.setattr(recon_module, "_optimise", scramble)
+    stats = reconstruct(model, calib, QUICK, "block", device=torch.device("cpu"), dtype=torch.float32)
+    assert all(v["kept"] == "rtn" and v["recon"] > v["rtn"] for v in stats["recon_loss"].values())
+    for n, m in model.named_modules():
+        if n in rtn:
+            assert not m.learned_rounding and torch.equal(m.weight_fq, rtn[n])
+
+
 def test_nan_during_reconstruction_names_the_unit_and_keeps_finished_units(monkeypatch):
     _, model, _, calib = quantized_copy("sd", weight=W4, act=A8)
     calls = {"n": 0}

@@ -16,7 +16,9 @@ over the calibration set:
   (cosine-annealed lrs) on ``block MSE + fine_grained_weight * sum of the inner layers' MSE``,
   the rounding regulariser only with ``fbr_regularizer``; hard rounding after.
 
-Each calibration call (a sampler step's batch, CFG branches included) is one training item.
+Each calibration call (a sampler step's batch, CFG branches included) is one training item. A
+unit whose learned state reproduces its FP output worse than its RTN start (on the calibration
+items) goes back to RTN, so reconstruction never ships a unit that it made worse.
 """
 from __future__ import annotations
 
@@ -142,6 +144,7 @@ class _Unit:
             parts = [p for q in inputs for p in (q.parts if isinstance(q, SplitQuantizer) else [q])]
             self.acts = [q for q in parts if not q.dynamic and q.scale.numel()]
         self._saved_scales = [q.scale.detach().clone() for q in self.acts]
+        self._saved_weights = {n: self.layers[n].weight_fq for n in self.roundings}
 
     def rounding_params(self) -> list[nn.Parameter]:
         return [r.V for r in self.roundings.values()]
@@ -169,9 +172,12 @@ class _Unit:
             q.scale.requires_grad_(False)
 
     def revert(self) -> None:
-        """Back to the RTN weights and the observed step sizes (after a failure)."""
+        """Back to the RTN weights and the observed step sizes (after a failure, or when the learned
+        unit reproduces its FP output worse than RTN did)."""
         for n in self.roundings:
-            self.layers[n].rounding = None
+            layer = self.layers[n]
+            layer.rounding = None
+            layer.weight_fq, layer.learned_rounding = self._saved_weights[n], False
         with torch.no_grad():
             for q, s in zip(self.acts, self._saved_scales):
                 q.scale.copy_(s)
@@ -268,8 +274,11 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
             _optimise(unit, q_items, fp_items, rc, mode, "act", rng, gen)
         unit.fix_step_sizes()
         after = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))
-        stats["recon_loss"][name] = {"rtn": before, "recon": after}
-        log.info("%s: output MSE %.4g (RTN) -> %.4g", name, before, after)
+        kept = "recon" if after <= before else "rtn"
+        if kept == "rtn":  # never ship a unit that reproduces the FP output worse than its start
+            unit.revert()
+        stats["recon_loss"][name] = {"rtn": before, "recon": after, "kept": kept}
+        log.info("%s: output MSE %.4g (RTN) -> %.4g (%s kept)", name, before, after, kept.upper())
     stats["recon_seconds"] = round(time.perf_counter() - t0, 2)
     return stats
 
