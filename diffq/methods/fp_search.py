@@ -280,6 +280,42 @@ def _input_sizes(model: nn.Module, layers: Mapping[str, nn.Module], sample: Cali
     return sizes
 
 
+def _plan(layers: Mapping[str, nn.Module], by_name: Mapping[str, LayerSpec], search: Mapping[str, Any]) -> dict[str, tuple[bool, bool]]:
+    """Layer name -> (search its weight, search its input) for every layer with something to search."""
+    plan = {}
+    for name, layer in layers.items():
+        s = by_name[name]
+        w = bool(search.get("weight", True)) and _searchable(layer.weight_quantizer, s.weight)
+        a = bool(search.get("act", True)) and _searchable(layer.input_quantizer, s.act)
+        if w or a:
+            plan[name] = (w, a)
+    return plan
+
+
+def _set_weight(layer: nn.Module, spec: LayerSpec, st: _Stats, alphas: Tensor) -> tuple[str, Tensor]:
+    """Search and install the weight layout and scale; (layout name, chosen alpha per channel)."""
+    wq = layer.weight_quantizer
+    fmt, scale, err = search_weight(wq, layer.weight, st.gram if st.unfoldable else None,
+                                    candidate_formats(spec.weight), alphas)
+    wq.fmt, wq.scale = fmt, scale
+    spec.weight = replace(spec.weight, exp=fmt.exp, man=fmt.man)
+    amax = wq._view(layer.weight.detach().float()).abs().amax(wq._reduce, keepdim=True)
+    log.debug("%s weight: %s, output error %.4g", spec.name, fmt.name, err)
+    return fmt.name, (scale * fmt.maxval / amax.clamp_min(_EPS))[amax > 0]
+
+
+def _set_act(layer: nn.Module, spec: LayerSpec, st: _Stats, alphas: Tensor) -> str:
+    """Search and install the input layout (and static scale); the layout name."""
+    aq = layer.input_quantizer
+    fmt, scale, err = search_act(layer, st.inputs, st.amax, candidate_formats(spec.act), alphas)
+    aq.fmt = fmt
+    if scale is not None:
+        aq.scale = scale
+    spec.act = replace(spec.act, exp=fmt.exp, man=fmt.man)
+    log.debug("%s input: %s, output error %.4g", spec.name, fmt.name, err)
+    return fmt.name
+
+
 def apply(
     model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSample], cfg: Any, *,
     device: torch.device, dtype: torch.dtype,
@@ -294,64 +330,41 @@ def apply(
     n_splits = split_shortcuts(model, calib, device, dtype) if cfg.get("split_shortcut") else 0
     calibrate_weights(layers, freeze=False)
     by_name = {s.name: s for s in specs}
-    plan = {}
-    for name, layer in layers.items():
-        s = by_name[name]
-        w = bool(search.get("weight", True)) and _searchable(layer.weight_quantizer, s.weight)
-        a = bool(search.get("act", True)) and _searchable(layer.input_quantizer, s.act)
-        if w or a:
-            plan[name] = (w, a)
-    alphas = alpha_grid({"alpha_min": 0.1, "alpha_max": 1.2, "alphas": 100, **search})
+    plan = _plan(layers, by_name, search)
+    alphas = alpha_grid({"alpha_min": 0.1, "alpha_max": 1.2, "alphas": 100, **search}).to(device)
     n_keep = max(1, int(search.get("act_inputs", 4)))
     keep = set(np.linspace(0, len(calib) - 1, min(n_keep, len(calib))).round().astype(int).tolist())
     sizes = _input_sizes(model, {n: layers[n] for n in plan}, calib[0], device, dtype)
-    missing = [n for n in plan if n not in sizes]
-    for n in missing:  # never called by the denoiser: nothing to score, keep min-max RTN
+    for n in [n for n in plan if n not in sizes]:  # never called by the denoiser: nothing to score
         log.warning("layer %s receives no input in a denoiser call: its FP format is not searched", n)
         del plan[n]
     budget = int(search.get("memory_mb", 2048)) * 2**20
     chunks = _plan_chunks(list(plan), {n: _stat_bytes(layers[n], *plan[n], sizes[n], len(keep)) for n in plan}, budget)
-    chosen = {"weight": Counter(), "act": Counter()}
-    searched_acts = []
-    alpha_sum, alpha_count = 0.0, 0
-    progress = tqdm(total=len(plan), desc="FP format search", unit="layer")
-    for chunk in chunks:
-        stats = _collect(model, layers, {n: plan[n] for n in chunk}, calib, keep, device, dtype)
-        for name in chunk:
-            layer, s, st = layers[name], by_name[name], stats[name]
-            do_weight, do_act = plan[name]
-            if do_weight:
-                wq = layer.weight_quantizer
-                gram = st.gram if st.unfoldable else None
-                fmt, scale, err = search_weight(wq, layer.weight, gram, candidate_formats(s.weight), alphas)
-                wq.fmt, wq.scale = fmt, scale
-                s.weight = replace(s.weight, exp=fmt.exp, man=fmt.man)
-                chosen["weight"][fmt.name] += 1
-                amax = wq._view(layer.weight.detach().float()).abs().amax(wq._reduce, keepdim=True)
-                ratio = (scale * fmt.maxval / amax.clamp_min(_EPS))[amax > 0]
-                alpha_sum, alpha_count = alpha_sum + float(ratio.sum()), alpha_count + ratio.numel()
-                log.debug("%s weight: %s, output error %.4g", name, fmt.name, err)
-            if do_act and st.inputs:
-                aq = layer.input_quantizer
-                fmt, scale, err = search_act(layer, st.inputs, st.amax, candidate_formats(s.act), alphas.to(device))
-                aq.fmt = fmt
-                if scale is not None:
-                    aq.scale = scale
-                s.act = replace(s.act, exp=fmt.exp, man=fmt.man)
-                chosen["act"][fmt.name] += 1
-                searched_acts.append(aq)
-                log.debug("%s input: %s, output error %.4g", name, fmt.name, err)
-            progress.update()
-        del stats
-    progress.close()
+    chosen: dict[str, Counter] = {"weight": Counter(), "act": Counter()}
+    searched_acts, ratios = [], []
+    with tqdm(total=len(plan), desc="FP format search", unit="layer") as progress:
+        for chunk in chunks:
+            stats = _collect(model, layers, {n: plan[n] for n in chunk}, calib, keep, device, dtype)
+            for name in chunk:
+                do_weight, do_act = plan[name]
+                if do_weight:
+                    fmt_name, ratio = _set_weight(layers[name], by_name[name], stats[name], alphas)
+                    chosen["weight"][fmt_name] += 1
+                    ratios.append(ratio.cpu())
+                if do_act and stats[name].inputs:
+                    chosen["act"][_set_act(layers[name], by_name[name], stats[name], alphas)] += 1
+                    searched_acts.append(layers[name].input_quantizer)
+                progress.update()
+            del stats
     for layer in layers.values():
         if layer.weight_quantizer is not None:
             layer.freeze(keep_original=cfg.get("keep_fp_weights", True))
     n_act = calibrate_activations(model, calib, device, dtype, skip=searched_acts)
+    all_ratios = torch.cat(ratios) if ratios else torch.zeros(0)
     summary = {
         "weight_formats": dict(sorted(chosen["weight"].items())),
         "act_formats": dict(sorted(chosen["act"].items())),
-        "mean_weight_alpha": round(alpha_sum / alpha_count, 4) if alpha_count else None,
+        "mean_weight_alpha": round(float(all_ratios.mean()), 4) if all_ratios.numel() else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     log.info("FP format search over %d layers: weights %s, inputs %s (%.1f s)", len(plan),
