@@ -49,7 +49,8 @@ def calibrate_activations(model: nn.Module, calib: Sequence[CalibSample], device
     """Run the denoiser over the calibration set while static activation observers (all but
     ``skip``) record. Returns the number of quantizers calibrated.
     """
-    quantizers = [q for q in static_act_quantizers(model) if not any(q is s for s in skip)]
+    skipped = {id(q) for q in skip}
+    quantizers = [q for q in static_act_quantizers(model) if id(q) not in skipped]
     if not quantizers:
         return 0
     for q in quantizers:
