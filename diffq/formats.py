@@ -208,7 +208,7 @@ class FPFormat(Format):
 
     def round(self, y: Tensor) -> Tensor:
         """Nearest grid value, bit-exact with :meth:`round_generic`: a float8 cast for E4M3 / E5M2,
-        else integer rounding of the float32 bit pattern to ``man`` mantissa bits."""
+        else :meth:`round_bits`."""
         y = y.float()
         if (self.exp, self.man) == (4, 3):
             return y.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
@@ -217,19 +217,17 @@ class FPFormat(Format):
         return self.round_bits(y)
 
     def round_bits(self, y: Tensor) -> Tensor:
-        """Round float32 ``y`` by its bit pattern: normal values keep ``man`` mantissa bits (ties to
-        even, with M=0 up, as the formula), values below the smallest normal round on the
-        subnormal step."""
+        """Round float32 ``y`` with one float32 addition: ``c = 1.5 * 2^(e + 23 - man)`` built from
+        each value's exponent bits ``e`` (floored at the smallest normal exponent, which gives the
+        subnormal step) has an ulp equal to the value's grid step, so ``(y + c) - c`` is ``y``
+        rounded to the grid, ties to even as the formula (M=0: up). ``copysign`` keeps -0."""
         y = y.float().clamp(-self.maxval, self.maxval)
-        shift = 23 - self.man
-        bits = y.view(torch.int32)
-        r = (bits >> shift) & 1 if self.man else torch.ones_like(bits)
-        r += (1 << (shift - 1)) - 1
-        r += bits
-        r &= ~((1 << shift) - 1)  # carries into the exponent round up to the next binade
-        step = 2.0 ** (1 - self.bias - self.man)
-        subnormal = y.mul(1.0 / step).round_().mul_(step)
-        return r.view(torch.float32).where(y.abs() >= 2.0 ** (1 - self.bias), subnormal)
+        c = y.view(torch.int32) & 0x7F800000
+        c.clamp_min_((128 - self.bias) << 23)
+        c += (23 - self.man) << 23
+        c |= 0x00400000
+        c = c.view(torch.float32)
+        return (y + c).sub_(c).copysign_(y)
 
     def to_codes(self, q: Tensor) -> Tensor:
         q = q.float()

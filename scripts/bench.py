@@ -60,12 +60,12 @@ def e2m1_ladder(y: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_paths(elements: int, repeats: int) -> None:
-    """FP8 casts, FP bit rounding (what ``FPFormat.round`` ships) and the FP4 ladder vs the generic
+    """FP8 casts, the magic-number rounding (what ``FPFormat.round`` ships for other layouts) and the FP4 ladder vs the generic
     ExMy formula, each checked bit-exact against it."""
     x = torch.randn(elements) * 3
     e2m1, e3m4 = FPFormat(2, 1), FPFormat(3, 4)
     paths = (("fp8 e4m3 cast", FPFormat(4, 3), FPFormat(4, 3).round), ("fp8 e5m2 cast", FPFormat(5, 2), FPFormat(5, 2).round),
-             ("fp8 e3m4 bit rounding", e3m4, e3m4.round), ("fp4 e2m1 bit rounding", e2m1, e2m1.round),
+             ("fp8 e3m4 magic add", e3m4, e3m4.round), ("fp4 e2m1 magic add", e2m1, e2m1.round),
              ("fp4 e2m1 ladder", e2m1, e2m1_ladder))
     print(f"{'fake-quant path':<26}{'Melem/s':>10}{'generic':>10}{'speed-up':>10}")
     for name, fmt, fn in paths:
