@@ -11,7 +11,10 @@ from diffq.testbed.evaluate import chance, geneval_images, geneval_shapes
 from diffq.testbed.prompts import TASKS, evaluation_metadata
 
 PER_TASK = 6  # prompts per task (single_object has 2)
-GENERATORS = {"unet_pipeline": ("StableDiffusionPipeline", "sd", 3.0, {})}  # shipped generators
+GENERATORS = {  # shipped generators: pipeline class, family, guidance, call kwargs
+    "unet_pipeline": ("StableDiffusionPipeline", "sd", 3.0, {}),
+    "flux_pipeline": ("FluxPipeline", "flux", 1.0, {"max_sequence_length": 16, "true_cfg_scale": 4.0, "negative_prompt": ""}),
+}
 
 
 def _subset() -> list[dict]:
