@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
+from diffq.config import SearchConfig
 from diffq.errors import CalibrationError, ConfigError
 from diffq.formats import FPFormat
 from diffq.methods.common import calibrate_activations, calibrate_weights, fp_mode, prepare, split_shortcuts
@@ -94,7 +95,6 @@ class _Stats:
     unfoldable: bool = True
     inputs: list[Tensor] = field(default_factory=list)  # a few whole inputs (activations)
     amax: Tensor | None = None  # static activation range, shaped like the quantizer's scale
-    calls: int = 0
 
 
 def _collect(model: nn.Module, layers: Mapping[str, nn.Module], plan: Mapping[str, tuple[bool, bool]],
@@ -109,7 +109,6 @@ def _collect(model: nn.Module, layers: Mapping[str, nn.Module], plan: Mapping[st
         def run(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
             st = stats[name]
-            st.calls += 1
             if weight:
                 rows = _patch_rows(module, x)
                 if rows is None:
@@ -285,8 +284,8 @@ def _plan(layers: Mapping[str, nn.Module], by_name: Mapping[str, LayerSpec], sea
     plan = {}
     for name, layer in layers.items():
         s = by_name[name]
-        w = bool(search.get("weight", True)) and _searchable(layer.weight_quantizer, s.weight)
-        a = bool(search.get("act", True)) and _searchable(layer.input_quantizer, s.act)
+        w = bool(search["weight"]) and _searchable(layer.weight_quantizer, s.weight)
+        a = bool(search["act"]) and _searchable(layer.input_quantizer, s.act)
         if w or a:
             plan[name] = (w, a)
     return plan
@@ -322,7 +321,7 @@ def apply(
 ) -> dict[str, Any]:
     """Quantize ``model`` in place like RTN, with every open FP layout and clipping searched per layer
     (``cfg["search"]``); the chosen layouts are written into ``specs``."""
-    search = cfg.get("search") or {}
+    search = {**asdict(SearchConfig()), **(cfg.get("search") or {})}  # unset keys: the schema defaults
     if not calib:
         raise CalibrationError("the FP format search needs calibration samples: raise calib.num_prompts / calib.num_steps")
     t0 = time.perf_counter()
@@ -331,14 +330,14 @@ def apply(
     calibrate_weights(layers, freeze=False)
     by_name = {s.name: s for s in specs}
     plan = _plan(layers, by_name, search)
-    alphas = alpha_grid({"alpha_min": 0.1, "alpha_max": 1.2, "alphas": 100, **search}).to(device)
-    n_keep = max(1, int(search.get("act_inputs", 4)))
+    alphas = alpha_grid(search).to(device)
+    n_keep = max(1, int(search["act_inputs"]))
     keep = set(np.linspace(0, len(calib) - 1, min(n_keep, len(calib))).round().astype(int).tolist())
     sizes = _input_sizes(model, {n: layers[n] for n in plan}, calib[0], device, dtype)
     for n in [n for n in plan if n not in sizes]:  # never called by the denoiser: nothing to score
         log.warning("layer %s receives no input in a denoiser call: its FP format is not searched", n)
         del plan[n]
-    budget = int(search.get("memory_mb", 2048)) * 2**20
+    budget = int(search["memory_mb"]) * 2**20
     chunks = _plan_chunks(list(plan), {n: _stat_bytes(layers[n], *plan[n], sizes[n], len(keep)) for n in plan}, budget)
     chosen: dict[str, Counter] = {"weight": Counter(), "act": Counter()}
     searched_acts, ratios = [], []
