@@ -23,8 +23,7 @@ from diffq.eval.samples import (SampleFolder, Shard, current_shard, generate_sam
                                 wait_for_everyone)
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
 from diffq.export import export_quantized, load_quantized, read_metadata
-from diffq.methods import get_method
-from diffq.methods.reconstruct import MODES as RECON_MODES
+from diffq.methods import get_method, get_recon_mode
 from diffq.methods.reconstruct import reconstruct
 from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds, unknown_words
 from diffq.roles import ROLES, assign_roles
@@ -50,8 +49,7 @@ def check_recon(cfg: DictConfig) -> None:
     q = cfg.quant
     if q.recon == "none":
         return
-    if q.recon not in RECON_MODES:
-        raise ConfigError(f"unknown quant.recon {q.recon!r}: use none or one of {', '.join(RECON_MODES)}")
+    get_recon_mode(q.recon)
     if cfg.load:
         raise ConfigError("quant.recon applies when quantizing, not to a loaded export: drop load= or quant.recon")
     if not q.keep_fp_weights:

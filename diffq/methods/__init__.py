@@ -1,16 +1,25 @@
-"""Quantization methods; each exposes ``apply(model, specs, calib, cfg, *, device, dtype)``."""
+"""Quantization methods and reconstruction modes, each registered by its own module.
+
+A method is ``apply(model, specs, calib, cfg, *, device, dtype) -> stats`` registered with
+``@METHODS.register("name")`` (selected by ``quant.method``); a reconstruction mode is a
+:class:`~diffq.methods.reconstruct.ReconMode` registered with ``RECON_MODES`` (``quant.recon``).
+Every module of this package is imported on the first lookup, so a new method is one file.
+"""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
-from diffq.errors import ConfigError
-from diffq.methods import fp_search, rtn
+from diffq.registry import Registry
 
-METHODS: dict[str, Callable] = {"rtn": rtn.apply, "fp_search": fp_search.apply}
+METHODS: Registry[Callable[..., dict[str, Any]]] = Registry("quant.method", package=__name__)
+RECON_MODES: Registry[Any] = Registry("quant.recon", package=__name__)
 
 
-def get_method(name: str) -> Callable:
-    """The ``apply`` function of method ``name``."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown quant.method {name!r}; available: {sorted(METHODS)}")
-    return METHODS[name]
+def get_method(name: str) -> Callable[..., dict[str, Any]]:
+    """The ``apply`` function of method ``name`` (ConfigError listing the registered ones)."""
+    return METHODS.get(name)
+
+
+def get_recon_mode(name: str) -> Any:
+    """The reconstruction mode ``name`` (ConfigError listing the registered ones)."""
+    return RECON_MODES.get(name)

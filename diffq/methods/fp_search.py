@@ -34,6 +34,7 @@ from diffq.calib import CalibSample
 from diffq.config import SearchConfig
 from diffq.errors import CalibrationError, ConfigError
 from diffq.formats import FPFormat
+from diffq.methods import METHODS
 from diffq.methods.common import calibrate_activations, calibrate_weights, fp_mode, prepare, split_shortcuts
 from diffq.quantizer import Quantizer
 from diffq.spec import LayerSpec, TensorQuant
@@ -315,6 +316,7 @@ def _set_act(layer: nn.Module, spec: LayerSpec, st: _Stats, alphas: Tensor) -> s
     return fmt.name
 
 
+@METHODS.register("fp_search")
 def apply(
     model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSample], cfg: Any, *,
     device: torch.device, dtype: torch.dtype,

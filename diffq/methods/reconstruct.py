@@ -38,12 +38,25 @@ from diffq.calib.capture import _map_tensors
 from diffq.errors import CalibrationError, ConfigError
 from diffq.methods.adaround import AdaRound, beta_schedule
 from diffq.methods.blocks import find_blocks, quant_layers
+from diffq.methods import RECON_MODES, get_recon_mode
 from diffq.methods.common import fp_mode
 from diffq.methods.shortcut import SplitQuantizer
 
 log = logging.getLogger(__name__)
 
-MODES = ("layer", "block", "fbr")
+
+
+@dataclass(frozen=True)
+class ReconMode:
+    """How a reconstruction mode cuts the model and trains each unit."""
+
+    granularity: str  # unit kind for diffq.methods.blocks.find_blocks
+    joint: bool  # one loop over rounding and step sizes (EDA-DM) instead of rounding, then step sizes (BRECQ)
+
+
+RECON_MODES.register("layer")(ReconMode("layer", joint=False))
+RECON_MODES.register("block")(ReconMode("block", joint=False))
+RECON_MODES.register("fbr")(ReconMode("block", joint=True))
 
 
 class _Stop(Exception):
@@ -194,10 +207,9 @@ def _check(loss: torch.Tensor, unit: _Unit, step: int) -> None:
         )
 
 
-def _optimise(unit: _Unit, items: Sequence[_Item], fp_items: Sequence[_Item], rc: Mapping[str, Any], mode: str,
+def _optimise(unit: _Unit, items: Sequence[_Item], fp_items: Sequence[_Item], rc: Mapping[str, Any], joint: bool,
               stage: str, rng: np.random.Generator, gen: torch.Generator) -> float:
     """One optimisation loop over ``items``; returns the final loss (mean of the last 10% of steps)."""
-    joint = mode == "fbr"
     if stage == "round":
         iters = rc["iters"]
         groups = [{"params": unit.rounding_params(), "lr": rc["lr"]}]
@@ -245,33 +257,31 @@ def _optimise(unit: _Unit, items: Sequence[_Item], fp_items: Sequence[_Item], rc
 def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str, Any], mode: str, *,
                 device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Reconstruct ``model`` (already RTN-calibrated, FP weights kept) unit by unit; returns stats."""
-    if mode not in MODES:
-        raise ConfigError(f"unknown quant.recon {mode!r}: use none or one of {', '.join(MODES)}")
+    recon_mode = get_recon_mode(mode)
     if not calib:
         raise CalibrationError("reconstruction needs calibration samples: raise calib.num_prompts / calib.num_steps")
     overwritten = [n for n, layer in quant_layers(model).items()
                    if layer.frozen and layer.weight_fq.data_ptr() == layer.weight.data_ptr()]
     if overwritten:
         raise ConfigError("reconstruction needs the FP weights: set quant.keep_fp_weights=true")
-    granularity = "layer" if mode == "layer" else "block"
     with fp_mode(model):
-        units = find_blocks(model, granularity, lambda: model(**calib[0].to(device, dtype), return_dict=False))
+        units = find_blocks(model, recon_mode.granularity, lambda: model(**calib[0].to(device, dtype), return_dict=False))
     rng = np.random.default_rng(rc["seed"])
     gen = torch.Generator().manual_seed(int(rc["seed"]))
     stats: dict[str, Any] = {"recon": mode, "recon_units": len(units), "recon_loss": {}}
     t0 = time.perf_counter()
     for name, module in tqdm(units, desc=f"reconstruct ({mode})", unit="unit"):
-        inner = quant_layers(module) if mode == "fbr" else None
+        inner = quant_layers(module) if recon_mode.joint else None
         with fp_mode(model):
             fp_items = _capture(model, module, calib, device, dtype, inner)
         q_items = _capture(model, module, calib, device, dtype)
         before = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))
-        unit = _Unit(name, module, learn_acts=rc["act_iters"] > 0 or mode == "fbr", scale_aware=rc.get("scale_aware", False))
+        unit = _Unit(name, module, learn_acts=rc["act_iters"] > 0 or recon_mode.joint, scale_aware=rc.get("scale_aware", False))
         module.train(False)
-        _optimise(unit, q_items, fp_items, rc, mode, "round", rng, gen)
+        _optimise(unit, q_items, fp_items, rc, recon_mode.joint, "round", rng, gen)
         unit.harden()
-        if mode != "fbr":  # BRECQ: step sizes after the rounding (fbr learnt them jointly)
-            _optimise(unit, q_items, fp_items, rc, mode, "act", rng, gen)
+        if not recon_mode.joint:  # BRECQ: step sizes after the rounding (fbr learnt them jointly)
+            _optimise(unit, q_items, fp_items, rc, recon_mode.joint, "act", rng, gen)
         unit.fix_step_sizes()
         after = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))
         kept = "recon" if after <= before else "rtn"

@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from diffq.calib import CalibSample
+from diffq.methods import METHODS
 from diffq.methods.common import calibrate_activations, calibrate_weights, prepare, split_shortcuts
 from diffq.spec import LayerSpec
 
 
+@METHODS.register("rtn")
 def apply(
     model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSample], cfg: Any, *,
     device: torch.device, dtype: torch.dtype,
