@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from diffq.tensor_quant import TensorQuant
 from diffq.testbed.assets import asset_path
 
 
@@ -44,31 +45,13 @@ class ModelConfig:
 
 
 @dataclass
-class QuantArgsConfig:
-    """One tensor's quantization: number format, granularity and how its range is found."""
-
-    format: str = "int"  # int | fp | nvfp4 | mxfp4 | ternary | binary | none
-    bits: int = 8  # >= 16 with int/fp means "keep floating point"
-    exp: Optional[int] = None  # fp exponent bits (default from bits: 8->E4M3, 4->E2M1, ...)
-    man: Optional[int] = None  # fp mantissa bits
-    granularity: str = "tensor"  # tensor | channel | token | group:<g> | block
-    symmetric: bool = True
-    observer: str = "minmax"  # minmax | percentile | mse | absmean | absmedian
-    percentile: float = 99.99
-    momentum: Optional[float] = None  # EMA of min/max across calibration batches (None: global)
-    dynamic: bool = False  # compute the range at run time from the tensor itself
-    learnable: bool = False  # LSQ step size (trained by reconstruction methods)
-    bases: int = 2  # binary multi-basis: number of sign bases
-
-
-@dataclass
 class RuleConfig:
     """One rule of the bit-config grammar; rules apply in order and the last match wins."""
 
     roles: List[str] = field(default_factory=list)  # layer roles this rule matches (empty: any)
     names: List[str] = field(default_factory=list)  # globs on module names, or "re:<regex>"
-    weight: Optional[Dict[str, Any]] = None  # partial QuantArgsConfig for weights
-    act: Optional[Dict[str, Any]] = None  # partial QuantArgsConfig for input activations
+    weight: Optional[Dict[str, Any]] = None  # partial TensorQuant for weights
+    act: Optional[Dict[str, Any]] = None  # partial TensorQuant for input activations
     skip: Optional[bool] = None  # true: keep the layer floating point
 
 
@@ -77,9 +60,9 @@ class AttnQuantConfig:
     """Quantizers on attention matmul inputs (q, k, v and the softmax output)."""
 
     enabled: bool = False
-    qkv: QuantArgsConfig = field(default_factory=lambda: QuantArgsConfig(granularity="tensor", symmetric=True))
-    softmax: QuantArgsConfig = field(
-        default_factory=lambda: QuantArgsConfig(granularity="tensor", symmetric=False)
+    qkv: TensorQuant = field(default_factory=lambda: TensorQuant(granularity="tensor", symmetric=True))
+    softmax: TensorQuant = field(
+        default_factory=lambda: TensorQuant(granularity="tensor", symmetric=False)
     )
 
 
@@ -102,9 +85,9 @@ class QuantConfig:
 
     name: str = MISSING
     method: str = "rtn"  # rtn | fp_search (per-layer FP format and clipping search, settings in `search`)
-    weight: QuantArgsConfig = field(default_factory=lambda: QuantArgsConfig(granularity="channel"))
-    act: QuantArgsConfig = field(
-        default_factory=lambda: QuantArgsConfig(format="none", granularity="tensor", symmetric=False)
+    weight: TensorQuant = field(default_factory=lambda: TensorQuant(granularity="channel"))
+    act: TensorQuant = field(
+        default_factory=lambda: TensorQuant(format="none", granularity="tensor", symmetric=False)
     )
     rules: List[RuleConfig] = field(default_factory=list)
     attn: AttnQuantConfig = field(default_factory=AttnQuantConfig)

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import diffusers
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from diffq.errors import CheckpointError
+from diffq.formats import Format
 from diffq.layers import layer_table
-from diffq.methods.common import prepare
-from diffq.methods.shortcut import SplitQuantizer, apply_splits
+from diffq.model_quant import input_splits, prepare
+from diffq.quantizer import Quantizer
+from diffq.registry import Registry
 from diffq.spec import LayerSpec
 
 log = logging.getLogger(__name__)
@@ -54,23 +58,65 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return ((packed.view(-1, 1) >> shifts) & mask).reshape(-1)[:count]
 
 
-def _encode_codes(codes: torch.Tensor, fmt_name: str, storage_bits: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    layout = {"shape": list(codes.shape), "bits": storage_bits, "format": fmt_name}
-    if fmt_name in _FLOAT8:
-        return codes.contiguous().view(_FLOAT8[fmt_name]), {**layout, "storage": "float8"}
-    if storage_bits == 8:
-        return codes.contiguous().view(torch.int8), {**layout, "storage": "int8"}
-    if storage_bits in (1, 2, 4):
-        return pack_bits(codes, storage_bits), {**layout, "storage": "packed"}
-    raise CheckpointError(f"cannot pack {fmt_name} codes of {storage_bits} bits")
+@dataclass(frozen=True)
+class Codec:
+    """How the uint8 codes of a format are stored in the safetensors file and read back."""
+
+    accepts: Callable[[Format], bool]
+    encode: Callable[[Tensor, Format], Tensor]
+    decode: Callable[[Tensor, Mapping[str, Any]], Tensor]
 
 
-def _decode_codes(stored: torch.Tensor, layout: Mapping[str, Any]) -> torch.Tensor:
-    shape = layout["shape"]
-    if layout["storage"] in ("float8", "int8"):
-        return stored.view(torch.uint8).reshape(shape)
-    count = int(torch.Size(shape).numel())
-    return unpack_bits(stored, int(layout["bits"]), count).reshape(shape)
+CODECS: Registry[Codec] = Registry("export codec")  # the first codec accepting a format stores it
+CODECS.register("float8")(Codec(
+    accepts=lambda fmt: fmt.name in _FLOAT8,
+    encode=lambda codes, fmt: codes.contiguous().view(_FLOAT8[fmt.name]),
+    decode=lambda stored, layout: stored.view(torch.uint8).reshape(layout["shape"]),
+))
+CODECS.register("int8")(Codec(
+    accepts=lambda fmt: fmt.storage_bits == 8,
+    encode=lambda codes, fmt: codes.contiguous().view(torch.int8),
+    decode=lambda stored, layout: stored.view(torch.uint8).reshape(layout["shape"]),
+))
+CODECS.register("packed")(Codec(
+    accepts=lambda fmt: fmt.storage_bits in (1, 2, 4),
+    encode=lambda codes, fmt: pack_bits(codes, fmt.storage_bits),
+    decode=lambda stored, layout: unpack_bits(stored, int(layout["bits"]), math.prod(layout["shape"])).reshape(
+        layout["shape"]),
+))
+
+
+@torch.no_grad()
+def encode_tensor(q: Quantizer, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """uint8 codes ``[rows, features]`` of ``x`` under ``q`` and the params (incl. ``shape``) that
+    :func:`decode_tensor` needs."""
+    v = q.view(x)
+    params = {k: t.detach().clone() for k, t in q.qparams(v).items()}
+    codes = q.fmt.encode(v, params)
+    params["shape"] = torch.tensor(x.shape, dtype=torch.int64)
+    return codes, params
+
+
+@torch.no_grad()
+def decode_tensor(q: Quantizer, codes: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+    """float32 tensor of the original shape, equal to ``q(x)`` for float32 ``x``."""
+    shape = tuple(int(s) for s in params["shape"])
+    values = {k: v for k, v in params.items() if k != "shape"}
+    return q.unview(q.fmt.decode(codes, values, q.layout.grouped_shape(shape)), shape)
+
+
+def _encode_codes(codes: Tensor, fmt: Format) -> tuple[Tensor, dict[str, Any]]:
+    layout = {"shape": list(codes.shape), "bits": fmt.storage_bits, "format": fmt.name}
+    for name in CODECS.names():
+        codec = CODECS.get(name)
+        if codec.accepts(fmt):
+            return codec.encode(codes, fmt), {**layout, "storage": name}
+    raise CheckpointError(f"no export codec stores {fmt.name} codes of {fmt.storage_bits} bits; "
+                          f"registered codecs: {', '.join(CODECS.names())}")
+
+
+def _decode_codes(stored: Tensor, layout: Mapping[str, Any]) -> Tensor:
+    return CODECS.get(layout["storage"]).decode(stored, layout)
 
 
 def _json_config(model: nn.Module) -> dict[str, Any]:
@@ -91,8 +137,8 @@ def export_quantized(
         if wq is None:
             continue
         source = layer.weight_fq if layer.learned_rounding else layer.weight  # grid values re-quantize to themselves
-        codes, params = wq.quantize_codes(source.detach())
-        stored, layout = _encode_codes(codes, wq.fmt.name, wq.fmt.storage_bits)
+        codes, params = encode_tensor(wq, source.detach())
+        stored, layout = _encode_codes(codes, wq.fmt)
         tensors[f"{name}.weight.codes"] = stored
         layout["params"] = sorted(params)
         layout["weight_shape"] = list(layer.weight.shape)
@@ -112,8 +158,7 @@ def export_quantized(
         "specs": [s.to_dict() for s in specs],
         "attn": None if attn is None else json.loads(json.dumps(attn, default=str)),
         "packed": packed,
-        "splits": {n: layer.input_quantizer.k for n, layer in layers.items()
-                   if isinstance(layer.input_quantizer, SplitQuantizer)},
+        "splits": input_splits(model),
         "extra": dict(extra or {}),
     }
     folder = Path(folder)
@@ -139,7 +184,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} has no diffq metadata: it was not written by diffq's export")
     meta = json.loads(raw)
     if meta.get("format") != FORMAT_TAG or meta.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is a {meta.get('format')} v{meta.get('version')} file; expected {FORMAT_TAG} v{FORMAT_VERSION}")
+        raise CheckpointError(f"{path} is a {meta.get('format')} v{meta.get('version')} file; expected {FORMAT_TAG} "
+                              f"v{FORMAT_VERSION}: re-export it with this diffq version (export=true)")
+    for spec in meta["specs"]:  # files written before `bits` counted a binary format's bases
+        for tq in (spec["weight"], spec["act"]):
+            if tq is not None and "bases" in tq:
+                bases = tq.pop("bases")
+                tq["bits"] = bases if tq["format"] == "binary" else tq["bits"]
     return meta
 
 
@@ -189,8 +240,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     else:
         _check_matches(model, meta)
     specs = [LayerSpec.from_dict(d) for d in meta["specs"]]
-    prepare(model, specs, meta["attn"])
-    apply_splits(model, meta.get("splits", {}))
+    prepare(model, specs, meta["attn"], meta.get("splits", {}))
     try:
         with safe_open(str(file), framework="pt") as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}
@@ -203,7 +253,7 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         codes = _decode_codes(stored.pop(f"{name}.weight.codes"), layout)
         params = {k: stored.pop(f"{name}.weight.params.{k}") for k in layout["params"]}
         layer = layers[name]
-        w = layer.weight_quantizer.dequantize_codes(codes, params).reshape(layout["weight_shape"])
+        w = decode_tensor(layer.weight_quantizer, codes, params).reshape(layout["weight_shape"])
         w = w.to(getattr(torch, layout["weight_dtype"]))
         layer.weight.data = w
         layer.weight_fq = layer.weight.data

@@ -41,13 +41,13 @@ class Registry(Generic[T]):
         """The entry ``name``; ConfigError listing what is registered otherwise."""
         self._load()
         if name not in self._items:
-            raise ConfigError(f"unknown {self.what} {name!r}; registered: {', '.join(sorted(self._items))}")
+            raise ConfigError(f"unknown {self.what} {name!r}; registered: {', '.join(self._items)}")
         return self._items[name]
 
     def names(self) -> list[str]:
-        """Registered names, sorted."""
+        """Registered names, in registration order."""
         self._load()
-        return sorted(self._items)
+        return list(self._items)
 
     def __contains__(self, name: object) -> bool:
         self._load()

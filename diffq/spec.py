@@ -9,93 +9,16 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from torch import nn
 
-from diffq.config import QuantArgsConfig
 from diffq.errors import ConfigError
-from diffq.formats import Format, IntFormat, make_format
-from diffq.quantizer import Quantizer
+from diffq.layout import Granularity
+from diffq.tensor_quant import TensorQuant
 
 log = logging.getLogger(__name__)
-
-_ARG_FIELDS = {f.name for f in fields(QuantArgsConfig)}
-
-
-@dataclass(frozen=True)
-class TensorQuant:
-    """Fully resolved quantization of one tensor (a weight or an input activation)."""
-
-    format: str = "int"
-    bits: int = 8
-    exp: int | None = None
-    man: int | None = None
-    granularity: str = "tensor"
-    symmetric: bool = True
-    observer: str = "minmax"
-    percentile: float = 99.99
-    momentum: float | None = None
-    dynamic: bool = False
-    learnable: bool = False
-    bases: int = 2
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], where: str) -> "TensorQuant":
-        """Build from a (possibly OmegaConf) mapping, rejecting unknown keys."""
-        unknown = set(values) - _ARG_FIELDS
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown quantization key(s) {sorted(unknown)}; valid keys are {sorted(_ARG_FIELDS)}"
-            )
-        return cls(**{k: values[k] for k in values})
-
-    def merged(self, partial: Mapping[str, Any] | None, where: str) -> "TensorQuant":
-        """A copy with the keys of ``partial`` overriding this one's."""
-        if not partial:
-            return self
-        unknown = set(partial) - _ARG_FIELDS
-        if unknown:
-            raise ConfigError(
-                f"{where}: unknown quantization key(s) {sorted(unknown)}; valid keys are {sorted(_ARG_FIELDS)}"
-            )
-        return replace(self, **dict(partial))
-
-    def build_format(self) -> Format | None:
-        """The number format, or None when this tensor stays floating point."""
-        return make_format(
-            self.format, self.bits, exp=self.exp, man=self.man, symmetric=self.symmetric, bases=self.bases
-        )
-
-    def build_quantizer(self, kind: str, feature_axis: int = -1, name: str = "") -> Quantizer | None:
-        """A Quantizer module for this tensor, or None when it stays floating point."""
-        fmt = self.build_format()
-        if fmt is None:
-            return None
-        q = Quantizer(
-            fmt,
-            kind=kind,
-            granularity=self.granularity,
-            symmetric=self.symmetric,
-            observer=self.observer,
-            percentile=self.percentile,
-            momentum=self.momentum,
-            dynamic=self.dynamic,
-            feature_axis=feature_axis,
-            learnable=self.learnable,
-        )
-        q.name = name
-        return q
-
-    def describe(self) -> str:
-        """Short human label, e.g. ``int8/channel/sym`` or ``fp8_e4m3/tensor``."""
-        fmt = self.build_format()
-        if fmt is None:
-            return "fp"
-        sym = ("/sym" if self.symmetric else "/asym") if isinstance(fmt, IntFormat) else ""
-        dyn = "/dyn" if self.dynamic else ""
-        return f"{fmt.name}/{self.granularity}{sym}{dyn}"
 
 
 @dataclass(frozen=True)
@@ -148,8 +71,8 @@ class LayerSpec:
             "name": self.name,
             "role": self.role,
             "kind": self.kind,
-            "weight": None if self.weight is None else asdict(self.weight),
-            "act": None if self.act is None else asdict(self.act),
+            "weight": None if self.weight is None else self.weight.to_dict(),
+            "act": None if self.act is None else self.act.to_dict(),
             "skip": self.skip,
             "params": self.params,
             "rules": self.rules,
@@ -162,8 +85,8 @@ class LayerSpec:
             name=d["name"],
             role=d["role"],
             kind=d["kind"],
-            weight=None if d["weight"] is None else TensorQuant(**d["weight"]),
-            act=None if d["act"] is None else TensorQuant(**d["act"]),
+            weight=None if d["weight"] is None else TensorQuant.from_mapping(d["weight"], f"{d['name']}.weight"),
+            act=None if d["act"] is None else TensorQuant.from_mapping(d["act"], f"{d['name']}.act"),
             skip=bool(d["skip"]),
             params=int(d.get("params", 0)),
             rules=list(d.get("rules", [])),
@@ -171,7 +94,8 @@ class LayerSpec:
 
 
 def parse_rules(rules: Iterable[Mapping[str, Any]], valid_roles: Sequence[str]) -> list[Rule]:
-    """Turn config rules into :class:`Rule` objects, checking role names and regexes."""
+    """Turn config rules into :class:`Rule` objects, checking role names, regexes and the types of
+    their ``weight`` / ``act`` settings."""
     parsed = []
     for i, r in enumerate(rules):
         r = dict(r)
@@ -186,59 +110,47 @@ def parse_rules(rules: Iterable[Mapping[str, Any]], valid_roles: Sequence[str]) 
                     re.compile(pattern[3:])
                 except re.error as e:
                     raise ConfigError(f"quant.rules[{i}]: bad regex {pattern!r} ({e}); fix the pattern") from e
-        parsed.append(
-            Rule(index=i, roles=roles, names=names, weight=r.get("weight"), act=r.get("act"), skip=r.get("skip"))
-        )
+        weight = TensorQuant.check_partial(r.get("weight"), f"quant.rules[{i}].weight")
+        act = TensorQuant.check_partial(r.get("act"), f"quant.rules[{i}].act")
+        parsed.append(Rule(index=i, roles=roles, names=names, weight=weight, act=act, skip=r.get("skip")))
     return parsed
 
 
-def _reduction_size(module: nn.Module) -> int:
-    w = module.weight
-    return int(w[0].numel())
-
-
-def _feature_size(module: nn.Module) -> int:
+def _feature_size(module: nn.Module, what: str) -> int:
+    if what == "weight":
+        return int(module.weight[0].numel())
     return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
 
 
-def _check_granularity(tq: TensorQuant, size: int, where: str) -> None:
-    g = tq.granularity
-    if g.startswith("group:"):
-        try:
-            group = int(g.split(":", 1)[1])
-        except ValueError as e:
-            raise ConfigError(f"{where}: bad granularity {g!r}; write group:<size>, e.g. group:64") from e
-        if group <= 0 or size % group:
-            divisors = [d for d in (16, 32, 64, 128) if size % d == 0]
-            raise ConfigError(
-                f"{where}: group size {group} does not divide the {size} channels it groups; "
-                f"pick a divisor of {size} (e.g. {divisors or [size]})"
-            )
-    elif g == "block":
+def check_tensor(tq: TensorQuant, kind: str, size: int, where: str) -> None:
+    """ConfigError when ``tq`` cannot quantize a ``kind`` tensor whose grouped axis has ``size`` elements."""
+    try:
         fmt = tq.build_format()
-        block = getattr(fmt, "block_size", None)
-        if block is None:
-            raise ConfigError(f"{where}: granularity 'block' needs a block format (nvfp4 or mxfp4), got {fmt.name}")
-        if size % block:
-            raise ConfigError(
-                f"{where}: {fmt.name} blocks of {block} do not divide the {size} channels; "
-                "skip this layer with a rule or use another format"
-            )
-    elif g not in ("tensor", "channel", "token"):
-        raise ConfigError(f"{where}: unknown granularity {g!r}; use tensor, channel, token, group:<g> or block")
+        gran = Granularity.parse(tq.granularity)
+        if fmt is not None:
+            fmt.check_usage(kind=kind, granularity=gran.kind, symmetric=tq.symmetric, observer=tq.observer)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if fmt is None:
+        return
+    if gran.kind == "token" and kind == "weight":
+        raise ConfigError(f"{where}: granularity 'token' is for activations; use channel or group:<g>")
+    group = gran.size if gran.kind == "group" else fmt.block_size if gran.kind == "block" else None
+    if group and size % group:
+        divisors = [d for d in (16, 32, 64, 128) if size % d == 0]
+        what = f"{fmt.name} blocks of {group}" if gran.kind == "block" else f"group size {group}"
+        raise ConfigError(
+            f"{where}: {what} does not divide the {size} channels it groups; pick a divisor of {size} "
+            f"(e.g. {divisors or [size]}), skip this layer with a rule or use another format"
+        )
 
 
 def validate_quant_args(weight: Mapping[str, Any], act: Mapping[str, Any]) -> tuple[TensorQuant, TensorQuant]:
     """Check the default weight/activation formats before any model is loaded."""
     wq = TensorQuant.from_mapping(weight, "quant.weight")
     aq = TensorQuant.from_mapping(act, "quant.act")
-    for tq, where in ((wq, "quant.weight"), (aq, "quant.act")):
-        try:
-            tq.build_format()
-        except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from e
-    if wq.granularity == "token":
-        raise ConfigError("quant.weight: granularity 'token' is for activations; use channel or group:<g>")
+    check_tensor(wq, "weight", 0, "quant.weight")
+    check_tensor(aq, "act", 0, "quant.act")
     return wq, aq
 
 
@@ -266,20 +178,17 @@ def resolve_spec(
                 continue
             hits[rule.index] += 1
             matched.append(rule.index)
-            where = f"quant.rules[{rule.index}] on {name}"
-            wq = wq.merged(rule.weight, where)
-            aq = aq.merged(rule.act, where)
+            wq, aq = wq.merged(rule.weight), aq.merged(rule.act)
             if rule.skip is not None:
                 skip = bool(rule.skip)
+        where = f" (rules {matched})" if matched else ""
         w_out = None if wq.build_format() is None else wq
         a_out = None if aq.build_format() is None else aq
         if not skip:
             if w_out is not None:
-                _check_granularity(w_out, _reduction_size(module), f"weight of {name}")
-                if w_out.granularity == "token":
-                    raise ConfigError(f"weight of {name}: granularity 'token' is for activations")
+                check_tensor(w_out, "weight", _feature_size(module, "weight"), f"weight of {name}{where}")
             if a_out is not None:
-                _check_granularity(a_out, _feature_size(module), f"input activation of {name}")
+                check_tensor(a_out, "act", _feature_size(module, "act"), f"input activation of {name}{where}")
         kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
         specs.append(
             LayerSpec(name, role, kind, w_out, a_out, skip, params=int(module.weight.numel()), rules=matched)
@@ -305,8 +214,8 @@ def format_spec_table(specs: Sequence[LayerSpec]) -> str:
             s.role,
             s.kind,
             str(s.params),
-            "fp" if (s.skip or s.weight is None) else s.weight.describe(),
-            "fp" if (s.skip or s.act is None) else s.act.describe(),
+            "float" if (s.skip or s.weight is None) else s.weight.describe(),
+            "float" if (s.skip or s.act is None) else s.act.describe(),
             "yes" if s.skip else "no",
         )
         for s in specs

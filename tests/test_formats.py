@@ -194,16 +194,16 @@ def test_binary_bases() -> None:
     one, two = BinaryFormat(1), BinaryFormat(2)
     s1 = one.init_sigma(w)
     assert torch.allclose(s1[0], w.abs().mean(1))
-    assert torch.equal(one.fake_quant(w, s1), s1[0][:, None] * torch.where(w >= 0, 1.0, -1.0))
+    assert torch.equal(one.binarize(w, s1), s1[0][:, None] * torch.where(w >= 0, 1.0, -1.0))
     s2 = two.init_sigma(w)
     assert torch.equal(s2[0], s1[0])
-    err1 = (one.fake_quant(w, s1) - w).square().mean()
-    err2 = (two.fake_quant(w, s2) - w).square().mean()
+    err1 = (one.binarize(w, s1) - w).square().mean()
+    err2 = (two.binarize(w, s2) - w).square().mean()
     assert err2 < 0.5 * err1
     signs = two.signs(w, s2)
     assert torch.equal(two.from_codes(two.to_codes(signs)), signs)
     assert int(two.to_codes(signs).max()) <= 3
-    assert torch.equal(one.fake_quant(torch.zeros(1, 2), torch.ones(1, 1)), torch.ones(1, 2))  # sign(0) = +1
+    assert torch.equal(one.binarize(torch.zeros(1, 2), torch.ones(1, 1)), torch.ones(1, 2))  # sign(0) = +1
 
 
 def test_binary_clipped_ste() -> None:
@@ -211,7 +211,7 @@ def test_binary_clipped_ste() -> None:
     w = torch.tensor([[-1.5, -1.0, -0.3, 0.0, 0.2, 1.0, 2.0]], requires_grad=True)
     sigma = fmt.init_sigma(w).requires_grad_(True)
     upstream = torch.arange(1.0, 8.0)[None]
-    (fmt.fake_quant(w, sigma) * upstream).sum().backward()
+    (fmt.binarize(w, sigma) * upstream).sum().backward()
     inside = (w.detach().abs() <= 1).float()
     assert torch.equal(w.grad, upstream * inside)
     signs = fmt.signs(w, sigma)
@@ -227,7 +227,7 @@ def test_make_format_and_names() -> None:
         assert make_format("fp", bits) == FPFormat(e, m)
     assert make_format("fp", 8, exp=5, man=2) == FPFormat(5, 2)
     assert make_format("fp", 6, exp=3) == FPFormat(3, 2)
-    assert make_format("binary", 1, bases=2) == BinaryFormat(2)
+    assert make_format("binary", 2) == BinaryFormat(2) and make_format("binary", 1) == BinaryFormat(1)
     assert isinstance(make_format("nvfp4", 4), NVFP4Format) and isinstance(make_format("mxfp4", 4), MXFP4Format)
     names = {
         "int8": IntFormat(8), "uint8": IntFormat(8, signed=False), "int4": IntFormat(4),
@@ -251,7 +251,8 @@ def test_make_format_and_names() -> None:
         (lambda: make_format("nvfp4", 4, symmetric=False), r"asymmetric"),
         (lambda: make_format("fp", 7), r"no default fp layout for bits=7"),
         (lambda: FPFormat(5, 3), r"1\+exp\+man = 9"),
-        (lambda: BinaryFormat(5), r"bases must be in 1\.\.4"),
+        (lambda: BinaryFormat(5), r"bases\) must be in 1\.\.4"),
+        (lambda: make_format("binary", 8), r"binary bits \(= sign bases\) must be in 1\.\.4 \(got 8\)"),
         (lambda: format_from_name("int9"), r"int bits must be in 2\.\.8"),
         (lambda: format_from_name("bf8x"), r"unknown format name 'bf8x'; examples: int8"),
         (lambda: format_from_name("fp4_e4m3"), r"has 8 bits, not 4"),

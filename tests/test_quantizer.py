@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-import diffq.quantizer as quantizer_module
+import diffq.observers as observers_module
 from diffq.errors import CalibrationError, ConfigError
 from diffq.formats import (
     BinaryFormat,
@@ -16,6 +16,8 @@ from diffq.formats import (
     NVFP4Format,
     TernaryFormat,
 )
+from diffq.eval.cost import quantizer_bits
+from diffq.export import decode_tensor, encode_tensor
 from diffq.quantizer import Quantizer
 
 INT8, INT4, UINT8 = IntFormat(8), IntFormat(4), IntFormat(8, signed=False)
@@ -100,7 +102,7 @@ def test_dynamic_per_token() -> None:
     q = act_q(INT8, "token")
     assert q.dynamic
     out = q(x)
-    _, params = q.quantize_codes(x)
+    _, params = encode_tensor(q, x)
     amax = x.reshape(100, 64).abs().amax(1)
     assert torch.allclose(params["scale"].flatten(), amax / 127)
     err = (out - x).abs().amax(-1).flatten()
@@ -113,10 +115,10 @@ def test_dynamic_per_token() -> None:
 def test_dynamic_group_activations_nchw() -> None:
     x = torch.randn(2, 64, 4, 4, generator=gen())
     q = act_q(INT4, "group:16", feature_axis=1)
-    codes, params = q.quantize_codes(x)
+    codes, params = encode_tensor(q, x)
     assert codes.shape == (32, 64) and params["scale"].shape == (32, 4, 1)
-    assert torch.equal(q(x), q.dequantize_codes(codes, params))
-    assert q.bits_per_element() == 4 + 16 / 16
+    assert torch.equal(q(x), decode_tensor(q, codes, params))
+    assert quantizer_bits(q) == 4 + 16 / 16
 
 
 def test_asymmetric_beats_symmetric_on_shifted_data() -> None:
@@ -173,7 +175,7 @@ def test_int_path_equals_torch_fused_kernels_bit_exact() -> None:
     for q, x in fused_vs_generic_cases():
         ours = q(x)
         assert torch.equal(ours, _torch_fake_quant(q, x)), q.extra_repr()
-        assert torch.equal(ours, q.dequantize_codes(*q.quantize_codes(x))), q.extra_repr()
+        assert torch.equal(ours, decode_tensor(q, *encode_tensor(q, x))), q.extra_repr()
         lsq = copy.deepcopy(q)
         lsq.make_learnable()  # LSQ takes the STE path with autograd
         assert torch.equal(lsq(x), ours)
@@ -205,7 +207,7 @@ def test_percentile_clips_outliers(monkeypatch: pytest.MonkeyPatch) -> None:
     asym = act_q(UINT8, "tensor", [x + 3], observer="percentile", percentile=99.0, symmetric=False)
     hi = torch.quantile((x + 3).flatten(), 0.99).item()
     assert asym.scale.item() == pytest.approx(hi / 255, rel=1e-5)
-    monkeypatch.setattr(quantizer_module, "_QUANTILE_MAX", 10_000)  # strided subsample
+    monkeypatch.setattr(observers_module, "QUANTILE_MAX", 10_000)  # strided subsample
     sub = act_q(INT8, "tensor", [x], observer="percentile", percentile=99.9)
     assert sub.scale.item() == pytest.approx(pct.scale.item(), rel=0.1)
 
@@ -283,14 +285,14 @@ def export_cases() -> list[tuple[Quantizer, torch.Tensor]]:
 
 def test_codes_round_trip_equals_forward() -> None:
     for q, x in export_cases():
-        codes, params = q.quantize_codes(x)
+        codes, params = encode_tensor(q, x)
         assert codes.dtype == torch.uint8
         features = x[0].numel() if q.kind == "weight" else x.shape[q.feature_axis]
         assert codes.shape == (x.numel() // features, features)
         assert int(codes.max()) < 2**q.fmt.storage_bits
         out = q(x)
         assert out.shape == x.shape and out.dtype == x.dtype
-        assert torch.equal(q.dequantize_codes(codes, params), out), q.extra_repr()
+        assert torch.equal(decode_tensor(q, codes, params), out), q.extra_repr()
         assert mse(out, x) < 0.6 * x.square().mean().item(), q.extra_repr()
 
 
@@ -314,7 +316,7 @@ def test_binary_quantizer() -> None:
     wp = w.clone().requires_grad_(True)
     q(wp).square().sum().backward()
     assert q.sigma.grad.abs().sum() > 0 and wp.grad.abs().sum() > 0
-    assert q.bits_per_element() == 2 * (1 + 16 / 32)
+    assert quantizer_bits(q) == 2 * (1 + 16 / 32)
     with pytest.raises(ConfigError, match="per output channel"):
         Quantizer(BinaryFormat(2), kind="act", granularity="channel")
 
@@ -358,16 +360,16 @@ def test_enabled_flag_and_repr() -> None:
 
 def test_bits_per_element() -> None:
     w = torch.randn(32, 64, generator=gen())
-    assert weight_q(INT8, w=w).bits_per_element() == 8 + 16 / 64
-    assert weight_q(INT8, "tensor", w=w).bits_per_element() == 8 + 16 / (32 * 64)
-    assert weight_q(INT4, "group:32").bits_per_element() == 4 + 16 / 32
-    assert weight_q(UINT8, w=w, symmetric=False).bits_per_element() == 8 + 24 / 64
-    assert weight_q(NVFP4Format(), "block").bits_per_element() == 4.5
-    assert act_q(MXFP4Format(), "block").bits_per_element() == 4.25
-    assert act_q(INT8, "tensor").bits_per_element() == 8
-    assert act_q(INT8, "token").bits_per_element((2, 10, 64)) == 8 + 16 / 64
+    assert quantizer_bits(weight_q(INT8, w=w)) == 8 + 16 / 64
+    assert quantizer_bits(weight_q(INT8, "tensor", w=w)) == 8 + 16 / (32 * 64)
+    assert quantizer_bits(weight_q(INT4, "group:32")) == 4 + 16 / 32
+    assert quantizer_bits(weight_q(UINT8, w=w, symmetric=False)) == 8 + 24 / 64
+    assert quantizer_bits(weight_q(NVFP4Format(), "block")) == 4.5
+    assert quantizer_bits(act_q(MXFP4Format(), "block")) == 4.25
+    assert quantizer_bits(act_q(INT8, "tensor")) == 8
+    assert quantizer_bits(act_q(INT8, "token"), (2, 10, 64)) == 8 + 16 / 64
     with pytest.raises(CalibrationError, match="needs the tensor shape"):
-        weight_q(INT8).bits_per_element()
+        quantizer_bits(weight_q(INT8))
 
 
 def test_state_dict_loads_into_fresh_quantizer() -> None:

@@ -12,7 +12,8 @@ from diffq.layers import is_quant_layer
 from diffq.methods import reconstruct as recon_module
 from diffq.methods.adaround import AdaRound, beta_schedule
 from diffq.methods.blocks import find_blocks
-from diffq.methods.reconstruct import fp_mode, reconstruct
+from diffq.methods.reconstruct import reconstruct
+from diffq.model_quant import float_mode
 from diffq.quantizer import Quantizer
 from tests.helpers import A8, pipeline_and_calib, quantized_copy
 
@@ -85,7 +86,7 @@ def test_learned_rounding_refuses_formats_without_a_grid():
 ])
 def test_blocks_are_found_in_execution_order(family, expected):
     _, model, _, calib = quantized_copy(family, weight=W4, act=A8)
-    with fp_mode(model):
+    with float_mode(model):
         names = [n for n, _ in find_blocks(model, "block", lambda: model(**calib[0].to("cpu"), return_dict=False))]
     assert names[: len(expected)] == expected and len(names) == len(set(names))
     layers = find_blocks(model, "layer", lambda: model(**calib[0].to("cpu"), return_dict=False))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,16 +25,17 @@ class CalibSample:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, Any]:
         """The kwargs moved to ``device`` (floating tensors cast to ``dtype`` if given)."""
-        return _map_tensors(self.kwargs, lambda t: t.to(device, dtype if (dtype and t.is_floating_point()) else None))
+        return map_tensors(self.kwargs, lambda t: t.to(device, dtype if (dtype and t.is_floating_point()) else None))
 
 
-def _map_tensors(obj: Any, fn) -> Any:
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``obj`` with every tensor inside (dicts, lists, tuples) replaced by ``fn(tensor)``."""
     if torch.is_tensor(obj):
         return fn(obj)
     if isinstance(obj, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
 
 
@@ -73,7 +74,8 @@ class _Recorder:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = self.signature.bind_partial(*args, **kwargs).arguments
         self.calls.append(
-            {k: _map_tensors(v, lambda t: t.detach().to("cpu", copy=True)) for k, v in bound.items() if k != "return_dict"}
+            {k: map_tensors(v, lambda t: t.detach().to("cpu", copy=True))
+             for k, v in bound.items() if k != "return_dict"}
         )
 
 

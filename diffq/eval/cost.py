@@ -1,47 +1,85 @@
-"""Cost accounting: effective bits of weights and activations, model size."""
+"""Cost accounting: bits per element of each quantizer, effective bits of weights and
+activations, model size.
+
+Bits are counted as the export stores them (codes at their packed width, one 16-bit scale per
+scale group, block formats at their own scale width); where a format's information content is
+less than what is stored (ternary: log2(3) in 2 bits; 6-bit FP in 8), the information bits are
+reported beside.
+"""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
 from torch import nn
 
+from diffq.errors import CalibrationError
+from diffq.formats import IntFormat
 from diffq.layers import is_quant_layer
+from diffq.quantizer import Quantizer
 from diffq.spec import LayerSpec
 
 FP_BITS = 16  # floating-point tensors are counted at 16 bits (fp16/bf16 deployment)
 
 
+def quantizer_bits(q: nn.Module, shape: tuple[int, ...] | None = None, stored: bool = True) -> float:
+    """Bits per element of a quantized tensor incl. scale (and zero-point) overhead; static
+    activation scales are free. A split quantizer counts as its first half (both share the format).
+
+    ``shape`` (of the quantized tensor) defaults to the last one the quantizer saw; tensor,
+    channel and token granularities need it.
+    """
+    if not isinstance(q, Quantizer):
+        return quantizer_bits(q.parts[0], shape, stored)
+    fmt = q.fmt
+    if fmt.block_size is not None:
+        return fmt.bits_per_element(stored=stored)
+    if q.kind == "act" and not q.dynamic:
+        return fmt.bits_per_element(None, stored=stored)
+    shape = shape or q.last_shape
+    if shape is None and q.layout.group is None:
+        raise CalibrationError(f"bits_per_element of layer {q.name or '<unnamed>'} needs the tensor shape; pass shape=... or "
+                               "calibrate first")
+    group_size = q.layout.group or q.layout.elements_per_scale(shape)  # type: ignore[arg-type]
+    zero_bits = fmt.bits if isinstance(fmt, IntFormat) and not q.symmetric else 0
+    return fmt.bits_per_element(group_size, zero_bits=zero_bits, stored=stored)
+
+
 def weight_bits(model: nn.Module) -> dict[str, float]:
     """Effective weight bits over the quantizable layers and the model size FP vs quantized.
 
-    Quantized layers count their format's bits per element including scales; every other
-    parameter (FP layers, biases, norms, embeddings) counts FP_BITS.
+    Quantized layers count their format's stored bits per element including scales; every other
+    parameter (FP layers, biases, norms, embeddings) counts FP_BITS. ``information_weight_bits``
+    is added when the formats hold fewer bits of information than they store.
     """
     total_params = sum(p.numel() for p in model.parameters())
-    quant_bits = 0.0
-    quant_params = 0
-    layer_params = 0
-    layer_bits = 0.0
+    counts = {"stored": 0.0, "information": 0.0}
+    quant_params = layer_params = 0
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            n = m.weight.numel()
-            layer_params += n
-            if is_quant_layer(m) and m.weight_quantizer is not None:
-                b = m.weight_quantizer.bits_per_element()
-                quant_params += n
-                quant_bits += b * n
-                layer_bits += b * n
-            else:
-                layer_bits += FP_BITS * n
+        if not isinstance(m, (nn.Linear, nn.Conv2d)):
+            continue
+        n = m.weight.numel()
+        layer_params += n
+        q = m.weight_quantizer if is_quant_layer(m) else None
+        if q is None:
+            for key in counts:
+                counts[key] += FP_BITS * n
+            continue
+        quant_params += n
+        counts["stored"] += quantizer_bits(q, tuple(m.weight.shape)) * n
+        counts["information"] += quantizer_bits(q, tuple(m.weight.shape), stored=False) * n
     fp_bytes = total_params * FP_BITS / 8
-    q_bytes = (quant_bits + (total_params - quant_params) * FP_BITS) / 8
-    return {
-        "effective_weight_bits": layer_bits / max(layer_params, 1),
+    other_bits = (total_params - layer_params) * FP_BITS
+    q_bytes = (counts["stored"] + other_bits) / 8
+    out = {
+        "effective_weight_bits": counts["stored"] / max(layer_params, 1),
         "quantized_weight_fraction": quant_params / max(layer_params, 1),
         "size_fp_mb": fp_bytes / 2**20,
         "size_quant_mb": q_bytes / 2**20,
         "compression": fp_bytes / max(q_bytes, 1),
     }
+    if counts["information"] < counts["stored"]:
+        out["information_weight_bits"] = counts["information"] / max(layer_params, 1)
+    return out
 
 
 def activation_bits(model: nn.Module, act_elems: Mapping[str, int], specs: Sequence[LayerSpec]) -> float:
@@ -52,6 +90,6 @@ def activation_bits(model: nn.Module, act_elems: Mapping[str, int], specs: Seque
         n = act_elems.get(s.name, 0)
         m = modules[s.name]
         q = getattr(m, "input_quantizer", None) if is_quant_layer(m) else None
-        num += n * (q.bits_per_element() if q is not None else FP_BITS)
+        num += n * (quantizer_bits(q) if q is not None else FP_BITS)
         den += n
     return num / den if den else float(FP_BITS)

@@ -34,8 +34,8 @@ class AdaRound(nn.Module):
         self.quantizer = quantizer
         self.shape = tuple(weight.shape)
         with torch.no_grad():
-            v = quantizer._view(weight.detach().float())
-            params = {k: t.detach() for k, t in quantizer._params(v).items()}
+            v = quantizer.view(weight.detach())
+            params = {k: t.detach() for k, t in quantizer.qparams(v).items()}
             y = v * (1.0 / params["scale"])
             down, up = fmt.grid_neighbors(y)
             step = up - down
@@ -71,7 +71,7 @@ class AdaRound(nn.Module):
             q = q if zero is None else q - zero
         else:
             q = grid.clamp(-fmt.maxval, fmt.maxval)
-        return self.quantizer._unview(q * params["scale"], self.shape)
+        return self.quantizer.unview(q * params["scale"], self.shape)
 
     def forward(self, weight: Tensor | None = None) -> Tensor:
         """The soft-rounded fake-quant weight (``weight`` is ignored: the grid neighbours are fixed)."""

@@ -1,31 +1,19 @@
-"""Steps every method shares: attach quantizers, calibrate weights, observe activations."""
+"""Steps every method shares: calibrate weights, observe activations, split shortcut inputs."""
 from __future__ import annotations
 
-import contextlib
 import logging
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
-from diffq.layers import attach_attention_quantizers, attach_quantizers, is_quant_layer, iter_quantizers
-from diffq.methods.shortcut import apply_splits, concat_splits
-from diffq.spec import LayerSpec, TensorQuant
+from diffq.layers import iter_quantizers
+from diffq.methods.shortcut import concat_splits
+from diffq.model_quant import apply_splits, float_mode
 
 log = logging.getLogger(__name__)
-
-
-def prepare(model: nn.Module, specs: Sequence[LayerSpec], attn: Mapping[str, Any] | None) -> dict[str, nn.Module]:
-    """Attach weight/input quantizers (and attention-matmul ones when enabled)."""
-    layers = attach_quantizers(model, specs)
-    if attn and attn.get("enabled"):
-        qkv = TensorQuant.from_mapping(attn["qkv"], "quant.attn.qkv")
-        softmax = TensorQuant.from_mapping(attn["softmax"], "quant.attn.softmax")
-        names = attach_attention_quantizers(model, qkv, softmax if softmax.build_format() else None)
-        log.info("attention matmul quantizers on %d attention modules", len(names))
-    return layers
 
 
 @torch.no_grad()
@@ -64,27 +52,7 @@ def calibrate_activations(model: nn.Module, calib: Sequence[CalibSample], device
 
 def split_shortcuts(model: nn.Module, calib: Sequence[CalibSample], device: torch.device, dtype: torch.dtype) -> int:
     """Q-Diffusion shortcut splitting: one activation range per half of each up-path concatenation."""
-    with fp_mode(model):
+    with float_mode(model):
         splits = concat_splits(model, lambda: model(**calib[0].to(device, dtype), return_dict=False))
     apply_splits(model, splits)
     return len(splits)
-
-
-@contextlib.contextmanager
-def fp_mode(model: nn.Module) -> Iterator[None]:
-    """Everything in floating point: quantized layers use their FP weights and inputs, and every
-    quantizer (attention matmuls included) passes through."""
-    layers = [m for m in model.modules() if is_quant_layer(m)]
-    quantizers = [q for _, q in iter_quantizers(model)]
-    saved = [q.enabled for q in quantizers]
-    for layer in layers:
-        layer.quant_enabled = False
-    for q in quantizers:
-        q.enabled = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.quant_enabled = True
-        for q, e in zip(quantizers, saved):
-            q.enabled = e

@@ -35,7 +35,8 @@ from diffq.config import SearchConfig
 from diffq.errors import CalibrationError, ConfigError
 from diffq.formats import FPFormat
 from diffq.methods import METHODS
-from diffq.methods.common import calibrate_activations, calibrate_weights, fp_mode, prepare, split_shortcuts
+from diffq.methods.common import calibrate_activations, calibrate_weights, split_shortcuts
+from diffq.model_quant import float_mode, prepare
 from diffq.quantizer import Quantizer
 from diffq.spec import LayerSpec, TensorQuant
 
@@ -120,16 +121,15 @@ def _collect(model: nn.Module, layers: Mapping[str, nn.Module], plan: Mapping[st
             if act:
                 q = module.input_quantizer
                 if not q.dynamic:
-                    a = q._view(x).abs().amax(q._reduce, keepdim=True)
+                    a = q.view(x).abs().amax(q.layout.reduce_dims, keepdim=True)
                     st.amax = a if st.amax is None else torch.maximum(st.amax, a)
                 if call[0] in keep:
                     st.inputs.append(x.to(dtype))
-                q._shape = tuple(x.shape)
         return run
 
     hooks = [layers[n].register_forward_pre_hook(hook(n)) for n in plan]
     try:
-        with fp_mode(model), torch.no_grad():
+        with float_mode(model), torch.no_grad():
             for i, sample in enumerate(calib):
                 call[0] = i
                 model(**sample.to(device, dtype), return_dict=False)
@@ -159,8 +159,8 @@ def search_weight(q: Quantizer, weight: Tensor, gram: Tensor | None, formats: Se
     """(layout, scale, output error) minimising ``sum_c dw_c^T gram dw_c`` (``gram=None``: weight MSE)
     over the layouts and, per output channel (one for per-tensor weights), the clipping grid."""
     w = weight.detach().float()
-    v = q._view(w)  # [rows, groups, group size]
-    amax = v.abs().amax(q._reduce, keepdim=True)
+    v = q.view(w)  # [rows, groups, group size]
+    amax = v.abs().amax(q.layout.reduce_dims, keepdim=True)
     w2 = w.reshape(w.shape[0], -1)
     alphas = alphas.to(w.device)
     rows = 1 if q.granularity == "tensor" else w.shape[0]
@@ -229,11 +229,10 @@ def search_act(layer: nn.Module, inputs: Sequence[Tensor], amax: Tensor | None, 
         return err
 
     best: tuple[float, FPFormat, Tensor | None] | None = None
-    saved = q.fmt
     for fmt in formats:
         if q.dynamic:  # the range follows each input: only the layout is searched
-            q.fmt = fmt
-            total = sum(float((_layer_output(layer, q(x), wq) - t).square().sum()) for x, t in zip(inputs, targets))
+            with q.using_format(fmt):
+                total = sum(float((_layer_output(layer, q(x), wq) - t).square().sum()) for x, t in zip(inputs, targets))
             scale = None
         else:
             centre = coarse[int(errors(fmt, coarse).argmin())]
@@ -243,7 +242,6 @@ def search_act(layer: nn.Module, inputs: Sequence[Tensor], amax: Tensor | None, 
             total, scale = float(err[i]), (alphas[fine[i]] * amax / fmt.maxval).clamp_min(_EPS)
         if best is None or total < best[0]:
             best = (total, fmt, scale)
-    q.fmt = saved
     assert best is not None
     return best[1], best[2], best[0]
 
@@ -272,7 +270,7 @@ def _input_sizes(model: nn.Module, layers: Mapping[str, nn.Module], sample: Cali
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: sizes.__setitem__(n, args[0].numel()))
              for n, m in layers.items()]
     try:
-        with fp_mode(model), torch.no_grad():
+        with float_mode(model), torch.no_grad():
             model(**sample.to(device, dtype), return_dict=False)
     finally:
         for h in hooks:
@@ -297,9 +295,10 @@ def _set_weight(layer: nn.Module, spec: LayerSpec, st: _Stats, alphas: Tensor) -
     wq = layer.weight_quantizer
     fmt, scale, err = search_weight(wq, layer.weight, st.gram if st.unfoldable else None,
                                     candidate_formats(spec.weight), alphas)
-    wq.fmt, wq.scale = fmt, scale
+    wq.set_format(fmt)
+    wq.set_params(scale=scale)
     spec.weight = replace(spec.weight, exp=fmt.exp, man=fmt.man)
-    amax = wq._view(layer.weight.detach().float()).abs().amax(wq._reduce, keepdim=True)
+    amax = wq.view(layer.weight.detach()).abs().amax(wq.layout.reduce_dims, keepdim=True)
     log.debug("%s weight: %s, output error %.4g", spec.name, fmt.name, err)
     return fmt.name, (scale * fmt.maxval / amax.clamp_min(_EPS))[amax > 0]
 
@@ -308,9 +307,9 @@ def _set_act(layer: nn.Module, spec: LayerSpec, st: _Stats, alphas: Tensor) -> s
     """Search and install the input layout (and static scale); the layout name."""
     aq = layer.input_quantizer
     fmt, scale, err = search_act(layer, st.inputs, st.amax, candidate_formats(spec.act), alphas)
-    aq.fmt = fmt
+    aq.set_format(fmt)
     if scale is not None:
-        aq.scale = scale
+        aq.set_params(scale=scale)
     spec.act = replace(spec.act, exp=fmt.exp, man=fmt.man)
     log.debug("%s input: %s, output error %.4g", spec.name, fmt.name, err)
     return fmt.name

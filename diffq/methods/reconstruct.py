@@ -34,13 +34,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
-from diffq.calib.capture import _map_tensors
+from diffq.calib.capture import map_tensors
 from diffq.errors import CalibrationError, ConfigError
 from diffq.methods.adaround import AdaRound, beta_schedule
 from diffq.methods.blocks import find_blocks, quant_layers
 from diffq.methods import RECON_MODES, get_recon_mode
-from diffq.methods.common import fp_mode
-from diffq.methods.shortcut import SplitQuantizer
+from diffq.model_quant import SplitQuantizer, float_mode
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def _detach(obj: Any) -> Any:
-    return _map_tensors(obj, lambda t: t.detach())
+    return map_tensors(obj, lambda t: t.detach())
 
 
 def _capture(model: nn.Module, unit: nn.Module, calib: Sequence[CalibSample], device: torch.device,
@@ -264,7 +263,7 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
                    if layer.frozen and layer.weight_fq.data_ptr() == layer.weight.data_ptr()]
     if overwritten:
         raise ConfigError("reconstruction needs the FP weights: set quant.keep_fp_weights=true")
-    with fp_mode(model):
+    with float_mode(model):
         units = find_blocks(model, recon_mode.granularity, lambda: model(**calib[0].to(device, dtype), return_dict=False))
     rng = np.random.default_rng(rc["seed"])
     gen = torch.Generator().manual_seed(int(rc["seed"]))
@@ -272,7 +271,7 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
     t0 = time.perf_counter()
     for name, module in tqdm(units, desc=f"reconstruct ({mode})", unit="unit"):
         inner = quant_layers(module) if recon_mode.joint else None
-        with fp_mode(model):
+        with float_mode(model):
             fp_items = _capture(model, module, calib, device, dtype, inner)
         q_items = _capture(model, module, calib, device, dtype)
         before = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))

@@ -8,7 +8,8 @@ from torch import nn
 
 from diffq.calib import CalibSample
 from diffq.methods import METHODS
-from diffq.methods.common import calibrate_activations, calibrate_weights, prepare, split_shortcuts
+from diffq.methods.common import calibrate_activations, calibrate_weights, split_shortcuts
+from diffq.model_quant import prepare
 from diffq.spec import LayerSpec
 
 

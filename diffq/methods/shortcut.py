@@ -4,17 +4,15 @@ up path's concatenation.
 Each up-block ResNet consumes ``torch.cat([hidden_states, skip], dim=1)``: the upsampled path
 and the skip connection from the down path, whose ranges differ by far. The layers that read
 that concatenation channel for channel (the ResNet's ``conv1``, after its GroupNorm + SiLU, and
-its 1x1 ``conv_shortcut``) get a :class:`SplitQuantizer`: the input quantizer and a copy of it,
+its 1x1 ``conv_shortcut``) get a :class:`~diffq.model_quant.SplitQuantizer`: the input quantizer and a copy of it,
 one for channels ``[:k]`` (hidden path) and one for ``[k:]`` (skip), each with its own range.
 ``k`` comes from the skip tensors the up block receives in one forward pass.
 """
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from diffq.layers import is_quant_layer
@@ -22,45 +20,6 @@ from diffq.methods.blocks import run_with_hooks
 from diffq.quantizer import Quantizer
 
 _UP_BLOCK = re.compile(r"^up_blocks\.\d+$")
-
-
-class SplitQuantizer(nn.Module):
-    """Two quantizers over the feature axis: ``first`` on features ``[:k]``, ``second`` on the rest."""
-
-    kind = "act"
-
-    def __init__(self, first: Quantizer, second: Quantizer, k: int, axis: int = 1):
-        super().__init__()
-        self.parts = nn.ModuleList([first, second])
-        self.k, self.axis = k, axis
-
-    @property
-    def dynamic(self) -> bool:
-        return self.parts[0].dynamic
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.parts[0].needs_calibration
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize each half with its own quantizer."""
-        a, b = x.split([self.k, x.shape[self.axis] - self.k], dim=self.axis)
-        return torch.cat([self.parts[0](a), self.parts[1](b)], dim=self.axis)
-
-    def bits_per_element(self, shape: tuple[int, ...] | None = None) -> float:
-        """Bits per element (both halves share the format)."""
-        return self.parts[0].bits_per_element()
-
-    def extra_repr(self) -> str:
-        return f"split at {self.k}: {self.parts[0].extra_repr()}"
-
-
-def split_input(layer: nn.Module, k: int) -> None:
-    """Give ``layer``'s input quantizer a second copy for its features ``[k:]``."""
-    q = layer.input_quantizer
-    second = copy.deepcopy(q)
-    second.name = f"{q.name}[{k}:]"
-    layer.input_quantizer = SplitQuantizer(q, second, k)
 
 
 def concat_splits(model: nn.Module, run_once: Callable[[], Any]) -> dict[str, int]:
@@ -87,10 +46,3 @@ def concat_splits(model: nn.Module, run_once: Callable[[], Any]) -> dict[str, in
                 if layer is not None and is_quant_layer(layer) and isinstance(layer.input_quantizer, Quantizer):
                     splits[f"{name}.resnets.{i}.{attr}"] = k
     return splits
-
-
-def apply_splits(model: nn.Module, splits: dict[str, int]) -> None:
-    """Split the input quantizers of the named layers (see :func:`concat_splits`)."""
-    modules = dict(model.named_modules())
-    for name, k in splits.items():
-        split_input(modules[name], k)
