@@ -1,4 +1,4 @@
-"""Quantized layers: QuantLinear / QuantConv2d and attention-matmul quantizers.
+"""Quantized layers: QuantLinear / QuantConv2d (attention matmuls: :mod:`diffq.attention`).
 
 Layers are converted *in place*: the module object keeps its identity, name, parameters and
 hooks; its class is swapped for a quantized subclass of its own class and quantizers become
@@ -6,17 +6,15 @@ named submodules (``...to_q.weight_quantizer``, ``...to_q.input_quantizer``), as
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import math
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diffq.quantizer import Quantizer
-from diffq.spec import LayerSpec, TensorQuant
+from diffq.spec import LayerSpec
 
 
 class QuantMixin:
@@ -150,89 +148,6 @@ def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
     for name, m in model.named_modules():
         if isinstance(m, Quantizer):
             yield name, m
-
-
-# --------------------------------------------------------------------------- attention
-
-
-def _quantized_sdpa(attn: nn.Module, sdpa: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """An SDPA with q/k/v (and optionally the softmax output) fake-quantized."""
-
-    def run(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        q, k, v = query, key, value
-        if attn.q_quantizer is not None:
-            q, k, v = attn.q_quantizer(q), attn.k_quantizer(k), attn.v_quantizer(v)
-        smq = attn.softmax_quantizer
-        if smq is None:
-            return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                        enable_gqa=enable_gqa)
-        if k.shape[-3] != q.shape[-3]:
-            rep = q.shape[-3] // k.shape[-3]
-            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-        scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-        if is_causal:
-            causal = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-        probs = smq(scores.softmax(dim=-1))
-        if dropout_p:
-            probs = F.dropout(probs, dropout_p)
-        return probs @ v
-
-    return run
-
-
-@contextlib.contextmanager
-def _patched_sdpa(attn: nn.Module) -> Iterator[None]:
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = _quantized_sdpa(attn, original)
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
-class QuantAttnProcessor:
-    """Wraps a diffusers attention processor; its SDPA call sees quantized q, k, v, softmax."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __getattr__(self, item: str) -> Any:
-        return getattr(self.inner, item)
-
-
-@functools.lru_cache(maxsize=None)
-def _processor_class(inner_cls: type) -> type:
-    @functools.wraps(inner_cls.__call__)
-    def __call__(self, attn, *args, **kwargs):
-        with _patched_sdpa(attn):
-            return self.inner(attn, *args, **kwargs)
-
-    return type(f"Quant{inner_cls.__name__}", (QuantAttnProcessor,), {"__call__": __call__})
-
-
-def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Diffusers attention modules (anything with a ``processor`` and ``set_processor``)."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if hasattr(m, "set_processor") and hasattr(m, "processor") and not isinstance(m, QuantAttnProcessor)
-    }
-
-
-def attach_attention_quantizers(model: nn.Module, qkv: TensorQuant, softmax: TensorQuant | None) -> list[str]:
-    """Quantize the matmul inputs of every attention module; returns their names."""
-    names = []
-    for name, attn in attention_modules(model).items():
-        for which in ("q", "k", "v"):
-            setattr(attn, f"{which}_quantizer", qkv.build_quantizer("act", -1, name=f"{name}.{which}"))
-        attn.softmax_quantizer = None if softmax is None else softmax.build_quantizer("act", -1, name=f"{name}.softmax")
-        inner = attn.processor
-        attn.processor = _processor_class(type(inner))(inner)
-        names.append(name)
-    return names
 
 
 def layer_table(model: nn.Module) -> Mapping[str, nn.Module]:
