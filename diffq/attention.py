@@ -25,7 +25,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
 from diffq.errors import ConfigError
-from diffq.spec import TensorQuant
+from diffq.tensor_quant import TensorQuant
 
 __all__ = ["QuantAttnProcessor", "attach_attention_quantizers", "attention_modules", "quantized_attention"]
 

@@ -62,10 +62,6 @@ class QuantMixin:
             self.weight.data.copy_(wq)
             self.weight_fq = self.weight.data
 
-    def unfreeze(self) -> None:
-        """Drop the cached weight so the weight quantizer runs (and trains) again."""
-        self.weight_fq = None
-
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 

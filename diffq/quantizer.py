@@ -1,15 +1,10 @@
-"""``Quantizer``: the module that fake-quantizes one weight or activation tensor.
-
-It ties together the parts that do the work: a :class:`~diffq.layout.Layout` (granularity and
-the grouped view), an :mod:`observer <diffq.observers>` (range statistics during calibration)
-and a :mod:`format <diffq.formats>` (scale parameters, rounding, gradient rule, codes). It holds
-the calibrated parameters as named state (``scale``; ``zero_point``, ``tensor_scale`` or a
-learnable ``sigma`` when the format needs them) and runs the calibration state machine.
-"""
+"""``Quantizer``: fake-quantizes one tensor by tying a :class:`~diffq.layout.Layout` (grouped view),
+an :mod:`observer <diffq.observers>` (calibration statistics) and a :mod:`format <diffq.formats>`
+(parameters, rounding, gradient rule); it holds the calibrated state (``scale``, and ``zero_point``,
+``tensor_scale`` or a learnable ``sigma`` when the format needs them) and runs calibration."""
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +78,9 @@ class Quantizer(nn.Module):
             return self.observer.params(self.fmt, *self.observer.batch_range(v))
         names = self.fmt.param_names(self.symmetric)
         if getattr(self, names[0]).numel() == 0:
-            raise self._uncalibrated()
+            fix = "calibrate_weight(weight)" if self.kind == "weight" else "begin_calibration(), forward, end_calibration()"
+            raise CalibrationError(f"quantizer of layer {self.name or '<unnamed>'} ({self.extra_repr()}) is used "
+                                   f"before calibration; fix: run {fix} or load a calibrated state_dict")
         return {n: getattr(self, n) for n in names}
 
     def set_params(self, **params: Tensor) -> None:
@@ -103,16 +100,6 @@ class Quantizer(nn.Module):
             raise ConfigError(f"cannot switch {self.fmt.name} to {fmt.name}: their parameters differ")
         self.fmt = fmt
 
-    @contextlib.contextmanager
-    def using_format(self, fmt: Format) -> Iterator[None]:
-        """Temporarily use ``fmt`` (restored on exit, also on error)."""
-        saved = self.fmt
-        self.set_format(fmt)
-        try:
-            yield
-        finally:
-            self.fmt = saved
-
     def make_learnable(self) -> None:
         """Turn the scale into an LSQ-trained ``nn.Parameter`` (now, or at the end of calibration)."""
         if self.dynamic or self.fmt.block_size or self.fmt.param_names(self.symmetric)[0] != "scale":
@@ -120,13 +107,6 @@ class Quantizer(nn.Module):
         self.learnable = True
         if self.scale.numel() and not isinstance(self.scale, nn.Parameter):
             self.set_params(scale=self.scale)
-
-    def _uncalibrated(self) -> CalibrationError:
-        fix = "calibrate_weight(weight)" if self.kind == "weight" else "begin_calibration(), forward batches, end_calibration()"
-        return CalibrationError(
-            f"quantizer of layer {self.name or '<unnamed>'} ({self.extra_repr()}) is used before calibration; "
-            f"fix: run {fix} or load a calibrated state_dict"
-        )
 
     # ------------------------------------------------------------- calibration
     def begin_calibration(self) -> None:
@@ -140,11 +120,9 @@ class Quantizer(nn.Module):
         """Record the statistics of one batch (raises CalibrationError on NaN/Inf)."""
         if not torch.isfinite(x).all():
             what = "weights" if self.kind == "weight" else "activations"
-            raise CalibrationError(
-                f"NaN/Inf in {what} of layer {self.name or '<unnamed>'} during calibration: no range can be "
-                "set from non-finite values; fix: check the calibration data and run the model in float32 "
-                "(float16 overflows)"
-            )
+            raise CalibrationError(f"NaN/Inf in {what} of layer {self.name or '<unnamed>'} during calibration: no "
+                                   "range can be set from non-finite values; fix: check the calibration data and run "
+                                   "the model in float32 (float16 overflows)")
         self.last_shape = tuple(x.shape)
         if not self.dynamic:
             v = self.view(x)
@@ -159,11 +137,9 @@ class Quantizer(nn.Module):
             return
         name = self.name or "<unnamed>"
         if self.observer.count == 0:
-            raise CalibrationError(
-                f"quantizer of layer {name} observed no data during calibration; fix: make sure the "
-                "calibration batches are not empty and reach this layer between begin_calibration() and "
-                "end_calibration()"
-            )
+            raise CalibrationError(f"quantizer of layer {name} observed no data during calibration; fix: make sure the "
+                                   "calibration batches are not empty and reach this layer between "
+                                   "begin_calibration() and end_calibration()")
         lo, hi = self.observer.result()
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise CalibrationError(f"calibration statistics of layer {name} are NaN/Inf (overflow); fix: check the "

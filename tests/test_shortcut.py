@@ -6,11 +6,10 @@ import copy
 import torch
 
 from diffq.export import export_quantized, load_quantized
-from diffq.job import quantizable_layers
 from diffq.layers import iter_quantizers
 from diffq.methods import rtn
-from diffq.methods.shortcut import SplitQuantizer
-from diffq.roles import ROLES
+from diffq.model_quant import SplitQuantizer
+from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import resolve_spec
 from tests.helpers import A8, KEEP_FP, denoiser, pipeline_and_calib
 

@@ -231,8 +231,12 @@ def search_act(layer: nn.Module, inputs: Sequence[Tensor], amax: Tensor | None, 
     best: tuple[float, FPFormat, Tensor | None] | None = None
     for fmt in formats:
         if q.dynamic:  # the range follows each input: only the layout is searched
-            with q.using_format(fmt):
+            saved = q.fmt
+            q.set_format(fmt)
+            try:
                 total = sum(float((_layer_output(layer, q(x), wq) - t).square().sum()) for x, t in zip(inputs, targets))
+            finally:
+                q.set_format(saved)
             scale = None
         else:
             centre = coarse[int(errors(fmt, coarse).argmin())]
