@@ -115,6 +115,8 @@ class ReconConfig:
     fbr_regularizer: bool = False  # fbr: keep the rounding regulariser in the joint loop
     qdrop: float = 0.0  # probability of an FP input element (QDrop); EDA-DM uses 0.5
     scale_aware: bool = False  # FP4DiT: rounding variable V' = s*V with s each weight's FP step
+    unit: str = "block"  # block (whole UNet blocks) | pair (BRECQ's ResNet + Transformer pairs); block/fbr modes
+    batch_size: Optional[int] = None  # rows per step drawn across calibration calls (null: one call's rows)
     seed: int = 0
 
 

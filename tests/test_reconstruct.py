@@ -11,7 +11,7 @@ from diffq.formats import FPFormat, IntFormat
 from diffq.layers import is_quant_layer
 from diffq.methods import reconstruct as recon_module
 from diffq.methods.adaround import AdaRound, beta_schedule
-from diffq.methods.blocks import find_blocks
+from diffq.methods.blocks import find_units
 from diffq.methods.reconstruct import reconstruct
 from diffq.model_quant import float_mode
 from diffq.quantizer import Quantizer
@@ -51,7 +51,7 @@ def test_rounding_starts_at_the_weight_and_ends_on_the_grid(fmt, symmetric):
     rtn = q(w)
     with torch.no_grad():  # V >= 0 exactly where RTN rounds up: hard rounding reproduces RTN
         r.V.copy_(torch.where(rtn > down, 1.0, -1.0).reshape(r.V.shape) if r.V.shape == rtn.shape
-                  else torch.where(q._view(rtn) > q._view(down), 1.0, -1.0))
+                  else torch.where(q.view(rtn) > q.view(down), 1.0, -1.0))
     assert torch.equal(r.hard(), rtn)
 
 
@@ -87,15 +87,15 @@ def test_learned_rounding_refuses_formats_without_a_grid():
 def test_blocks_are_found_in_execution_order(family, expected):
     _, model, _, calib = quantized_copy(family, weight=W4, act=A8)
     with float_mode(model):
-        names = [n for n, _ in find_blocks(model, "block", lambda: model(**calib[0].to("cpu"), return_dict=False))]
+        names = [u.name for u in find_units(model, "block", lambda: model(**calib[0].to("cpu"), return_dict=False))]
     assert names[: len(expected)] == expected and len(names) == len(set(names))
-    layers = find_blocks(model, "layer", lambda: model(**calib[0].to("cpu"), return_dict=False))
-    assert all(is_quant_layer(m) for _, m in layers)
+    layers = find_units(model, "layer", lambda: model(**calib[0].to("cpu"), return_dict=False))
+    assert all(len(u.modules) == 1 and is_quant_layer(u.modules[0]) for u in layers)
     with pytest.raises(ConfigError, match="granularity 'stage'"):
-        find_blocks(model, "stage", lambda: None)
+        find_units(model, "stage", lambda: None)
     flat = torch.nn.Sequential(next(m for m in model.modules() if is_quant_layer(m)))  # a layer outside any block
     with pytest.raises(ConfigError, match="has no block-level units with quantized layers"):
-        find_blocks(flat, "block", lambda: None)
+        find_units(flat, "block", lambda: None)
 
 
 @pytest.mark.parametrize("mode,family", [("block", "sd"), ("fbr", "sd"), ("layer", "flux"), ("block", "flux")])
@@ -135,14 +135,14 @@ def test_a_unit_learned_worse_than_rtn_keeps_its_rtn_weights(monkeypatch):
 def test_nan_during_reconstruction_names_the_unit_and_keeps_finished_units(monkeypatch):
     _, model, _, calib = quantized_copy("sd", weight=W4, act=A8)
     calls = {"n": 0}
-    original = recon_module._mse
+    original = recon_module._recon_loss
 
     def failing(out, target):
         calls["n"] += 1
         value = original(out, target)
         return value * float("nan") if calls["n"] > 150 else value
 
-    monkeypatch.setattr(recon_module, "_mse", failing)
+    monkeypatch.setattr(recon_module, "_recon_loss", failing)
     with pytest.raises(CalibrationError, match=r"reconstruction of (down_blocks|mid_block|up_blocks)\S* hit a NaN/Inf loss at step \d+"):
         reconstruct(model, calib, QUICK, "block", device=torch.device("cpu"), dtype=torch.float32)
     down0 = [m for n, m in model.named_modules() if n.startswith("down_blocks.0") and is_quant_layer(m)]
@@ -179,3 +179,41 @@ def test_cli_reconstruction_beats_rtn_and_checks_its_config(compose, tmp_path):
         run(compose(*base, "quant.recon=blocks"), tmp_path / "x")
     with pytest.raises(ConfigError, match="keep_fp_weights=true"):
         run(compose(*base, "quant.recon=fbr", "quant.keep_fp_weights=false"), tmp_path / "y")
+
+
+def test_pair_units_are_resnet_transformer_pairs_in_execution_order():
+    _, model, _, calib = quantized_copy("sd", weight=W4, act=A8)
+    with float_mode(model):
+        units = find_units(model, "pair", lambda: model(**calib[0].to("cpu"), return_dict=False))
+    names = [u.name for u in units]
+    assert "down_blocks.1.resnets.0+attentions.0" in names and "mid_block.resnets.0+attentions.0" in names
+    assert "mid_block.resnets.1" in names and "down_blocks.0.resnets.0" in names
+    assert names.index("down_blocks.0.resnets.0") < names.index("mid_block.resnets.0+attentions.0")
+    pair = units[names.index("down_blocks.1.resnets.0+attentions.0")]
+    assert [type(m).__name__ for m in pair.modules] == ["ResnetBlock2D", "Transformer2DModel"]
+
+
+def test_pair_reconstruction_with_mixed_batches_lowers_the_error():
+    _, model, _, calib = quantized_copy("sd", weight=W4, act=A8)
+    stats = reconstruct(model, calib, {**QUICK, "unit": "pair", "batch_size": 3}, "block", device=torch.device("cpu"),
+                        dtype=torch.float32)
+    assert stats["recon_unit"] == "pair" and any("+attentions" in n for n in stats["recon_loss"])
+    improved = [v["recon"] < v["rtn"] for v in stats["recon_loss"].values()]
+    assert sum(improved) >= 0.8 * len(improved), stats["recon_loss"]
+
+
+def test_training_batches_mix_calibration_calls():
+    import numpy as np
+
+    bank = recon_module._Bank([], [], {}, [slice(i * 4, i * 4 + 4) for i in range(4)], set())
+    rng = np.random.default_rng(0)
+    calls = [set((recon_module._batch_index(bank, 4, rng) // 4).tolist()) for _ in range(20)]
+    assert sum(len(c) > 1 for c in calls) > 15  # rows from several calls (timesteps) in one batch
+    one = recon_module._batch_index(bank, None, rng)
+    assert isinstance(one, slice) and one.stop - one.start == 4
+
+
+def test_loss_sums_over_the_feature_axis():
+    a, b = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    assert recon_module.feature_loss(a, b).item() == 3.0  # 3 channels summed, the rest averaged
+    assert recon_module.feature_loss(torch.zeros(2, 5, 7), torch.ones(2, 5, 7)).item() == 7.0  # tokens x features

@@ -48,6 +48,7 @@ class AdaRound(nn.Module):
         self.register_buffer("step", step)
         self.register_buffer("v_scale", v_scale)
         self.params = params
+        self.dtype = weight.dtype
         self.V = nn.Parameter(v0 if v_scale is None else v0 * v_scale)
 
     def logits(self) -> Tensor:
@@ -75,7 +76,7 @@ class AdaRound(nn.Module):
 
     def forward(self, weight: Tensor | None = None) -> Tensor:
         """The soft-rounded fake-quant weight (``weight`` is ignored: the grid neighbours are fixed)."""
-        return self._dequant(self.down + self.h() * self.step).to(self.V.dtype)
+        return self._dequant(self.down + self.h() * self.step).to(self.dtype)
 
     @torch.no_grad()
     def hard(self) -> Tensor:

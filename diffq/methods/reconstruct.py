@@ -1,24 +1,28 @@
 """Block reconstruction: BRECQ / AdaRound (``layer``, ``block``) and EDA-DM's fine-grained ``fbr``.
 
-Starting from the RTN-calibrated model, each unit (see :mod:`diffq.methods.blocks`) is
-reconstructed in execution order, one at a time, so peak memory is one unit's inputs and outputs
-over the calibration set:
+Starting from the RTN-calibrated model, each unit (see :mod:`diffq.methods.blocks`: whole UNet
+blocks or BRECQ's ResNet + Transformer pairs, ``recon.unit``) is reconstructed in execution
+order, one at a time, so peak memory is one unit's inputs and outputs over the calibration set:
 
 - targets: the unit's output with everything in floating point (and, for ``fbr``, the output of
   every quantized layer inside it);
 - inputs: the unit's input in the model whose earlier units are already quantized and
   reconstructed (asymmetric reconstruction); with ``qdrop`` each input element is the FP one
   with that probability (QDrop);
+- loss: the papers' ``(out - target)^2`` summed over the feature axis and averaged over the rest
+  (BRECQ / Q-Diffusion / EDA-DM's ``lp_loss``), so ``reg_weight`` means what it does there;
 - ``layer`` / ``block`` (BRECQ): AdaRound on the unit's weights, ``iters`` Adam steps on
-  ``MSE + reg_weight * sum(1 - |2h-1|^beta)`` (beta decayed ``beta_start`` -> ``beta_end`` after
+  ``loss + reg_weight * sum(1 - |2h-1|^beta)`` (beta decayed ``beta_start`` -> ``beta_end`` after
   ``warmup``), hard rounding, then ``act_iters`` steps of LSQ on the static activation step sizes;
 - ``fbr`` (EDA-DM): one joint loop of ``iters`` steps over rounding and activation step sizes
-  (cosine-annealed lrs) on ``block MSE + fine_grained_weight * sum of the inner layers' MSE``,
+  (cosine-annealed lrs) on ``block loss + fine_grained_weight * sum of the inner layers' losses``,
   the rounding regulariser only with ``fbr_regularizer``; hard rounding after.
 
-Each calibration call (a sampler step's batch, CFG branches included) is one training item. A
-unit whose learned state reproduces its FP output worse than its RTN start (on the calibration
-items) goes back to RTN, so reconstruction never ships a unit that it made worse.
+A training batch is ``recon.batch_size`` rows drawn at random from all calibration calls, so it
+mixes timesteps as EDA-DM's and BRECQ's batches do (``null``: the rows of one sampler call). A
+unit whose learned state reproduces its FP output worse than its RTN start goes back to RTN, so
+reconstruction never ships a unit that it made worse. Runs in the model's dtype (float16 and
+bfloat16 included); rounding variables, step sizes and losses are float32.
 """
 from __future__ import annotations
 
@@ -29,33 +33,31 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
 from diffq.calib.capture import map_tensors
 from diffq.errors import CalibrationError, ConfigError
-from diffq.methods.adaround import AdaRound, beta_schedule
-from diffq.methods.blocks import find_blocks, quant_layers
 from diffq.methods import RECON_MODES, get_recon_mode
+from diffq.methods.adaround import AdaRound, beta_schedule
+from diffq.methods.blocks import Unit, find_units, quant_layers
 from diffq.model_quant import SplitQuantizer, float_mode
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
 class ReconMode:
     """How a reconstruction mode cuts the model and trains each unit."""
 
-    granularity: str  # unit kind for diffq.methods.blocks.find_blocks
+    layerwise: bool  # every quantized layer is a unit (else recon.unit: block or pair)
     joint: bool  # one loop over rounding and step sizes (EDA-DM) instead of rounding, then step sizes (BRECQ)
 
 
-RECON_MODES.register("layer")(ReconMode("layer", joint=False))
-RECON_MODES.register("block")(ReconMode("block", joint=False))
-RECON_MODES.register("fbr")(ReconMode("block", joint=True))
+RECON_MODES.register("layer")(ReconMode(layerwise=True, joint=False))
+RECON_MODES.register("block")(ReconMode(layerwise=False, joint=False))
+RECON_MODES.register("fbr")(ReconMode(layerwise=False, joint=True))
 
 
 class _Stop(Exception):
@@ -63,11 +65,22 @@ class _Stop(Exception):
 
 
 @dataclass
-class _Item:
-    args: tuple
-    kwargs: dict[str, Any]
-    output: Any = None
-    layer_outputs: dict[str, torch.Tensor] | None = None
+class _Bank:
+    """A unit's inputs (per module: args, kwargs; the first module's hidden state excluded for the
+    others), target tensors and inner-layer outputs, the calibration calls concatenated row-wise."""
+
+    inputs: list[tuple[tuple, dict[str, Any]]]
+    outputs: list[torch.Tensor]
+    layer_outputs: dict[str, torch.Tensor]
+    calls: list[slice]  # rows of each calibration call
+    batched: set[int]  # ids of the tensors that have one row per sample
+
+    def rows(self, index: slice | torch.Tensor) -> tuple[list, list[torch.Tensor], dict[str, torch.Tensor]]:
+        """(inputs, outputs, layer outputs) of the rows ``index``."""
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[index] if id(t) in self.batched else t
+        return (map_tensors(self.inputs, take), [take(t) for t in self.outputs],
+                {n: take(t) for n, t in self.layer_outputs.items()})
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -82,35 +95,51 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _detach(obj: Any) -> Any:
-    return map_tensors(obj, lambda t: t.detach())
+def _merge(objs: list[Any], sizes: list[int], batched: set[int]) -> Any:
+    """One structure from the per-call ones: tensors with one row per sample concatenated (their ids
+    recorded in ``batched``), others taken from the first call."""
+    first = objs[0]
+    if torch.is_tensor(first):
+        if all(t.dim() > 0 and t.shape[0] == n for t, n in zip(objs, sizes)):
+            out = torch.cat(objs) if len(objs) > 1 else first
+            batched.add(id(out))
+            return out
+        return first
+    if isinstance(first, Mapping):
+        return {k: _merge([o[k] for o in objs], sizes, batched) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_merge(list(parts), sizes, batched) for parts in zip(*objs))
+    return first
 
 
-def _capture(model: nn.Module, unit: nn.Module, calib: Sequence[CalibSample], device: torch.device,
-             dtype: torch.dtype, layers: Mapping[str, nn.Module] | None = None) -> list[_Item]:
-    """The unit's inputs and output (and the outputs of ``layers``) for every calibration call;
-    the model stops as soon as the unit has run."""
-    items: list[_Item] = []
-    outputs: dict[str, torch.Tensor] = {}
+def _capture(model: nn.Module, unit: Unit, calib: Sequence[CalibSample], device: torch.device, dtype: torch.dtype,
+             layers: Mapping[str, nn.Module] | None = None) -> _Bank:
+    """The unit's inputs and output (and the outputs of ``layers``) over the calibration set; the
+    model stops as soon as the unit has run."""
+    calls: list[dict[str, Any]] = []
+    inner: dict[str, torch.Tensor] = {}
+    last = len(unit.modules) - 1
 
-    def on_input(module, args, kwargs):
-        items.append(_Item(_detach(args), _detach(kwargs)))
+    def on_input(i: int):
+        def hook(module, args, kwargs):
+            args = map_tensors(args if i == 0 else args[1:], lambda t: t.detach())
+            calls[-1]["inputs"].append((args, map_tensors(kwargs, lambda t: t.detach())))
+        return hook
 
     def on_output(module, args, kwargs, output):
-        items[-1].output = _detach(output)
-        items[-1].layer_outputs = dict(outputs) if layers else None
+        calls[-1]["outputs"] = [t.detach() for t in _tensors(output)]
+        calls[-1]["layers"] = dict(inner)
         raise _Stop
 
-    def keep(name):
-        return lambda module, args, output: outputs.__setitem__(name, output.detach())
-
-    hooks = [unit.register_forward_pre_hook(on_input, with_kwargs=True),
-             unit.register_forward_hook(on_output, with_kwargs=True)]
-    hooks += [m.register_forward_hook(keep(n)) for n, m in (layers or {}).items()]
+    hooks = [m.register_forward_pre_hook(on_input(i), with_kwargs=True) for i, m in enumerate(unit.modules)]
+    hooks.append(unit.modules[last].register_forward_hook(on_output, with_kwargs=True))
+    hooks += [m.register_forward_hook(lambda mod, a, o, n=n: inner.__setitem__(n, o.detach()))
+              for n, m in (layers or {}).items()]
     try:
         with torch.no_grad():
             for sample in calib:
-                outputs.clear()
+                inner.clear()
+                calls.append({"inputs": []})
                 try:
                     model(**sample.to(device, dtype), return_dict=False)
                 except _Stop:
@@ -118,7 +147,20 @@ def _capture(model: nn.Module, unit: nn.Module, calib: Sequence[CalibSample], de
     finally:
         for h in hooks:
             h.remove()
-    return items
+    sizes = [int(c["outputs"][0].shape[0]) for c in calls]
+    offsets = np.cumsum([0, *sizes])
+    batched: set[int] = set()
+    return _Bank(_merge([c["inputs"] for c in calls], sizes, batched), _merge([c["outputs"] for c in calls], sizes, batched),
+                 _merge([c["layers"] for c in calls], sizes, batched),
+                 [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])], batched)
+
+
+def _run_unit(unit: Unit, inputs: Sequence[tuple[tuple, dict[str, Any]]]) -> Any:
+    (args, kwargs), *rest = inputs
+    out = unit.modules[0](*args, **kwargs)
+    for module, (args, kwargs) in zip(unit.modules[1:], rest):
+        out = module(out if torch.is_tensor(out) else out[0], *args, **kwargs)
+    return out
 
 
 def _mix(q: Any, fp: Any, p: float, gen: torch.Generator) -> Any:
@@ -135,17 +177,24 @@ def _mix(q: Any, fp: Any, p: float, gen: torch.Generator) -> Any:
     return q
 
 
-def _mse(out: Any, target: Any) -> torch.Tensor:
-    pairs = list(zip(_tensors(out), _tensors(target)))
-    return sum(F.mse_loss(o.float(), t.float()) for o, t in pairs) / len(pairs)
+def feature_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(out - target)^2`` summed over the feature axis (dim 1 of NCHW maps, the last one of token
+    sequences), averaged over the rest: the papers' reconstruction loss, in float32."""
+    d = (out.float() - target.float()).square()
+    return d.sum(1 if d.dim() == 4 else -1).mean()
 
 
-class _Unit:
+def _recon_loss(out: Any, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    pairs = list(zip(_tensors(out), targets))
+    return sum(feature_loss(o, t) for o, t in pairs) / len(pairs)
+
+
+class _Trainee:
     """One unit under reconstruction: its rounding modules and learnable activation step sizes."""
 
-    def __init__(self, name: str, module: nn.Module, learn_acts: bool, scale_aware: bool = False):
-        self.name, self.module = name, module
-        self.layers = quant_layers(module)
+    def __init__(self, unit: Unit, learn_acts: bool, scale_aware: bool = False):
+        self.unit, self.name = unit, unit.name
+        self.layers = _inner_layers(unit)
         self.roundings: dict[str, AdaRound] = {}
         for n, layer in self.layers.items():
             if layer.weight_quantizer is not None:
@@ -196,51 +245,57 @@ class _Unit:
                 q.scale.requires_grad_(False)
 
 
-def _check(loss: torch.Tensor, unit: _Unit, step: int) -> None:
+def _check(loss: torch.Tensor, trainee: _Trainee, step: int) -> None:
     if not torch.isfinite(loss):
-        unit.revert()
+        trainee.revert()
         raise CalibrationError(
-            f"reconstruction of {unit.name} hit a NaN/Inf loss at step {step}: the units before it stay "
+            f"reconstruction of {trainee.name} hit a NaN/Inf loss at step {step}: the units before it stay "
             "reconstructed and this one keeps its RTN weights; fix: lower recon.lr / recon.act_lr, or check the "
             "calibration data"
         )
 
 
-def _optimise(unit: _Unit, items: Sequence[_Item], fp_items: Sequence[_Item], rc: Mapping[str, Any], joint: bool,
-              stage: str, rng: np.random.Generator, gen: torch.Generator) -> float:
-    """One optimisation loop over ``items``; returns the final loss (mean of the last 10% of steps)."""
+def _batch_index(bank: _Bank, batch_size: int | None, rng: np.random.Generator) -> slice | torch.Tensor:
+    """Rows of one training step: ``batch_size`` random rows of the whole set, or one call's rows."""
+    total = bank.calls[-1].stop
+    if batch_size:
+        return torch.from_numpy(np.sort(rng.choice(total, min(batch_size, total), replace=False)))
+    return bank.calls[int(rng.integers(len(bank.calls)))]
+
+
+def _optimise(trainee: _Trainee, bank: _Bank, fp_bank: _Bank, rc: Mapping[str, Any], joint: bool, stage: str,
+              rng: np.random.Generator, gen: torch.Generator) -> float:
+    """One optimisation loop; returns the final loss (mean of the last 10% of steps)."""
     if stage == "round":
         iters = rc["iters"]
-        groups = [{"params": unit.rounding_params(), "lr": rc["lr"]}]
-        if joint and unit.acts:
-            groups.append({"params": unit.act_params(), "lr": rc["act_lr"]})
+        groups = [{"params": trainee.rounding_params(), "lr": rc["lr"]}]
+        if joint and trainee.acts:
+            groups.append({"params": trainee.act_params(), "lr": rc["act_lr"]})
     else:
         iters = rc["act_iters"]
-        groups = [{"params": unit.act_params(), "lr": rc["act_lr"]}]
+        groups = [{"params": trainee.act_params(), "lr": rc["act_lr"]}]
     if iters <= 0 or not any(g["params"] for g in groups):
         return float("nan")
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters) if joint else None
     fine = rc["fine_grained_weight"] if joint else 0.0
     outputs: dict[str, torch.Tensor] = {}
-    hooks = ([m.register_forward_hook(lambda mod, a, o, n=n: outputs.__setitem__(n, o)) for n, m in unit.layers.items()]
-             if fine else [])
+    hooks = ([m.register_forward_hook(lambda mod, a, o, n=n: outputs.__setitem__(n, o)) for n, m in
+              _inner_layers(trainee.unit).items()] if fine else [])
     losses = []
     try:
         for step in range(iters):
-            i = int(rng.integers(len(items)))
-            q, fp = items[i], fp_items[i]
-            args = _mix(q.args, fp.args, rc["qdrop"], gen)
-            kwargs = _mix(q.kwargs, fp.kwargs, rc["qdrop"], gen)
-            loss = _mse(unit.module(*args, **kwargs), fp.output)
-            if fine:
-                loss = loss + fine * sum(F.mse_loss(outputs[n].float(), t.float()) for n, t in fp.layer_outputs.items()
-                                         if n in outputs) / max(1, len(fp.layer_outputs))
+            index = _batch_index(bank, rc.get("batch_size"), rng)
+            inputs, _, _ = bank.rows(index)
+            fp_inputs, targets, layer_targets = fp_bank.rows(index)
+            loss = _recon_loss(_run_unit(trainee.unit, _mix(inputs, fp_inputs, rc["qdrop"], gen)), targets)
+            if fine:  # EDA-DM sums the inner layers' losses
+                loss = loss + fine * sum(feature_loss(outputs[n], t) for n, t in layer_targets.items() if n in outputs)
             if stage == "round" and (not joint or rc["fbr_regularizer"]):
                 beta = beta_schedule(step, iters, rc["warmup"], rc["beta_start"], rc["beta_end"])
                 if beta is not None:
-                    loss = loss + rc["reg_weight"] * unit.regularizer(beta)
-            _check(loss.detach(), unit, step)
+                    loss = loss + rc["reg_weight"] * trainee.regularizer(beta)
+            _check(loss.detach(), trainee, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -253,6 +308,20 @@ def _optimise(unit: _Unit, items: Sequence[_Item], fp_items: Sequence[_Item], rc
     return float(np.mean(losses[-max(1, iters // 10):]))
 
 
+def _inner_layers(unit: Unit) -> dict[str, nn.Module]:
+    return {f"{i}.{n}": layer for i, m in enumerate(unit.modules) for n, layer in quant_layers(m).items()}
+
+
+@torch.no_grad()
+def _unit_error(unit: Unit, bank: _Bank, fp_bank: _Bank) -> float:
+    """Mean loss of the unit over the calibration calls."""
+    losses = []
+    for rows in bank.calls:
+        inputs, _, _ = bank.rows(rows)
+        losses.append(float(_recon_loss(_run_unit(unit, inputs), fp_bank.rows(rows)[1])))
+    return float(np.mean(losses))
+
+
 def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str, Any], mode: str, *,
                 device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Reconstruct ``model`` (already RTN-calibrated, FP weights kept) unit by unit; returns stats."""
@@ -263,35 +332,32 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
                    if layer.frozen and layer.weight_fq.data_ptr() == layer.weight.data_ptr()]
     if overwritten:
         raise ConfigError("reconstruction needs the FP weights: set quant.keep_fp_weights=true")
+    granularity = "layer" if recon_mode.layerwise else rc.get("unit", "block")
     with float_mode(model):
-        units = find_blocks(model, recon_mode.granularity, lambda: model(**calib[0].to(device, dtype), return_dict=False))
+        units = find_units(model, granularity, lambda: model(**calib[0].to(device, dtype), return_dict=False))
     rng = np.random.default_rng(rc["seed"])
     gen = torch.Generator().manual_seed(int(rc["seed"]))
-    stats: dict[str, Any] = {"recon": mode, "recon_units": len(units), "recon_loss": {}}
+    stats: dict[str, Any] = {"recon": mode, "recon_unit": granularity, "recon_units": len(units), "recon_loss": {}}
     t0 = time.perf_counter()
-    for name, module in tqdm(units, desc=f"reconstruct ({mode})", unit="unit"):
-        inner = quant_layers(module) if recon_mode.joint else None
+    for unit in tqdm(units, desc=f"reconstruct ({mode}, {granularity})", unit="unit"):
         with float_mode(model):
-            fp_items = _capture(model, module, calib, device, dtype, inner)
-        q_items = _capture(model, module, calib, device, dtype)
-        before = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))
-        unit = _Unit(name, module, learn_acts=rc["act_iters"] > 0 or recon_mode.joint, scale_aware=rc.get("scale_aware", False))
-        module.train(False)
-        _optimise(unit, q_items, fp_items, rc, recon_mode.joint, "round", rng, gen)
-        unit.harden()
+            fp_bank = _capture(model, unit, calib, device, dtype, _inner_layers(unit) if recon_mode.joint else None)
+        bank = _capture(model, unit, calib, device, dtype)
+        before = _unit_error(unit, bank, fp_bank)
+        trainee = _Trainee(unit, learn_acts=rc["act_iters"] > 0 or recon_mode.joint,
+                           scale_aware=rc.get("scale_aware", False))
+        for m in unit.modules:
+            m.train(False)
+        _optimise(trainee, bank, fp_bank, rc, recon_mode.joint, "round", rng, gen)
+        trainee.harden()
         if not recon_mode.joint:  # BRECQ: step sizes after the rounding (fbr learnt them jointly)
-            _optimise(unit, q_items, fp_items, rc, recon_mode.joint, "act", rng, gen)
-        unit.fix_step_sizes()
-        after = float(np.mean([_mse(_run(module, q), fp.output) for q, fp in zip(q_items, fp_items)]))
+            _optimise(trainee, bank, fp_bank, rc, recon_mode.joint, "act", rng, gen)
+        trainee.fix_step_sizes()
+        after = _unit_error(unit, bank, fp_bank)
         kept = "recon" if after <= before else "rtn"
         if kept == "rtn":  # never ship a unit that reproduces the FP output worse than its start
-            unit.revert()
-        stats["recon_loss"][name] = {"rtn": before, "recon": after, "kept": kept}
-        log.info("%s: output MSE %.4g (RTN) -> %.4g (%s kept)", name, before, after, kept.upper())
+            trainee.revert()
+        stats["recon_loss"][unit.name] = {"rtn": before, "recon": after, "kept": kept}
+        log.info("%s: output loss %.4g (RTN) -> %.4g (%s kept)", unit.name, before, after, kept.upper())
     stats["recon_seconds"] = round(time.perf_counter() - t0, 2)
     return stats
-
-
-@torch.no_grad()
-def _run(module: nn.Module, item: _Item) -> Any:
-    return module(*item.args, **item.kwargs)
