@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from diffq.errors import CheckpointError
 from diffq.formats import Format
-from diffq.layers import layer_table
+from diffq.layers import half_of, layer_table
 from diffq.model_quant import input_splits, prepare
 from diffq.quantizer import Quantizer
 from diffq.registry import Registry
@@ -34,7 +34,7 @@ from diffq.spec import LayerSpec
 log = logging.getLogger(__name__)
 
 FORMAT_TAG = "diffq.quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scales stored in their own formats, convolution groups along input channels
 WEIGHTS_NAME = "diffusion_model.safetensors"
 _FLOAT8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
@@ -131,24 +131,27 @@ def export_quantized(
     layers = layer_table(model)
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
-    quantized_weights = set()
+    written = set()  # state-dict keys the packed layers hold (weights and their quantizers' parameters)
     for name, layer in layers.items():
         wq = layer.weight_quantizer
         if wq is None:
             continue
         source = layer.weight_fq if layer.learned_rounding else layer.weight  # grid values re-quantize to themselves
         codes, params = encode_tensor(wq, source.detach())
+        params.pop("shape")
+        half = wq.storage_dtype or half_of(layer.weight.dtype)
         stored, layout = _encode_codes(codes, wq.fmt)
         tensors[f"{name}.weight.codes"] = stored
         layout["params"] = sorted(params)
+        layout["param_dtype"] = str(half).removeprefix("torch.")
         layout["weight_shape"] = list(layer.weight.shape)
         layout["weight_dtype"] = str(layer.weight.dtype).removeprefix("torch.")
-        for key, value in params.items():
+        for key, value in wq.fmt.to_storage(params, half).items():
             tensors[f"{name}.weight.params.{key}"] = value
         packed[name] = layout
-        quantized_weights.add(f"{name}.weight")
+        written |= {f"{name}.weight", *(f"{name}.weight_quantizer.{key}" for key in params)}
     for key, value in model.state_dict().items():
-        if key not in quantized_weights and value.numel() > 0:
+        if key not in written and value.numel() > 0:
             tensors[key] = value
     meta = {
         "format": FORMAT_TAG,
@@ -186,11 +189,6 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format") != FORMAT_TAG or meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is a {meta.get('format')} v{meta.get('version')} file; expected {FORMAT_TAG} "
                               f"v{FORMAT_VERSION}: re-export it with this diffq version (export=true)")
-    for spec in meta["specs"]:  # files written before `bits` counted a binary format's bases
-        for tq in (spec["weight"], spec["act"]):
-            if tq is not None and "bases" in tq:
-                bases = tq.pop("bases")
-                tq["bits"] = bases if tq["format"] == "binary" else tq["bits"]
     return meta
 
 
@@ -251,10 +249,12 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
         if name not in layers:
             raise CheckpointError(f"checkpoint layer {name} is not a quantized layer of the model")
         codes = _decode_codes(stored.pop(f"{name}.weight.codes"), layout)
-        params = {k: stored.pop(f"{name}.weight.params.{k}") for k in layout["params"]}
         layer = layers[name]
-        w = decode_tensor(layer.weight_quantizer, codes, params).reshape(layout["weight_shape"])
-        w = w.to(getattr(torch, layout["weight_dtype"]))
+        wq = layer.weight_quantizer
+        params = wq.fmt.from_storage({k: stored.pop(f"{name}.weight.params.{k}") for k in layout["params"]})
+        wq.set_params(**params)
+        w = decode_tensor(wq, codes, {**params, "shape": torch.tensor(layout["weight_shape"])})
+        w = w.to(getattr(torch, layout["weight_dtype"])).contiguous()
         layer.weight.data = w
         layer.weight_fq = layer.weight.data
     expected = {k for k, v in model.state_dict().items() if v.numel() > 0} - {f"{n}.weight" for n in meta["packed"]}

@@ -2,7 +2,8 @@
 
 Every quantized tensor is handled through a grouped view ``[rows, groups, group_size]``:
 weights ``[out, ...]`` become ``[out, 1, K]`` (tensor / channel) or ``[out, K/g, g]`` (group /
-block), activations (feature axis moved last, other axes flattened into tokens) become
+block; a convolution's ``[out, in, kh, kw]`` grouped along its input channels at each kernel
+position, ``[out, kh, kw, in]``, the order a channels-last im2col GEMM reduces over), activations (feature axis moved last, other axes flattened into tokens) become
 ``[N, 1, C]`` or ``[N, C/g, g]``. Scales broadcast against that view: tensor ``[1, 1, 1]``,
 weight channel ``[out, 1, 1]``, activation channel ``[1, 1, C]``, token ``[N, 1, 1]``, group
 ``[rows, G, 1]``.
@@ -61,6 +62,9 @@ class Layout:
         """Elements per group along the reduction axis (None: the whole axis)."""
         return self.granularity.size if self.granularity.kind == "group" else self.block
 
+    def _channels_last(self, shape: tuple[int, ...]) -> bool:
+        return self.kind == "weight" and len(shape) == 4 and self.group is not None
+
     def grouped_shape(self, shape: tuple[int, ...], name: str = "") -> tuple[int, int, int]:
         """``(rows, groups, group_size)`` of a tensor of ``shape`` (ConfigError if the group does not divide)."""
         if self.kind == "weight":
@@ -69,6 +73,9 @@ class Layout:
             k = shape[self.feature_axis]
             rows = math.prod(shape) // max(k, 1)
         gs = self.group or k
+        if self._channels_last(shape) and shape[1] % gs:
+            raise ConfigError(f"group size {gs} does not divide the {shape[1]} input channels of layer "
+                              f"{name or '<unnamed>'}; use a divisor of {shape[1]} or skip this layer")
         if k % gs:
             divisor = max(d for d in range(1, gs + 1) if k % d == 0)
             raise ConfigError(
@@ -82,10 +89,15 @@ class Layout:
         shape = self.grouped_shape(tuple(x.shape), name)
         if self.kind == "act":
             x = x.movedim(self.feature_axis, -1)
+        elif self._channels_last(tuple(x.shape)):
+            x = x.permute(0, 2, 3, 1)
         return x.reshape(shape)
 
     def unview(self, v: Tensor, shape: tuple[int, ...]) -> Tensor:
         """Inverse of :meth:`view` for a tensor of the original ``shape``."""
+        if self._channels_last(shape):
+            out, cin, kh, kw = shape
+            return v.reshape(out, kh, kw, cin).permute(0, 3, 1, 2)
         if self.kind == "weight":
             return v.reshape(shape)
         axis = self.feature_axis % len(shape)

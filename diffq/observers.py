@@ -52,7 +52,10 @@ class Observer:
 
     def update(self, v: Tensor) -> None:
         """Fold one batch into the running statistic."""
-        lo, hi = self.batch_range(v)
+        self.update_range(*self.batch_range(v))
+
+    def update_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Fold one batch's range into the running statistic."""
         self.count += 1
         if self.lo is None:
             self.lo, self.hi = lo, hi
@@ -67,9 +70,9 @@ class Observer:
         assert self.lo is not None and self.hi is not None
         return self.lo, self.hi
 
-    def params(self, fmt: Format, lo: Tensor, hi: Tensor) -> dict[str, Tensor]:
-        """The format's parameters for the range ``[lo, hi]``."""
-        return fmt.params_from_range(lo, hi, self.symmetric)
+    def params(self, fmt: Format, lo: Tensor, hi: Tensor, given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The format's parameters for the range ``[lo, hi]`` (``given``: ones calibrated already)."""
+        return fmt.params_from_range(lo, hi, self.symmetric, given)
 
     def finish(self, fmt: Format) -> dict[str, Tensor]:
         """Parameters from everything observed."""
@@ -79,8 +82,7 @@ class Observer:
 class _Averaged(Observer):
     """A per-batch statistic averaged over batches."""
 
-    def update(self, v: Tensor) -> None:
-        lo, hi = self.batch_range(v)
+    def update_range(self, lo: Tensor, hi: Tensor) -> None:
         self.count += 1
         self.lo = lo if self.lo is None else self.lo + lo
         self.hi = hi if self.hi is None else self.hi + hi
@@ -121,7 +123,7 @@ class AbsMean(_Averaged):
         hi = self.statistic(flat).reshape(kept)
         return -hi, hi
 
-    def params(self, fmt: Format, lo: Tensor, hi: Tensor) -> dict[str, Tensor]:
+    def params(self, fmt: Format, lo: Tensor, hi: Tensor, given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         return {"scale": hi.clamp_min(EPS)}
 
 
@@ -130,6 +132,17 @@ class AbsMedian(AbsMean):
 
     def statistic(self, flat: Tensor) -> Tensor:
         return flat.abs().median(1).values
+
+
+class TWN(AbsMean):
+    """Ternary weight networks' rule: threshold ``0.7 * mean|x|`` and the least-squares scale
+    ``mean(|x| : |x| > threshold)``; with the grid's round-to-nearest the zero band is
+    ``scale / 2``, close to the threshold for bell-shaped weights."""
+
+    def statistic(self, flat: Tensor) -> Tensor:
+        a = flat.abs()
+        kept = a > 0.7 * a.mean(1, keepdim=True)
+        return (a * kept).sum(1) / kept.sum(1).clamp_min(1)
 
 
 class MSE(Observer):
@@ -181,6 +194,7 @@ OBSERVERS.register("percentile")(Percentile)
 OBSERVERS.register("mse")(MSE)
 OBSERVERS.register("absmean")(AbsMean)
 OBSERVERS.register("absmedian")(AbsMedian)
+OBSERVERS.register("twn")(TWN)
 
 
 def make_observer(name: str, layout: Layout, symmetric: bool, **options: object) -> Observer:

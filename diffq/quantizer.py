@@ -25,7 +25,8 @@ class Quantizer(nn.Module):
 
     def __init__(self, fmt: Format, *, kind: Literal["weight", "act"], granularity: str = "tensor",
                  symmetric: bool = True, observer: str = "minmax", dynamic: bool = False, feature_axis: int = -1,
-                 learnable: bool = False, name: str = "", **observer_options: float | None) -> None:
+                 learnable: bool = False, name: str = "", storage_dtype: torch.dtype | None = None,
+                 **observer_options: float | None) -> None:
         super().__init__()
         if kind not in ("weight", "act"):
             raise ConfigError(f"quantizer kind must be 'weight' or 'act' (got {kind!r})")
@@ -34,6 +35,7 @@ class Quantizer(nn.Module):
             raise ConfigError("granularity 'token' is for activations; use tensor, channel or group:<g> for weights")
         fmt.check_usage(kind=kind, granularity=gran.kind, symmetric=symmetric, observer=observer)
         self.fmt, self.kind, self.symmetric, self.name = fmt, kind, symmetric, name
+        self.storage_dtype = storage_dtype  # parameters hold what an export in this dtype stores (weights)
         self.layout = Layout(kind, gran, feature_axis, fmt.block_size if gran.kind == "block" else None)
         self.observer = make_observer(observer, self.layout, symmetric, **observer_options)
         self.observer_name = observer
@@ -42,7 +44,7 @@ class Quantizer(nn.Module):
             raise ConfigError(f"observer {observer} searches once at calibration; use minmax or percentile with "
                               "dynamic ranges")
         self.learnable, self.enabled = False, True
-        self.set_params(**{key: torch.empty(0) for key in fmt.param_names(symmetric)})
+        self.set_params(**{key: torch.empty(0) for key in self._calibrated_keys()})
         self._calibrating = False
         self.last_shape: tuple[int, ...] | None = None  # shape of the last tensor seen (for bit accounting)
         if learnable:
@@ -60,8 +62,11 @@ class Quantizer(nn.Module):
 
     @property
     def needs_calibration(self) -> bool:
-        """True when the quantizer has static state to set from data (i.e. it is not dynamic)."""
-        return not self.dynamic
+        """True when the quantizer has state to set from data (static, or a calibrated part of a dynamic one)."""
+        return bool(self._calibrated_keys())
+
+    def _calibrated_keys(self) -> tuple[str, ...]:
+        return self.fmt.calibrated_params(self.kind) if self.dynamic else self.fmt.param_names(self.symmetric)
 
     # -------------------------------------------------------------- parameters
     def view(self, x: Tensor) -> Tensor:
@@ -74,17 +79,23 @@ class Quantizer(nn.Module):
 
     def qparams(self, v: Tensor) -> dict[str, Tensor]:
         """Quantization parameters for the grouped view ``v``: stored (static) or from ``v`` (dynamic)."""
-        if self.dynamic:
-            return self.observer.params(self.fmt, *self.observer.batch_range(v))
-        names = self.fmt.param_names(self.symmetric)
-        if getattr(self, names[0]).numel() == 0:
+        calibrated = self._calibrated_keys()
+        if calibrated and getattr(self, calibrated[0]).numel() == 0:
             fix = "calibrate_weight(weight)" if self.kind == "weight" else "begin_calibration(), forward, end_calibration()"
             raise CalibrationError(f"quantizer of layer {self.name or '<unnamed>'} ({self.extra_repr()}) is used "
                                    f"before calibration; fix: run {fix} or load a calibrated state_dict")
-        return {n: getattr(self, n) for n in names}
+        stored = {n: getattr(self, n) for n in calibrated}
+        if self.dynamic:
+            return self.observer.params(self.fmt, *self.observer.batch_range(v), given=stored)
+        trained = self.storage_dtype is not None and any(p.requires_grad for p in stored.values())
+        return self.fmt.storable(stored, self.storage_dtype) if trained else stored
 
     def set_params(self, **params: Tensor) -> None:
-        """Install calibrated parameters (``scale`` stays a trained Parameter when learnable)."""
+        """Install calibrated parameters (``scale`` stays a trained Parameter when learnable), rounded
+        to what their storage holds when the quantizer has a ``storage_dtype``."""
+        complete = set(params) == set(self.fmt.param_names(self.symmetric))
+        if self.storage_dtype is not None and complete and all(v.numel() for v in params.values()):
+            params = self.fmt.storable(params, self.storage_dtype)
         for key, value in params.items():
             trainable = key == "sigma" or (key == "scale" and self.learnable)
             if key in self._parameters or trainable:
@@ -124,16 +135,21 @@ class Quantizer(nn.Module):
                                    "range can be set from non-finite values; fix: check the calibration data and run "
                                    "the model in float32 (float16 overflows)")
         self.last_shape = tuple(x.shape)
-        if not self.dynamic:
-            v = self.view(x)
+        if not self.needs_calibration:
+            return
+        v = self.view(x)
+        if self.dynamic:  # only per-tensor parameters are calibrated: keep the global range
+            lo, hi = self.observer.batch_range(v)
+            self.observer.update_range(lo.amin().reshape(1, 1, 1), hi.amax().reshape(1, 1, 1))
+        else:
             self.observer.update(v)
-            self._tensor = v if self.kind == "weight" else None
+        self._tensor = v if self.kind == "weight" else None
 
     @torch.no_grad()
     def end_calibration(self) -> None:
         """Turn the observed statistics into the static parameters."""
         self._calibrating = False
-        if self.dynamic:
+        if not self.needs_calibration:
             return
         name = self.name or "<unnamed>"
         if self.observer.count == 0:
@@ -148,7 +164,7 @@ class Quantizer(nn.Module):
         params = from_tensor or self.observer.finish(self.fmt)
         self._tensor = None
         self.observer.reset()
-        self.set_params(**params)
+        self.set_params(**{k: params[k] for k in self._calibrated_keys()})
 
     def calibrate_weight(self, w: Tensor) -> None:
         """Set the static parameters of a weight quantizer from the weight itself."""
@@ -186,7 +202,7 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         """Resize the (empty before calibration) parameters to the stored shapes."""
-        for key in self.fmt.param_names(self.symmetric):
+        for key in self._calibrated_keys():
             stored, current = state_dict.get(prefix + key), getattr(self, key)
             if isinstance(stored, Tensor) and stored.shape != current.shape:
                 self.set_params(**{key: torch.empty_like(stored, dtype=current.dtype)})

@@ -117,8 +117,9 @@ def parse_rules(rules: Iterable[Mapping[str, Any]], valid_roles: Sequence[str]) 
 
 
 def _feature_size(module: nn.Module, what: str) -> int:
+    """Size of the axis groups run along: input features (convolutions: input channels, per kernel position)."""
     if what == "weight":
-        return int(module.weight[0].numel())
+        return int(module.weight.shape[1])
     return int(module.in_features if isinstance(module, nn.Linear) else module.in_channels)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -30,7 +31,7 @@ class TensorQuant:
     man: Optional[int] = None  # fp mantissa bits
     granularity: str = "tensor"  # tensor | channel | token | group:<g> | block
     symmetric: bool = True
-    observer: str = "minmax"  # minmax | percentile | mse | absmean | absmedian
+    observer: str = "minmax"  # minmax | percentile | mse | absmean | absmedian | twn
     percentile: float = 99.99  # percentile observer
     momentum: Optional[float] = None  # minmax observer: EMA across calibration batches (None: global)
     dynamic: bool = False  # compute the range at run time from the tensor itself
@@ -66,14 +67,17 @@ class TensorQuant:
         """The number format, or None when this tensor stays floating point."""
         return make_format(self.format, self.bits, exp=self.exp, man=self.man, symmetric=self.symmetric)
 
-    def build_quantizer(self, kind: str, feature_axis: int = -1, name: str = "") -> Quantizer | None:
-        """A Quantizer module for this tensor, or None when it stays floating point."""
+    def build_quantizer(self, kind: str, feature_axis: int = -1, name: str = "",
+                        storage_dtype: torch.dtype | None = None) -> Quantizer | None:
+        """A Quantizer module for this tensor, or None when it stays floating point (``storage_dtype``:
+        the half type its parameters are exported in)."""
         fmt = self.build_format()
         if fmt is None:
             return None
         return Quantizer(fmt, kind=kind, granularity=self.granularity, symmetric=self.symmetric,  # type: ignore[arg-type]
                          observer=self.observer, dynamic=self.dynamic, feature_axis=feature_axis,
-                         learnable=self.learnable, name=name, percentile=self.percentile, momentum=self.momentum)
+                         learnable=self.learnable, name=name, storage_dtype=storage_dtype,
+                         percentile=self.percentile, momentum=self.momentum)
 
     def describe(self) -> str:
         """Short human label, e.g. ``int8/channel/sym``, ``fp8_e4m3/tensor`` or ``float`` (unquantized)."""

@@ -55,7 +55,7 @@ def test_weights_are_really_packed(tmp_path):
         from safetensors import safe_open
 
         with safe_open(str(tmp_path / str(bits) / WEIGHTS_NAME), "pt") as f:
-            for layer_name, layout in meta["packed"].items():
+            for layer_name in meta["packed"]:
                 stored = f.get_tensor(f"{layer_name}.weight.codes")
                 n = layers[layer_name].weight.numel()
                 if bits == 8:
@@ -89,3 +89,43 @@ def test_metadata_describes_spec_and_formats(tmp_path):
     assert {s["name"] for s in meta["specs"]} == {s.name for s in specs}
     assert all(v["format"] == "int8" for v in meta["packed"].values())
     json.dumps(meta)
+
+
+SIZE_CONFIGS = {
+    **{k: v[0] for k, v in CONFIGS.items()},
+    "mxfp4": {"format": "mxfp4", "bits": 4, "granularity": "block"},
+    "ternary": {"format": "ternary", "bits": 2, "granularity": "channel", "observer": "absmean"},
+    "binary2": {"format": "binary", "bits": 2, "granularity": "channel"},
+    "uint4": {"format": "int", "bits": 4, "granularity": "channel", "symmetric": False},
+}
+
+
+@pytest.mark.parametrize("name", list(SIZE_CONFIGS))
+def test_reported_bits_are_the_bits_the_file_holds(tmp_path, name):
+    from safetensors import safe_open
+
+    from diffq.eval.cost import quantizer_bits
+
+    _, model, specs, calib = quantized_copy("sd", weight=SIZE_CONFIGS[name], act={"format": "none"})
+    path = export_quantized(model, specs, tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        sizes = {k: f.get_tensor(k).nbytes for k in f.keys()}
+    for layer_name, layer in layer_table(model).items():
+        numel = layer.weight.numel()
+        held = sum(n for k, n in sizes.items() if k.startswith(f"{layer_name}.weight.")) * 8 / numel
+        assert held == pytest.approx(quantizer_bits(layer.weight_quantizer), rel=0.01, abs=8 / numel), layer_name
+        assert not any(k.startswith(f"{layer_name}.weight_quantizer.") for k in sizes)  # not stored twice
+    loaded = load_quantized(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(outputs(model, calib), outputs(loaded, calib)))
+
+
+def test_previous_versions_are_refused_with_the_fix(tmp_path):
+    _, model, specs, _ = quantized_copy("sd")
+    path = export_quantized(model, specs, tmp_path)
+    meta = read_metadata(path)
+    meta["version"] = 1
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(path)), str(path), metadata={"diffq": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=r"diffq.quantized v1 file; expected diffq.quantized v2: re-export"):
+        load_quantized(tmp_path)

@@ -278,7 +278,7 @@ def export_cases() -> list[tuple[Quantizer, torch.Tensor]]:
         (act_q(INT8, "token"), act),
         (act_q(UINT8, "token", symmetric=False), act),
         (act_q(FPFormat(4, 3), "channel", [nchw], feature_axis=1), nchw),
-        (act_q(NVFP4Format(), "block"), act),
+        (act_q(NVFP4Format(), "block", [act]), act),
         (act_q(MXFP4Format(), "block"), act),
     ]
 
@@ -384,3 +384,34 @@ def test_state_dict_loads_into_fresh_quantizer() -> None:
         calibrated.calibrate_weight(w)
         fresh.load_state_dict(calibrated.state_dict())
         assert torch.equal(fresh(w), calibrated(w))
+
+
+def test_nvfp4_activations_do_not_depend_on_their_batch_companions() -> None:
+    image = torch.randn(1, 10, 64, generator=gen(1))
+    loud = torch.randn(3, 10, 64, generator=gen(2)) * 50  # e.g. the other CFG branch
+    q = act_q(NVFP4Format(), "block", [torch.cat([image, loud])])
+    assert q.needs_calibration and q.tensor_scale.numel() == 1 and set(q.state_dict()) == {"tensor_scale"}
+    alone = q(image)
+    assert torch.equal(q(torch.cat([image, loud]))[:1], alone)
+    assert torch.equal(q(torch.cat([image, image * 0.01]))[:1], alone)
+    assert mse(alone, image) < 0.02 * image.square().mean().item()
+
+
+def test_conv_groups_run_along_input_channels_per_kernel_position() -> None:
+    w = torch.randn(8, 32, 3, 3, generator=gen())
+    w[:, :16, 1, 1] *= 100  # one group of 16 input channels at the centre tap is large
+    q = weight_q(INT4, "group:16", w=w)
+    assert q.scale.shape == (8, 18, 1)  # 3 x 3 positions x 2 groups of input channels
+    big = q.scale.reshape(8, 3, 3, 2)
+    assert (big[:, 1, 1, 0] > 50 * big[:, 0, 0, 0]).all()  # only that group's scale is large
+    assert torch.equal(decode_tensor(q, *encode_tensor(q, w)), q(w))
+    assert mse(q(w)[:, :, 0, 0], w[:, :, 0, 0]) < 0.02 * mse(weight_q(INT4, "channel", w=w)(w)[:, :, 0, 0], w[:, :, 0, 0])
+    with pytest.raises(ConfigError, match="does not divide the 24 input channels"):
+        weight_q(INT4, "group:16", w=torch.randn(8, 24, 2, 2))
+
+
+def test_twn_ternary_observer_beats_absmean() -> None:
+    w = torch.randn(64, 512, generator=gen())
+    rel = {obs: ((weight_q(TernaryFormat(), w=w, observer=obs)(w) - w).norm() / w.norm()).item()
+           for obs in ("twn", "absmean")}
+    assert rel["twn"] == pytest.approx(0.436, abs=0.02) and rel["absmean"] == pytest.approx(0.513, abs=0.02)

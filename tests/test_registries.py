@@ -50,7 +50,7 @@ class Pow2Int(IntFormat):
     def name(self) -> str:
         return f"pow2int{self.bits}"
 
-    def params_from_range(self, lo, hi, symmetric):
+    def params_from_range(self, lo, hi, symmetric, given=None):
         scale = super().params_from_range(lo, hi, symmetric)["scale"]
         return {"scale": torch.exp2(torch.ceil(torch.log2(scale)))}
 

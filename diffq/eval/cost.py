@@ -1,15 +1,18 @@
 """Cost accounting: bits per element of each quantizer, effective bits of weights and
 activations, model size.
 
-Bits are counted as the export stores them (codes at their packed width, one 16-bit scale per
-scale group, block formats at their own scale width); where a format's information content is
-less than what is stored (ternary: log2(3) in 2 bits; 6-bit FP in 8), the information bits are
-reported beside.
+Weights are counted as the export stores them: codes at their packed width plus the parameters in
+their storage types (16-bit scales, uint8 zero points, E4M3 NVFP4 block factors with an fp32
+tensor scale, E8M0 MXFP4 exponents); where a format's information content is less than what is
+stored (ternary: log2(3) in 2 bits; 6-bit FP in 8), the information bits are reported beside.
+Dynamic activation scales count 16 bits each; static activation scales are free.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
+import torch
 from torch import nn
 
 from diffq.errors import CalibrationError
@@ -31,11 +34,16 @@ def quantizer_bits(q: nn.Module, shape: tuple[int, ...] | None = None, stored: b
     if not isinstance(q, Quantizer):
         return quantizer_bits(q.parts[0], shape, stored)
     fmt = q.fmt
+    shape = shape or q.last_shape
+    params = {k: getattr(q, k) for k in fmt.param_names(q.symmetric)} if q.kind == "weight" else {}
+    if params and shape is not None and all(p.numel() for p in params.values()):
+        half = q.storage_dtype or torch.float16
+        param_bits = sum(t.numel() * t.element_size() * 8 for t in fmt.to_storage(params, half).values())
+        return float(fmt.storage_bits if stored else fmt.element_bits) + param_bits / math.prod(shape)
     if fmt.block_size is not None:
         return fmt.bits_per_element(stored=stored)
     if q.kind == "act" and not q.dynamic:
         return fmt.bits_per_element(None, stored=stored)
-    shape = shape or q.last_shape
     if shape is None and q.layout.group is None:
         raise CalibrationError(f"bits_per_element of layer {q.name or '<unnamed>'} needs the tensor shape; pass shape=... or "
                                "calibrate first")

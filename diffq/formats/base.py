@@ -12,6 +12,12 @@ from diffq.errors import ConfigError
 EPS = 1e-12  # smallest scale: all-zero channels quantize to exact zeros, 1/scale stays finite
 
 
+def ceil_to(v: Tensor, dtype: torch.dtype) -> Tensor:
+    """``v`` (positive) rounded up to ``dtype`` (a scale never shrinks the range it covers), within its range."""
+    r = v.clamp(max=torch.finfo(dtype).max).to(dtype)
+    return torch.where(r.float() < v, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+
+
 def container(bits: int) -> int:
     """Smallest packing width in (1, 2, 4, 8) that holds ``bits``-bit codes."""
     return next(w for w in (1, 2, 4, 8) if w >= bits)
@@ -90,9 +96,29 @@ class Format(ABC):
         """Parameters computed from the observed tensor itself instead of a range (None: use the range)."""
         return None
 
-    def params_from_range(self, lo: Tensor, hi: Tensor, symmetric: bool) -> dict[str, Tensor]:
-        """Scale parameters mapping the range ``[lo, hi]`` (per kept group) onto the grid."""
+    def params_from_range(self, lo: Tensor, hi: Tensor, symmetric: bool,
+                          given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Scale parameters mapping the range ``[lo, hi]`` (per kept group) onto the grid (``given``:
+        parameters already calibrated, e.g. a static second-level scale of a dynamic block format)."""
         return {"scale": (torch.maximum(-lo, hi) / self.maxval).clamp_min(EPS)}
+
+    def calibrated_params(self, kind: str) -> tuple[str, ...]:
+        """Parameters calibrated once even when the rest are computed per call (dynamic)."""
+        return ()
+
+    def to_storage(self, params: dict[str, Tensor], half: torch.dtype) -> dict[str, Tensor]:
+        """The parameters as an export stores them: scales in ``half`` (rounded up), zero points as uint8."""
+        return {k: v.to(torch.uint8) if k == "zero_point" else ceil_to(v, half) if k == "scale" else v.to(half)
+                for k, v in params.items()}
+
+    def from_storage(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Inverse of :meth:`to_storage` (float32)."""
+        return {k: v.float() for k, v in stored.items()}
+
+    def storable(self, params: dict[str, Tensor], half: torch.dtype) -> dict[str, Tensor]:
+        """``params`` with the values their storage holds (trainable ones keep their gradient)."""
+        stored = self.from_storage(self.to_storage({k: v.detach() for k, v in params.items()}, half))
+        return {k: v + (stored[k] - v).detach() if v.requires_grad else stored[k] for k, v in params.items()}
 
     def to_grid(self, v: Tensor, params: dict[str, Tensor]) -> Tensor:
         """Grid values of ``v``; with a gradient: straight-through on rounding, zero outside the

@@ -63,7 +63,8 @@ class BlockFormat(Format):
             raise ConfigError(f"asymmetric quantization needs an unsigned int format (got {self.name}); "
                               "set symmetric=true")
 
-    def params_from_range(self, lo: Tensor, hi: Tensor, symmetric: bool) -> dict[str, Tensor]:
+    def params_from_range(self, lo: Tensor, hi: Tensor, symmetric: bool,
+                          given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         amax = torch.maximum(-lo, hi)
         return {"scale": self.block_scales(amax, amax.amax())}
 
@@ -94,9 +95,27 @@ class NVFP4Format(BlockFormat):
     def param_names(self, symmetric: bool) -> tuple[str, ...]:
         return ("scale", "tensor_scale")
 
-    def params_from_range(self, lo: Tensor, hi: Tensor, symmetric: bool) -> dict[str, Tensor]:
+    def calibrated_params(self, kind: str) -> tuple[str, ...]:
+        """Activations: the second-level scale is calibrated (static, as ModelOpt does), so an
+        image's output does not depend on its batch companions; block scales stay per call."""
+        return ("tensor_scale",) if kind == "act" else ()
+
+    def params_from_range(self, lo: Tensor, hi: Tensor, symmetric: bool,
+                          given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         amax = torch.maximum(-lo, hi)
-        return {**super().params_from_range(lo, hi, symmetric), "tensor_scale": self.tensor_scale(amax.amax())}
+        if given and "tensor_scale" in given:
+            ts = given["tensor_scale"]
+            return {"scale": self.block_scales(amax, ts * (6.0 * 448.0)), "tensor_scale": ts}
+        return {"scale": self.block_scales(amax, amax.amax()), "tensor_scale": self.tensor_scale(amax.amax())}
+
+    def to_storage(self, params: dict[str, Tensor], half: torch.dtype) -> dict[str, Tensor]:
+        """E4M3 block factors (``scale / tensor_scale``) and the fp32 tensor scale."""
+        ts = params["tensor_scale"].float()
+        return {"scale": (params["scale"] / ts).to(torch.float8_e4m3fn), "tensor_scale": ts}
+
+    def from_storage(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
+        ts = stored["tensor_scale"].float()
+        return {"scale": stored["scale"].float() * ts, "tensor_scale": ts}
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,14 @@ class MXFP4Format(BlockFormat):
         """Power-of-two scale per block (E8M0 range 2^-127..2^127; an all-zero block gets 2^-3)."""
         e = (torch.frexp(amax_block.float()).exponent - 1 - 2).clamp(-127, 127)
         return torch.ldexp(torch.ones_like(amax_block, dtype=torch.float32), e)
+
+    def to_storage(self, params: dict[str, Tensor], half: torch.dtype) -> dict[str, Tensor]:
+        """E8M0: the biased exponent of each power-of-two block scale, one byte."""
+        return {"scale": (torch.frexp(params["scale"].float()).exponent - 1 + 127).to(torch.uint8)}
+
+    def from_storage(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
+        e = stored["scale"].to(torch.int32) - 127
+        return {"scale": torch.ldexp(torch.ones_like(e, dtype=torch.float32), e)}
 
 
 FORMATS.register("nvfp4")(FormatKind(lambda bits, exp, man, symmetric: NVFP4Format(), "nvfp4",

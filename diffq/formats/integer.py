@@ -78,7 +78,8 @@ class IntFormat(Format):
     def param_names(self, symmetric: bool) -> tuple[str, ...]:
         return ("scale",) if symmetric else ("scale", "zero_point")
 
-    def params_from_range(self, lo: Tensor, hi: Tensor, symmetric: bool) -> dict[str, Tensor]:
+    def params_from_range(self, lo: Tensor, hi: Tensor, symmetric: bool,
+                          given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         if symmetric:
             return super().params_from_range(lo, hi, symmetric)
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)

@@ -161,7 +161,11 @@ def search_weight(q: Quantizer, weight: Tensor, gram: Tensor | None, formats: Se
     w = weight.detach().float()
     v = q.view(w)  # [rows, groups, group size]
     amax = v.abs().amax(q.layout.reduce_dims, keepdim=True)
-    w2 = w.reshape(w.shape[0], -1)
+    w2 = v.reshape(w.shape[0], -1)  # the view's element order (convolution groups: channels-last)
+    if gram is not None:  # the Gram matrix in the same order
+        order = q.view(torch.arange(w[0].numel(), dtype=torch.float32, device=w.device).reshape(1, *w.shape[1:]))
+        perm = order.flatten().long()
+        gram = gram[perm][:, perm]
     alphas = alphas.to(w.device)
     rows = 1 if q.granularity == "tensor" else w.shape[0]
     coarse, offsets = _coarse_to_fine(len(alphas))
