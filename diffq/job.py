@@ -1,32 +1,46 @@
-"""One diffq job: load -> calibrate -> quantize -> evaluate -> save artifacts."""
+"""One diffq job, a chain of stages: check the config -> load the pipeline -> FP samples -> quantize
+(or load an export) -> quantized samples -> cost -> evaluate -> write the artifacts.
+
+Every check that needs no model runs before the pipeline loads, and the ones that need the
+denoiser (rules, vocabulary) run before the first image is generated.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from diffq import calib as calibration
-from diffq.calib.cache import cache_key
+from diffq.cache import cache_key
 from diffq.calib.select import step_histogram
 from diffq.errors import ConfigError
 from diffq.eval.cost import activation_bits, weight_bits
 from diffq.eval.geneval import load_metadata
 from diffq.eval.grids import image_grid
-from diffq.eval.samples import (SampleFolder, Shard, current_shard, generate_samples, process_state,
-                                wait_for_everyone)
+from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
 from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.methods import get_method, get_recon_mode
 from diffq.methods.reconstruct import reconstruct
-from diffq.models import denoiser_of, generate_images, load_pipeline, sample_seeds, unknown_words
-from diffq.roles import ROLES, assign_roles
+from diffq.models import (
+    Sampling,
+    denoiser_of,
+    generate_images,
+    load_pipeline,
+    model_key,
+    sample_seeds,
+    sampling_of,
+    unknown_words,
+)
+from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table, resolve_spec, validate_quant_args
 from diffq.testbed.prompts import evaluation_metadata
 
@@ -34,14 +48,104 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Sampling:
-    """Sampler settings after applying sampler overrides to the model defaults."""
+class Plan:
+    """What the quantized model is: its preset name and attention-matmul settings (the config's, or
+    the checkpoint's with ``load=``) and, with ``load=``, the checkpoint's metadata."""
 
-    steps: int
-    guidance: float
-    resolution: int
-    batch_size: int
-    call_kwargs: dict[str, Any]
+    name: str
+    attn: dict[str, Any]
+    checkpoint: dict[str, Any] | None = None
+
+
+@dataclass
+class EvalSet:
+    """The evaluation images to generate: one metadata entry per prompt, ``images_per_prompt`` each,
+    and the flat (prompt-major) prompt and seed lists."""
+
+    entries: list[dict[str, Any]]
+    geneval: list[dict[str, Any]] | None
+    images_per_prompt: int
+    prompts: list[str]
+    seeds: list[int]
+
+
+@dataclass
+class Samples:
+    """One side's evaluation images on disk and how many of them this run generated."""
+
+    folder: SampleFolder
+    generated: int
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Run one job and write its artifacts into ``out_dir``; returns the metrics dict."""
+    timings: dict[str, float] = {}
+    check_config(cfg)
+    plan = plan_of(cfg)
+    evalset = eval_set(cfg)
+    calib_prompts = calibration_prompts_of(cfg)
+    shard = current_shard()
+    out_dir = prepare_out_dir(cfg, out_dir, shard)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    with timed(timings, "load_s"):
+        pipe = load_model(cfg, device)
+    denoiser_name, denoiser = denoiser_of(pipe)
+    specs = layer_specs(cfg, denoiser, plan)
+    if cfg.model.vocabulary_check:
+        check_vocabulary(pipe, [*evalset.prompts, *calib_prompts])
+    smp = sampling_of(cfg)
+    setting = sample_setting(cfg, evalset, smp)
+    with timed(timings, "sampling_fp_s"):
+        fp = fp_samples(pipe, cfg, evalset, setting, smp, shard)
+    with timed(timings, "calibration_s"):
+        if cfg.load:
+            calib_info = load_export(cfg.load, denoiser)
+        else:
+            calib_info = quantize(pipe, denoiser, specs, cfg, calib_prompts, smp, device, timings)
+    if shard.is_main:
+        (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn))
+    quant, input_counts = quantized_samples(pipe, denoiser, specs, cfg, plan, evalset, setting, smp, shard, out_dir,
+                                            timings)
+    if not shard.is_main:
+        return {"status": "worker", "shard": shard.rank}
+    fp_images, q_images = fp.folder.load(), quant.folder.load()
+    cost = cost_of(denoiser, specs, input_counts)
+    suite = evaluate(cfg.eval, fp_images, q_images, evalset.prompts, evalset.geneval, cfg.paths.cache_dir, device)
+    metrics: dict[str, Any] = {
+        "status": "ok",
+        "model": cfg.model.name,
+        "quant": plan.name,
+        "method": cfg.quant.method,
+        "attn": plan.attn,
+        "denoiser": f"{denoiser_name}:{type(denoiser).__name__.removeprefix('Quant')}",
+        "metrics": suite,
+        "fidelity": split_per_image(suite),
+        "cost": cost,
+        "time": {k: round(v, 3) for k, v in timings.items()},
+        "calib": {**calib_info, "fp_images_cache_hit": fp.generated == 0},
+        "samples": {"fp": str(fp.folder.root), "quant": str(quant.folder.root), "generated_fp": fp.generated,
+                    "generated_quant": quant.generated, "processes": shard.world},
+        "prompts": evalset.prompts,
+        "seeds": evalset.seeds,
+    }
+    write_artifacts(cfg, out_dir, plan, denoiser, specs, evalset, fp_images, q_images, metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- checks, before any model loads
+
+
+def check_config(cfg: DictConfig) -> None:
+    """ConfigError for every setting that is wrong on its own (formats, method, reconstruction,
+    calibration selection, attention formats, metrics), before anything loads or runs."""
+    q = cfg.quant
+    validate_quant_args(q.weight, q.act)
+    get_method(q.method)
+    check_recon(cfg)
+    calibration.check_selection(cfg.calib.selection)
+    check_attn(q.attn)
+    check_eval(cfg.eval)
 
 
 def check_recon(cfg: DictConfig) -> None:
@@ -53,7 +157,76 @@ def check_recon(cfg: DictConfig) -> None:
     if cfg.load:
         raise ConfigError("quant.recon applies when quantizing, not to a loaded export: drop load= or quant.recon")
     if not q.keep_fp_weights:
-        raise ConfigError("reconstruction needs the FP weights next to the quantized ones: set quant.keep_fp_weights=true")
+        raise ConfigError("reconstruction needs the FP weights next to the quantized ones: "
+                          "set quant.keep_fp_weights=true")
+
+
+def check_attn(attn: Mapping[str, Any]) -> None:
+    """ConfigError naming ``quant.attn.qkv`` / ``quant.attn.softmax`` when attention quantization
+    is on and one of its formats cannot be built."""
+    if not attn.get("enabled"):
+        return
+    for key in ("qkv", "softmax"):
+        where = f"quant.attn.{key}"
+        tq = TensorQuant.from_mapping(attn[key], where)
+        try:
+            tq.build_format()
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from e
+
+
+def plan_of(cfg: DictConfig) -> Plan:
+    """The config's preset, or with ``load=`` the checkpoint's (CheckpointError when it is missing or
+    not a diffq export)."""
+    if not cfg.load:
+        return Plan(cfg.quant.name, OmegaConf.to_container(cfg.quant.attn, resolve=True))
+    meta = read_metadata(cfg.load)
+    return Plan(meta["extra"].get("quant", "unknown"), meta["attn"] or {"enabled": False}, meta)
+
+
+def geneval_entries(cfg: DictConfig) -> list[dict[str, Any]] | None:
+    """The GenEval metadata entries the evaluation uses, if any."""
+    source = cfg.eval.geneval.metadata
+    if not source:
+        return None
+    entries = list(evaluation_metadata()) if source == "shapes" else load_metadata(source)
+    return entries[:: max(1, cfg.eval.geneval.stride)]
+
+
+def sample_entries(cfg: DictConfig, entries: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """One metadata entry per evaluation prompt: the GenEval entries, else ``{"prompt": p}`` for the
+    model's own prompts (e.g. class labels), else for ``eval.prompts``."""
+    if entries:
+        return entries
+    return [{"prompt": p} for p in (list(cfg.model.prompts) or list(cfg.eval.prompts))]
+
+
+def eval_set(cfg: DictConfig) -> EvalSet:
+    """The evaluation prompts and seeds (ConfigError when the GenEval detector lacks a class)."""
+    geneval = geneval_entries(cfg)
+    check_geneval_classes(cfg.eval, geneval)
+    entries = sample_entries(cfg, geneval)
+    k = cfg.eval.images_per_prompt
+    prompts = [e["prompt"] for e in entries for _ in range(k)]
+    return EvalSet(entries, geneval, k, prompts, sample_seeds(cfg.eval.seed, len(prompts)))
+
+
+def calibration_prompts_of(cfg: DictConfig) -> list[str]:
+    """The calibration prompts: the model's own prompts, else ``calib.prompts`` / ``calib.prompts_file``."""
+    return calibration.calibration_prompts(
+        list(cfg.model.prompts) or list(cfg.calib.prompts), cfg.calib.prompts_file, cfg.calib.num_prompts
+    )
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Record the block's wall time in seconds as ``timings[key]``."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - t0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,54 +248,14 @@ def shared_out_dir(out_dir: Path) -> Path:
     return Path(broadcast_object_list([str(out_dir)])[0])
 
 
-def sampling_of(cfg: DictConfig) -> Sampling:
-    """Steps/guidance/batch from ``sampler`` overrides or the model defaults."""
-    s, m = cfg.sampler, cfg.model
-    return Sampling(
-        steps=int(s.steps if s.steps is not None else m.steps),
-        guidance=float(s.guidance if s.guidance is not None else m.guidance),
-        resolution=int(m.resolution),
-        batch_size=int(s.batch_size),
-        call_kwargs=OmegaConf.to_container(m.call_kwargs, resolve=True),
-    )
-
-
-def weights_fingerprint(path: str | None) -> str | None:
-    """Hash of the file names, sizes and modification times under a local model folder (None for
-    hub ids), so caches notice retrained or replaced weights."""
-    if not path or not Path(path).expanduser().is_dir():
-        return None
-    root = Path(path).expanduser()
-    files = sorted(f for f in root.rglob("*") if f.is_file())
-    return cache_key({"files": [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]})
-
-
-def model_key(cfg: DictConfig) -> dict[str, Any]:
-    """What identifies the FP model's outputs (for cache keys)."""
-    m = cfg.model
-    return {
-        "name": m.name, "family": m.family, "source": m.source, "pretrained": m.pretrained,
-        "weights": weights_fingerprint(m.pretrained) if m.source == "pretrained" else None,
-        "dtype": m.dtype, "seed": m.seed, "tiny": OmegaConf.to_container(m.tiny, resolve=True),
-        "scheduler": cfg.sampler.scheduler,
-    }
-
-
-def geneval_entries(cfg: DictConfig) -> list[dict[str, Any]] | None:
-    """The GenEval metadata entries the evaluation uses, if any."""
-    source = cfg.eval.geneval.metadata
-    if not source:
-        return None
-    entries = list(evaluation_metadata()) if source == "shapes" else load_metadata(source)
-    return entries[:: max(1, cfg.eval.geneval.stride)]
-
-
-def sample_entries(cfg: DictConfig, entries: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """One metadata entry per evaluation prompt: the GenEval entries, else ``{"prompt": p}`` for the
-    model's own prompts (e.g. class labels), else for ``eval.prompts``."""
-    if entries:
-        return entries
-    return [{"prompt": p} for p in (list(cfg.model.prompts) or list(cfg.eval.prompts))]
+def prepare_out_dir(cfg: DictConfig, out_dir: Path, shard: Shard) -> Path:
+    """The job's output folder (the main process's one for every process), with ``config.yaml``."""
+    if shard.world > 1:
+        out_dir = shared_out_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if shard.is_main:
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return out_dir
 
 
 def swap_scheduler(pipe: Any, name: str | None) -> None:
@@ -137,22 +270,21 @@ def swap_scheduler(pipe: Any, name: str | None) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
-def sample_setting(cfg: DictConfig, entries: list[dict[str, Any]], seeds: list[int], smp: Sampling) -> dict[str, Any]:
-    """What determines the FP model's evaluation images (the key of their cached folder)."""
-    return {"model": model_key(cfg), "entries": cache_key({"entries": entries}), "images_per_prompt":
-            cfg.eval.images_per_prompt, "seeds": cache_key({"seeds": seeds}), "steps": smp.steps,
-            "guidance": smp.guidance, "res": smp.resolution, "kw": smp.call_kwargs}
+def load_model(cfg: DictConfig, device: torch.device) -> Any:
+    """The FP pipeline on ``device``, with the configured sampler scheduler."""
+    pipe = load_pipeline(cfg.model, device=device)
+    swap_scheduler(pipe, cfg.sampler.scheduler)
+    return pipe
 
 
-def make_samples(pipe: Any, cfg: DictConfig, folder: SampleFolder, seeds: list[int], smp: Sampling, shard: Shard,
-                 desc: str) -> tuple[float, int]:
-    """Generate what is missing of ``folder`` (this process's shard); (seconds, images generated)."""
-    t0 = time.perf_counter()
-    made = generate_samples(pipe, cfg.model.family, folder, seeds, shard=shard, batch_size=smp.batch_size, desc=desc,
-                            steps=smp.steps, guidance=smp.guidance, resolution=smp.resolution,
-                            call_kwargs=smp.call_kwargs)
-    wait_for_everyone()
-    return time.perf_counter() - t0, made
+def layer_specs(cfg: DictConfig, denoiser: nn.Module, plan: Plan) -> list[LayerSpec]:
+    """Each layer's quantization: the checkpoint's with ``load=``, else the config's rules resolved on
+    the denoiser (ConfigError for an impossible rule)."""
+    if plan.checkpoint is not None:
+        return [LayerSpec.from_dict(d) for d in plan.checkpoint["specs"]]
+    q = cfg.quant
+    layers = quantizable_layers(denoiser, cfg.model.family)
+    return resolve_spec(layers, q.weight, q.act, OmegaConf.to_container(q.rules, resolve=True), ROLES, strict=q.strict)
 
 
 def check_vocabulary(pipe: Any, prompts: list[str]) -> None:
@@ -169,11 +301,32 @@ def check_vocabulary(pipe: Any, prompts: list[str]) -> None:
             )
 
 
-def quantizable_layers(model: nn.Module, family: str) -> dict[str, tuple[str, nn.Module]]:
-    """Every nn.Linear / nn.Conv2d of the denoiser with its role."""
-    roles = assign_roles(model, family)
-    modules = dict(model.named_modules())
-    return {name: (role, modules[name]) for name, role in roles.items()}
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_setting(cfg: DictConfig, evalset: EvalSet, smp: Sampling) -> dict[str, Any]:
+    """What determines the FP model's evaluation images (the key of their cached folder)."""
+    return {"model": model_key(cfg), "entries": cache_key({"entries": evalset.entries}),
+            "images_per_prompt": evalset.images_per_prompt, "seeds": cache_key({"seeds": evalset.seeds}),
+            "steps": smp.steps, "guidance": smp.guidance, "res": smp.resolution, "kw": smp.call_kwargs}
+
+
+def make_samples(pipe: Any, cfg: DictConfig, folder: SampleFolder, seeds: list[int], smp: Sampling, shard: Shard,
+                 desc: str) -> Samples:
+    """Generate what is missing of ``folder`` (this process's shard)."""
+    made = generate_samples(pipe, cfg.model.family, folder, seeds, shard=shard, batch_size=smp.batch_size, desc=desc,
+                            steps=smp.steps, guidance=smp.guidance, resolution=smp.resolution,
+                            call_kwargs=smp.call_kwargs)
+    wait_for_everyone()
+    return Samples(folder, made)
+
+
+def fp_samples(pipe: Any, cfg: DictConfig, evalset: EvalSet, setting: dict[str, Any], smp: Sampling,
+               shard: Shard) -> Samples:
+    """The FP model's evaluation images, in the shared cache (``<cache_dir>/fp_samples/<key>``)."""
+    root = Path(cfg.paths.cache_dir).expanduser() / "fp_samples" / cache_key(setting)
+    folder = SampleFolder(root, evalset.entries, evalset.images_per_prompt, setting)
+    return make_samples(pipe, cfg, folder, evalset.seeds, smp, shard, "FP samples")
 
 
 class InputElementCounter:
@@ -197,139 +350,101 @@ class InputElementCounter:
         self._hooks = []
 
 
-def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Run one job and write its artifacts into ``out_dir``; returns the metrics dict."""
-    timings: dict[str, float] = {}
-    validate_quant_args(cfg.quant.weight, cfg.quant.act)
-    check_recon(cfg)
-    shard = current_shard()
-    if shard.world > 1:
-        out_dir = shared_out_dir(out_dir)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if shard.is_main:
-        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-    t0 = time.perf_counter()
-    pipe = load_pipeline(cfg.model, device=device)
-    swap_scheduler(pipe, cfg.sampler.scheduler)
-    timings["load_s"] = time.perf_counter() - t0
-    denoiser_name, denoiser = denoiser_of(pipe)
-    dtype = next(denoiser.parameters()).dtype
-    smp = sampling_of(cfg)
-    family = cfg.model.family
-
-    q = cfg.quant
-    attn_cfg = OmegaConf.to_container(q.attn, resolve=True)
-    if not cfg.load:
-        layers = quantizable_layers(denoiser, family)
-        rules = OmegaConf.to_container(q.rules, resolve=True)
-        specs = resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
-
-    check_eval(cfg.eval)
-    geneval = geneval_entries(cfg)
-    check_geneval_classes(cfg.eval, geneval)
-    entries = sample_entries(cfg, geneval)
-    k = cfg.eval.images_per_prompt
-    prompts = [e["prompt"] for e in entries for _ in range(k)]
-    calib_prompts = calibration.calibration_prompts(
-        list(cfg.model.prompts) or list(cfg.calib.prompts), cfg.calib.prompts_file, cfg.calib.num_prompts
-    )
-    if cfg.model.vocabulary_check:
-        check_vocabulary(pipe, [*prompts, *calib_prompts])
-    seeds = sample_seeds(cfg.eval.seed, len(prompts))
-    setting = sample_setting(cfg, entries, seeds, smp)
-    fp_folder = SampleFolder(Path(cfg.paths.cache_dir).expanduser() / "fp_samples" / cache_key(setting), entries, k,
-                             setting)
-    timings["sampling_fp_s"], fp_made = make_samples(pipe, cfg, fp_folder, seeds, smp, shard, "FP samples")
-
-    t0 = time.perf_counter()
-    if cfg.load:
-        specs = [LayerSpec.from_dict(d) for d in read_metadata(cfg.load)["specs"]]
-        load_quantized(cfg.load, denoiser)
-        calib_info: dict[str, Any] = {"loaded_from": str(cfg.load)}
-    else:
-        samples, calib_hit = calibration.load_or_capture(
-            pipe, family, model_key=model_key(cfg), prompts=calib_prompts, seed=cfg.calib.seed,
-            steps=int(cfg.calib.steps or smp.steps), guidance=smp.guidance, resolution=smp.resolution,
-            keep_steps=cfg.calib.num_steps, batch_size=cfg.calib.batch_size, call_kwargs=smp.call_kwargs,
-            cache_dir=cfg.paths.cache_dir if cfg.calib.cache else None, selection=cfg.calib.selection,
-            num_samples=cfg.calib.num_samples, edadm=OmegaConf.to_container(cfg.calib.edadm, resolve=True),
-        )
-        timings["calib_capture_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        method = get_method(q.method)
-        stats = method(denoiser, specs, samples, OmegaConf.to_container(q, resolve=True), device=device, dtype=dtype)
-        if q.recon != "none":
-            stats.update(reconstruct(denoiser, samples, OmegaConf.to_container(cfg.recon, resolve=True), q.recon,
-                                     device=device, dtype=dtype))
-        timings["quantize_s"] = time.perf_counter() - t1
-        hist = step_histogram(samples, max(s.step for s in samples) + 1)
-        log.info("calibration set (%s): denoiser input rows per sampler call: %s", cfg.calib.selection,
-                 " ".join(map(str, hist)))
-        calib_info = {"samples": len(samples), "selection": cfg.calib.selection, "cache_hit": calib_hit,
-                      "steps": hist, **stats}
-    timings["calibration_s"] = time.perf_counter() - t0
-    spec_text = format_spec_table(specs)
-    if attn_cfg.get("enabled"):
-        spec_text += f"attention matmuls: q/k/v {_describe(attn_cfg['qkv'])}, softmax output {_describe(attn_cfg['softmax'])}\n"
-    if shard.is_main:
-        (out_dir / "spec.txt").write_text(spec_text)
-
+def quantized_samples(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictConfig, plan: Plan,
+                      evalset: EvalSet, setting: dict[str, Any], smp: Sampling, shard: Shard, out_dir: Path,
+                      timings: dict[str, float]) -> tuple[Samples, dict[str, int]]:
+    """The quantized model's evaluation images (``<out_dir>/samples``) and the input elements each
+    layer receives in one denoiser call (for the activation-bits cost)."""
     counter = InputElementCounter(denoiser, [s.name for s in specs])
-    q_setting = {**setting, "quant": OmegaConf.to_container(q, resolve=True), "load": cfg.load,
+    q_setting = {**setting, "quant": OmegaConf.to_container(cfg.quant, resolve=True), "load": cfg.load,
                  "calib": OmegaConf.to_container(cfg.calib, resolve=True)}
-    q_folder = SampleFolder(out_dir / "samples", entries, k, q_setting)
-    timings["sampling_quant_s"], q_made = make_samples(pipe, cfg, q_folder, seeds, smp, shard, f"{q.name} samples")
+    folder = SampleFolder(out_dir / "samples", evalset.entries, evalset.images_per_prompt, q_setting)
+    with timed(timings, "sampling_quant_s"):
+        samples = make_samples(pipe, cfg, folder, evalset.seeds, smp, shard, f"{plan.name} samples")
     if not counter.counts:  # every image was already on disk: count one denoiser call's inputs
-        _count_one_call(pipe, cfg, smp, prompts[0], seeds[0])
+        count_one_call(pipe, cfg, smp, evalset.prompts[0], evalset.seeds[0])
     counter.remove()
-    if not shard.is_main:
-        return {"status": "worker", "shard": shard.rank}
-    fp_images, q_images = fp_folder.load(), q_folder.load()
-
-    cost = weight_bits(denoiser)
-    cost["effective_act_bits"] = activation_bits(denoiser, counter.counts, specs)
-    cost["layers_quantized"] = sum(s.quantized for s in specs)
-    cost["layers_total"] = len(specs)
-
-    suite = evaluate(cfg.eval, fp_images, q_images, prompts, geneval, cfg.paths.cache_dir, device)
-    metrics: dict[str, Any] = {
-        "status": "ok",
-        "model": cfg.model.name,
-        "quant": q.name,
-        "method": q.method,
-        "denoiser": f"{denoiser_name}:{type(denoiser).__name__.removeprefix('Quant')}",
-        "metrics": suite,
-        "fidelity": split_per_image(suite),
-        "cost": cost,
-        "time": {k: round(v, 3) for k, v in timings.items()},
-        "calib": {**calib_info, "fp_images_cache_hit": fp_made == 0},
-        "samples": {"fp": str(fp_folder.root), "quant": str(q_folder.root), "generated_fp": fp_made,
-                    "generated_quant": q_made, "processes": shard.world},
-        "prompts": prompts,
-        "seeds": seeds,
-    }
-    if cfg.eval.grid:
-        n = min(len(prompts), cfg.eval.grid_max)
-        image_grid([fp_images[:n], q_images[:n]], ["FP", q.name], prompts[:n]).save(out_dir / "grid.png")
-    if cfg.export:
-        path = export_quantized(denoiser, specs, out_dir / "model", attn_cfg,
-                                extra={"model": cfg.model.name, "quant": q.name})
-        metrics["export"] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 4)}
-    write_metrics(out_dir, metrics)
-    return metrics
+    return samples, counter.counts
 
 
-def _count_one_call(pipe: Any, cfg: DictConfig, smp: Sampling, prompt: str, seed: int) -> None:
+def count_one_call(pipe: Any, cfg: DictConfig, smp: Sampling, prompt: str, seed: int) -> None:
     """Run the sampler briefly on one prompt so input-element counters see a denoiser call."""
     generate_images(pipe, cfg.model.family, [prompt], [seed], steps=2, guidance=smp.guidance,
                     resolution=smp.resolution, batch_size=1, call_kwargs=smp.call_kwargs, progress=False)
 
 
-def _describe(args: dict[str, Any]) -> str:
+# ----------------------------------------------------------------------------- quantize or load
+
+
+def quantize(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictConfig, calib_prompts: list[str],
+             smp: Sampling, device: torch.device, timings: dict[str, float]) -> dict[str, Any]:
+    """Capture (or load from the cache) the calibration set, then quantize the denoiser in place with
+    ``quant.method`` and any reconstruction; returns the calibration facts for metrics.json."""
+    q = cfg.quant
+    dtype = next(denoiser.parameters()).dtype
+    with timed(timings, "calib_capture_s"):
+        samples, calib_hit = calibration.load_or_capture(
+            pipe, cfg.model.family, model_key=model_key(cfg), prompts=calib_prompts, seed=cfg.calib.seed,
+            steps=int(cfg.calib.steps or smp.steps), guidance=smp.guidance, resolution=smp.resolution,
+            keep_steps=cfg.calib.num_steps, batch_size=cfg.calib.batch_size, call_kwargs=smp.call_kwargs,
+            cache_dir=cfg.paths.cache_dir if cfg.calib.cache else None, selection=cfg.calib.selection,
+            num_samples=cfg.calib.num_samples, edadm=OmegaConf.to_container(cfg.calib.edadm, resolve=True),
+        )
+    with timed(timings, "quantize_s"):
+        method = get_method(q.method)
+        stats = method(denoiser, specs, samples, OmegaConf.to_container(q, resolve=True), device=device, dtype=dtype)
+        if q.recon != "none":
+            stats.update(reconstruct(denoiser, samples, OmegaConf.to_container(cfg.recon, resolve=True), q.recon,
+                                     device=device, dtype=dtype))
+    hist = step_histogram(samples, max(s.step for s in samples) + 1)
+    log.info("calibration set (%s): denoiser input rows per sampler call: %s", cfg.calib.selection,
+             " ".join(map(str, hist)))
+    return {"samples": len(samples), "selection": cfg.calib.selection, "cache_hit": calib_hit, "steps": hist,
+            **stats}
+
+
+def load_export(path: str, denoiser: nn.Module) -> dict[str, Any]:
+    """Load an exported quantized checkpoint into the denoiser; returns where it came from."""
+    load_quantized(path, denoiser)
+    return {"loaded_from": str(path)}
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def spec_text(specs: list[LayerSpec], attn: Mapping[str, Any]) -> str:
+    """spec.txt: the per-layer table, then the attention-matmul formats when they are quantized."""
+    text = format_spec_table(specs)
+    if attn.get("enabled"):
+        text += (f"attention matmuls: q/k/v {_describe(attn['qkv'])}, "
+                 f"softmax output {_describe(attn['softmax'])}\n")
+    return text
+
+
+def _describe(args: Mapping[str, Any]) -> str:
     return TensorQuant.from_mapping(args, "quant.attn").describe()
+
+
+def cost_of(denoiser: nn.Module, specs: list[LayerSpec], input_counts: dict[str, int]) -> dict[str, Any]:
+    """Effective weight/activation bits, model sizes and how many layers are quantized."""
+    cost = weight_bits(denoiser)
+    cost["effective_act_bits"] = activation_bits(denoiser, input_counts, specs)
+    cost["layers_quantized"] = sum(s.quantized for s in specs)
+    cost["layers_total"] = len(specs)
+    return cost
+
+
+def write_artifacts(cfg: DictConfig, out_dir: Path, plan: Plan, denoiser: nn.Module, specs: list[LayerSpec],
+                    evalset: EvalSet, fp_images: torch.Tensor, q_images: torch.Tensor, metrics: dict[str, Any]) -> None:
+    """grid.png, the exported model (``export=true``, recorded in ``metrics``) and metrics.json."""
+    if cfg.eval.grid:
+        n = min(len(evalset.prompts), cfg.eval.grid_max)
+        image_grid([fp_images[:n], q_images[:n]], ["FP", plan.name], evalset.prompts[:n]).save(out_dir / "grid.png")
+    if cfg.export:
+        path = export_quantized(denoiser, specs, out_dir / "model", plan.attn,
+                                extra={"model": cfg.model.name, "quant": plan.name})
+        metrics["export"] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 4)}
+    write_metrics(out_dir, metrics)
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from diffq.errors import ConfigError
 
 __all__ = [
     "ROLES", "QUANTIZABLE_TYPES", "FAMILY_ROLE_TABLES", "SHARED_ROLE_TABLE", "TEXT_ENCODER_CLASSES",
-    "detect_family", "assign_roles",
+    "detect_family", "assign_roles", "quantizable_layers",
 ]
 
 ROLES: tuple[str, ...] = (
@@ -159,3 +159,11 @@ def assign_roles(model: nn.Module, family: str | None = None) -> dict[str, str]:
         )
     table = _compiled(family)
     return {name: next((role for rx, role in table if rx.match(name)), "other") for name in names}
+
+
+def quantizable_layers(model: nn.Module, family: str | None = None) -> dict[str, tuple[str, nn.Module]]:
+    """Every quantizable module (nn.Linear, nn.Conv2d) of ``model`` as ``name -> (role, module)``,
+    the input :func:`diffq.spec.resolve_spec` takes."""
+    roles = assign_roles(model, family)
+    modules = dict(model.named_modules())
+    return {name: (role, modules[name]) for name, role in roles.items()}

@@ -48,7 +48,8 @@ def metric_columns(metrics: dict[str, Any]) -> dict[str, float]:
     """Summary columns of a job's ``metrics`` block (those it computed)."""
     picks = {"psnr": ("psnr", "quant"), "ssim": ("ssim", "quant"), "lpips": ("lpips", "quant"),
              "geneval_fp": ("geneval", "fp", "overall"), "geneval_quant": ("geneval", "quant", "overall"),
-             "fid_fp": ("fid", "fp", "fid"), "fid_quant": ("fid", "quant", "fid"), "fid_to_fp": ("fid_fp", "quant", "fid"),
+             "fid_fp": ("fid", "fp", "fid"), "fid_quant": ("fid", "quant", "fid"),
+             "fid_to_fp": ("fid_fp", "quant", "fid"),
              "clip_fp": ("clip_score", "fp"), "clip_quant": ("clip_score", "quant")}
     out = {}
     for col, path in picks.items():

@@ -22,10 +22,9 @@ from omegaconf import OmegaConf
 from diffq import calib as calibration
 from diffq.config import register_configs
 from diffq.formats import FPFormat
-from diffq.job import model_key, quantizable_layers, sampling_of
 from diffq.methods import get_method
-from diffq.models import denoiser_of, load_pipeline
-from diffq.roles import ROLES
+from diffq.models import denoiser_of, load_pipeline, model_key, sampling_of
+from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import resolve_spec
 
 TARGETS = {"w8a16": 1.05, "w4a16": 1.05, "w8a8": 1.5, "w8a8_fp8": 1.5, "w4a16_nvfp4": 1.05,
@@ -60,8 +59,8 @@ def e2m1_ladder(y: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_paths(elements: int, repeats: int) -> None:
-    """FP8 casts, the magic-number rounding (what ``FPFormat.round`` ships for other layouts) and the FP4 ladder vs the generic
-    ExMy formula, each checked bit-exact against it."""
+    """FP8 casts, the magic-number rounding (what ``FPFormat.round`` ships for other layouts) and the FP4
+    ladder vs the generic ExMy formula, each checked bit-exact against it."""
     x = torch.randn(elements) * 3
     e2m1, e3m4, e4m3, e5m2 = FPFormat(2, 1), FPFormat(3, 4), FPFormat(4, 3), FPFormat(5, 2)
     paths = (("fp8 e4m3 cast", e4m3, lambda y: y.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()),
@@ -99,7 +98,8 @@ def scaled_mm_paths(repeats: int) -> None:
             return (time.perf_counter() - t0) / repeats
 
         bf16 = timed(lambda: a16 @ w16.t())
-        fp8 = timed(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa.float(), scale_b=sw.float(), out_dtype=torch.bfloat16))
+        fp8 = timed(lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa.float(), scale_b=sw.float(),
+                                             out_dtype=torch.bfloat16))
         print(f"{name + f' {m}x{k}x{n}':<26}{bf16 * 1e3:>10.3f}{fp8 * 1e3:>10.3f}{bf16 / fp8:>10.2f}")
 
 
@@ -131,7 +131,8 @@ def main() -> None:
     pipe = load_pipeline(cfg.model, device="cpu")
     _, fp = denoiser_of(pipe)
     smp = sampling_of(cfg)
-    prompts = calibration.calibration_prompts(list(cfg.model.prompts) or list(cfg.calib.prompts), None, cfg.calib.num_prompts)
+    prompts = calibration.calibration_prompts(list(cfg.model.prompts) or list(cfg.calib.prompts), None,
+                                              cfg.calib.num_prompts)
     t0 = time.perf_counter()
     samples, _ = calibration.load_or_capture(
         pipe, cfg.model.family, model_key=model_key(cfg), prompts=prompts, seed=cfg.calib.seed, steps=smp.steps,
@@ -151,7 +152,8 @@ def main() -> None:
         specs = resolve_spec(quantizable_layers(model, cfg.model.family), qc.weight, qc.act,
                              OmegaConf.to_container(qc.rules), ROLES)
         t0 = time.perf_counter()
-        get_method(qc.method)(model, specs, samples, OmegaConf.to_container(qc), device=torch.device("cpu"), dtype=torch.float32)
+        get_method(qc.method)(model, specs, samples, OmegaConf.to_container(qc), device=torch.device("cpu"),
+                              dtype=torch.float32)
         calib_s = time.perf_counter() - t0
         # paired, interleaved rounds so machine noise hits FP and quantized alike
         ratios = []

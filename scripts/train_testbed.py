@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffq.models.tokenizers import build_word_tokenizer  # noqa: E402
-from diffq.testbed.prompts import training_example, vocabulary  # noqa: E402
+from diffq.testbed.prompts import evaluation_metadata, training_example, vocabulary  # noqa: E402
 from diffq.testbed.world import IMAGE_SIZE, render  # noqa: E402
 
 DEFAULT_ASSETS = ROOT / "assets" / "testbed"
@@ -294,7 +295,6 @@ def clip_retrieval(model, tok, args, n: int = 100) -> float:
     from diffq.eval.geneval import score_image
     from diffq.testbed.detector import detect
     from diffq.testbed.groundtruth import render_entry
-    from diffq.testbed.prompts import evaluation_metadata
 
     rng = np.random.default_rng(12345)
     entries = [evaluation_metadata()[i] for i in rng.permutation(len(evaluation_metadata()))]
@@ -302,7 +302,8 @@ def clip_retrieval(model, tok, args, n: int = 100) -> float:
     for entry in entries:
         image = render_entry(entry, rng)
         dets = detect(image)
-        clash = any(score_image(entry, d)[0] for _, _, d in chosen) or any(score_image(e, dets)[0] for e, _, _ in chosen)
+        clash = (any(score_image(entry, d)[0] for _, _, d in chosen)
+                 or any(score_image(e, dets)[0] for e, _, _ in chosen))
         if not clash:
             chosen.append((entry, image, dets))
         if len(chosen) == n:
@@ -498,7 +499,6 @@ def train_flux(args) -> None:
 GENERATORS = {"unet_pipeline": ("sd", "StableDiffusionPipeline", {}, 3.0),
               "flux_pipeline": ("flux", "FluxPipeline",
                                 {"max_sequence_length": MAX_TOKENS, "true_cfg_scale": 4.0, "negative_prompt": ""}, 1.0)}
-BARS = {"geneval_overall": 0.6, "clip_top1": 0.9, "vae_psnr_db": 28.0}
 
 
 def params_of(folder: Path) -> int:
@@ -512,27 +512,40 @@ def params_of(folder: Path) -> int:
     return total
 
 
-def evaluate_generator(folder: Path, steps: int = 20) -> dict:
-    """GenEval-shapes of a saved generator on the evaluation set (4 images per prompt) vs chance."""
+def card_entries(per_task: int | None) -> list[dict]:
+    """The GenEval-shapes prompts the cards score: all of them, or the first ``per_task`` of each task."""
+    seen: Counter[str] = Counter()
+    chosen = []
+    for entry in evaluation_metadata():
+        seen[entry["tag"]] += 1
+        if per_task is None or seen[entry["tag"]] <= per_task:
+            chosen.append(entry)
+    return chosen
+
+
+def evaluate_generator(folder: Path, entries: list[dict], chance_tasks: dict[str, float], steps: int = 20) -> dict:
+    """GenEval-shapes of a saved generator on ``entries`` (4 images per prompt) next to chance."""
     import diffusers
 
-    from diffq.testbed.evaluate import chance, geneval_images, geneval_shapes
-    from diffq.testbed.prompts import evaluation_metadata
+    from diffq.testbed.evaluate import geneval_images, geneval_shapes
 
     family, cls, call_kwargs, guidance = GENERATORS[folder.name]
     pipe = getattr(diffusers, cls).from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    entries = list(evaluation_metadata())
     t0 = time.perf_counter()
     images = geneval_images(pipe, family, entries, 4, seed=0, steps=steps, guidance=guidance, resolution=IMAGE_SIZE,
                             batch_size=64, call_kwargs=call_kwargs)
     result = geneval_shapes(images, entries, 4)
-    return {"geneval_overall": result.overall, "geneval_tasks": result.tasks, "chance_tasks": chance(entries),
-            "eval_seconds": round(time.perf_counter() - t0, 1), "sampler_steps": steps}
+    return {"geneval_overall": result.overall, "geneval_tasks": result.tasks, "chance_tasks": chance_tasks,
+            "geneval_prompts": len(entries), "eval_seconds": round(time.perf_counter() - t0, 1),
+            "sampler_steps": steps}
 
 
 def write_cards(args) -> None:
-    """Evaluate every trained model and write its model card (README.md) next to it."""
+    """Evaluate every trained model and write its model card (README.md) next to it; the generators
+    are scored on the ``--eval-per-task`` first GenEval-shapes prompts of each task (default: all)."""
+    from diffq.testbed.evaluate import chance
+
     logs = {name: json.loads((args.assets / name / "train_log.json").read_text())
             for name in OUTPUTS.values() if done(args.assets / name)}
     if "clip" in logs:
@@ -541,16 +554,22 @@ def write_cards(args) -> None:
         clip = CLIPModel.from_pretrained(args.assets / "clip").eval()
         logs["clip"]["text_to_image_top1_100"] = clip_retrieval(clip, tokenizer(), args)
         write_log(args.assets / "clip", logs["clip"])
-    for name in GENERATORS:
-        if name in logs and ("geneval_overall" not in logs[name] or args.force):
-            logs[name].update(evaluate_generator(args.assets / name))
-            write_log(args.assets / name, logs[name])
+    entries = card_entries(args.eval_per_task)
+    # a log without a prompt count was scored on every prompt
+    todo = [name for name in GENERATORS if name in logs and (
+        args.force or "geneval_overall" not in logs[name]
+        or logs[name].get("geneval_prompts", len(evaluation_metadata())) != len(entries))]
+    chance_tasks = chance(entries) if todo else {}
+    for name in todo:
+        logs[name].update(evaluate_generator(args.assets / name, entries, chance_tasks))
+        write_log(args.assets / name, logs[name])
     for name, log in logs.items():
         card = [f"# testbed `{name}`", "", CARD_TEXT[name], "",
                 f"- parameters (all components in this folder): {params_of(args.assets / name):,}",
                 f"- training: {log['steps']} steps, batch {log['batch']}, {log['seconds'] / 60:.1f} min on "
-                f"a 2-core CPU (1-2 threads, sharing it with other work), seed {SEED}, data: {args.data} procedurally generated shapes-world "
-                "images with GenEval-style captions (evaluation prompts never used as captions)", ""]
+                f"a 2-core CPU (1-2 threads, sharing it with other work), seed {SEED}, data: {args.data} "
+                "procedurally generated shapes-world images with GenEval-style captions (evaluation prompts never "
+                "used as captions)", ""]
         card += [f"- {k}: {json.dumps(v)}" for k, v in log.items() if k not in ("steps", "batch", "seconds")]
         (args.assets / name / "README.md").write_text("\n".join(card) + "\n")
         print(f"[cards] {name}: {json.dumps({k: v for k, v in log.items() if 'tasks' not in k})}")
@@ -564,13 +583,14 @@ CARD_TEXT = {
             "model serves CLIP score. Word-level tokenizer of the world's vocabulary (tokenizer.json). Bar: "
             "text->image top-1 >= 0.9 among 100 held-out pairs with distinct captions.",
     "unet_pipeline": "StableDiffusionPipeline: UNet2DConditionModel (channels 32/64, cross-attention at 8x8 to "
-                     "the frozen tiny CLIP text tower), DDPM epsilon training with 10% caption dropout, DDIM sampling (20 steps) with CFG 3 "
-                     "(CFG 2 / 3 gave GenEval-shapes 0.70 / 0.78 on these weights). "
-                     "The saved weights are the EMA (0.999) over the last cycle; the pipeline's VAE carries the latent shift "
-                     "in its conv biases (StableDiffusionPipeline ignores shift_factor). "
+                     "the frozen tiny CLIP text tower), DDPM epsilon training with 10% caption dropout, DDIM "
+                     "sampling (20 steps) with CFG 3 (CFG 2 / 3 gave GenEval-shapes 0.70 / 0.78 on these weights). "
+                     "The saved weights are the EMA (0.999) over the last cycle; the pipeline's VAE carries the "
+                     "latent shift in its conv biases (StableDiffusionPipeline ignores shift_factor). "
                      "Bar: GenEval-shapes overall >= 0.6, every task above chance.",
-    "flux_pipeline": "FluxPipeline: FluxTransformer2DModel (2 double + 4 single stream blocks, width 128 = 4 heads x 32) "
-                     "on 2x2-packed latents, a tiny T5 encoder trained jointly (sequence) and the frozen CLIP text tower "
+    "flux_pipeline": "FluxPipeline: FluxTransformer2DModel (2 double + 4 single stream blocks, width 128 = 4 heads "
+                     "x 32) on 2x2-packed latents, a tiny T5 encoder trained jointly (sequence) and the frozen CLIP "
+                     "text tower "
                      "(pooled); rectified-flow velocity training (logit-normal t), Euler sampling (20 steps) with true "
                      "CFG 4; EMA (0.999) weights. Width 64 had plateaued at GenEval-shapes 0.35 (12k steps) and 0.33 "
                      "(15.5k): blank images for some colour/shape pairs, merged objects. Bar: GenEval-shapes overall "
@@ -601,10 +621,16 @@ def main() -> None:
     p.add_argument("--flux-steps", type=int, nargs="+", default=[10000], help="as --unet-steps")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the generators' weights")
     p.add_argument("--gen-lr", type=float, default=5e-4)
+    p.add_argument("--eval-per-task", type=int, default=None,
+                   help="cards: score the generators on the first N GenEval-shapes prompts of each task "
+                        "(default: all 201 prompts, 4 images each)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--assets", type=Path, default=DEFAULT_ASSETS, help="where trained models are written")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="data, latents and resumable checkpoints")
     args = p.parse_args()
+    if args.eval_per_task is not None and args.eval_per_task < 2:
+        p.error(f"--eval-per-task must be 2 or more: chance levels compare the prompts of a task "
+                f"(got {args.eval_per_task})")
     torch.set_num_threads(args.threads)
     stages = list(STAGES) if args.stage == ["all"] else args.stage
     for stage in stages:

@@ -7,10 +7,9 @@ from functools import lru_cache
 import torch
 
 from diffq.calib.capture import capture_trajectories
-from diffq.job import quantizable_layers
 from diffq.methods import rtn
 from diffq.models import build_tiny_pipeline, sample_seeds
-from diffq.roles import ROLES
+from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import resolve_spec
 
 PROMPTS = {"dit": ["cat", "dog"]}
@@ -28,7 +27,8 @@ def pipeline_and_calib(family: str):
     prompts = PROMPTS.get(family, DEFAULT_PROMPTS)
     calib = capture_trajectories(
         pipe, family, prompts, sample_seeds(0, len(prompts)), steps=STEPS[family], guidance=4.0,
-        resolution=32, keep_steps=2, batch_size=2, call_kwargs={"max_sequence_length": 16} if family in ("sd3", "flux", "pixart") else {},
+        resolution=32, keep_steps=2, batch_size=2,
+        call_kwargs={"max_sequence_length": 16} if family in ("sd3", "flux", "pixart") else {},
     )
     return pipe, calib
 

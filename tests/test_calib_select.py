@@ -8,8 +8,7 @@ import torch
 from diffq import calib as calibration
 from diffq.calib import capture as capture_mod
 from diffq.calib.capture import capture_trajectories
-from diffq.calib.select import (assemble, capture_pool, edadm_counts, largest_remainder, select_items,
-                                trajectory_count)
+from diffq.calib.select import assemble, capture_pool, edadm_counts, largest_remainder, select_items, trajectory_count
 from diffq.errors import ConfigError
 from diffq.models import build_tiny_pipeline, sample_seeds
 

@@ -22,7 +22,8 @@ QUICK = ["eval.prompts=[a photo of a red circle,a photo of two blue squares]", "
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "diffq", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "diffq", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def test_default_run_writes_all_artifacts(tmp_path):
@@ -37,7 +38,8 @@ def test_default_run_writes_all_artifacts(tmp_path):
     assert m["metrics"]["psnr"]["quant"] == m["fidelity"]["psnr"]["mean"]
     g = m["metrics"]["geneval"]  # the testbed's own benchmark, FP and W8A8
     assert g["settings"] == {"backend": "shapes", "detector": "shapes", "prompts": 51, "images_per_prompt": 2,
-                             "threshold": 0.3, "counting_threshold": 0.9, "max_objects": 16, "position_threshold": 0.1, "seed": 0}
+                             "threshold": 0.3, "counting_threshold": 0.9, "max_objects": 16,
+                             "position_threshold": 0.1, "seed": 0}
     assert g["fp"]["overall"] >= 0.45 and g["quant"]["overall"] >= g["fp"]["overall"] - 0.15
     assert len(g["fp"]["tasks"]) == 6
     assert len(m["fidelity"]["psnr"]["per_image"]) == len(m["prompts"])
@@ -54,16 +56,20 @@ def test_default_run_writes_all_artifacts(tmp_path):
     spec = (run_dir / "spec.txt").read_text()
     assert "conv_in" in spec and "int8/channel/sym" in spec
     assert OmegaConf.load(run_dir / "config.yaml").model.name == "testbed_unet"
-    # reload the export: same images as the quantized model
-    res = _cli([f"hydra.run.dir={tmp_path / 'reload'}", f"load={run_dir / 'model'}"], cwd=tmp_path)
+    # reload the export: same images as the quantized model, reported under the checkpoint's preset
+    # and attention settings whatever the command line names
+    res = _cli([f"hydra.run.dir={tmp_path / 'reload'}", f"load={run_dir / 'model'}", "quant=w4a8",
+                "quant.attn.enabled=true"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     m2 = json.loads((tmp_path / "reload" / "metrics.json").read_text())
     assert m2["fidelity"]["psnr"]["per_image"] == m["fidelity"]["psnr"]["per_image"]
+    assert m2["quant"] == "w8a8" and m2["attn"] == m["attn"] and not m2["attn"]["enabled"]
+    assert "attention matmuls" not in (tmp_path / "reload" / "spec.txt").read_text()
 
 
 def test_sweep_records_failures_and_writes_summary(tmp_path):
-    res = _cli(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", TINY, "quant.weight.granularity=channel,group:7", *QUICK],
-               cwd=tmp_path)
+    res = _cli(["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", TINY, "quant.weight.granularity=channel,group:7",
+                *QUICK], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert [r["status"] for r in rows] == ["ok", "failed"]
@@ -74,8 +80,8 @@ def test_sweep_records_failures_and_writes_summary(tmp_path):
 
 
 def test_bad_input_exits_with_one_clear_message(tmp_path):
-    res = _cli([f"hydra.run.dir={tmp_path / 'r'}", "quant.weight.format=fp", "quant.weight.bits=4", "quant.weight.exp=5",
-                "quant.weight.man=3"], cwd=tmp_path)
+    res = _cli([f"hydra.run.dir={tmp_path / 'r'}", "quant.weight.format=fp", "quant.weight.bits=4",
+                "quant.weight.exp=5", "quant.weight.man=3"], cwd=tmp_path)
     assert res.returncode == 2 and "E5M3" in res.stderr + res.stdout and "Traceback" not in res.stderr
     res = _cli(["model=nope"], cwd=tmp_path)
     assert res.returncode != 0 and "nope" in res.stderr
@@ -124,7 +130,8 @@ def test_calibration_set_is_cached_and_attention_listed_in_spec(compose, tmp_pat
     second = run(compose(TINY, "eval.grid=false", "quant=w4a8", *QUICK), tmp_path / "b")
     assert second["calib"]["cache_hit"] and second["calib"]["fp_images_cache_hit"]
     assert second["calib"]["samples"] == first["calib"]["samples"] == 2  # 1 batch x 2 kept steps
-    assert "attention matmuls: q/k/v int8/tensor/sym, softmax output uint8/tensor/asym" in (tmp_path / "a" / "spec.txt").read_text()
+    spec = (tmp_path / "a" / "spec.txt").read_text()
+    assert "attention matmuls: q/k/v int8/tensor/sym, softmax output uint8/tensor/asym" in spec
 
 
 def test_geneval_shapes_eval_scores_fp_and_quantized(compose, tmp_path):

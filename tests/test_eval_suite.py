@@ -68,18 +68,30 @@ def test_lpips_offline_is_skipped_with_the_reason(tmp_path, monkeypatch):
 
 
 def test_lpips_pairs_batches_per_image_values():
-    class SquaredError:
-        def __call__(self, a, b):
-            return (a - b).pow(2).flatten(1).mean(1)
-
-        def reset(self):
-            pass
+    def squared_error(a, b):
+        return (a - b).pow(2).flatten(1).mean(1)
 
     a = torch.rand(5, 3, 8, 8)
     b = a.clone()
     b[2] += 0.5
-    out = lpips_mod.lpips_pairs(a, b.clamp(0, 1), SquaredError(), batch_size=2)
+    out = lpips_mod.lpips_pairs(a, b.clamp(0, 1), squared_error, batch_size=2)
     assert len(out["per_image"]) == 5 and out["per_image"][2] > 0 and out["per_image"][0] == 0
+
+
+def test_lpips_network_orders_distortions_offline():
+    """LPIPS' own linear heads on an untrained backbone (no download): what can be checked offline is
+    that identical images are at distance 0 and more noise is farther; the values of the ImageNet
+    backbone need its weights (the job records "skipped" without them)."""
+    torch.manual_seed(0)
+    metric = lpips_mod.PairedLPIPS("alex", random_backbone=True)
+    images = _renders(4)[0].float() / 255
+    noise = torch.randn_like(images)
+    out = {s: lpips_mod.lpips_pairs(images, images + s * noise, metric, batch_size=3)["per_image"]
+           for s in (0, 0.05, 0.3)}
+    assert out[0] == [0.0] * 4
+    assert all(0 < low < high for low, high in zip(out[0.05], out[0.3]))
+    with pytest.raises(ConfigError, match="eval.lpips_net"):
+        lpips_mod.PairedLPIPS("resnet", random_backbone=True)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -87,6 +99,7 @@ def test_lpips_pairs_batches_per_image_values():
     (["eval.metrics=[clip_score]"], "eval.clip_model"),
     (["eval.metrics=[psnr,sharpness]"], "sharpness"),
     (["eval.metrics=[fid_fp]", "eval.fid.backend=tf"], "backend 'tf'"),
+    (["eval.metrics=[psnr,lpips]", "eval.lpips_net=resnet"], "eval.lpips_net"),
 ])
 def test_metrics_that_cannot_run_stop_before_generation(compose, overrides, match):
     cfg = compose("model=tiny_sd15", *overrides)
@@ -94,14 +107,17 @@ def test_metrics_that_cannot_run_stop_before_generation(compose, overrides, matc
         check_eval(cfg.eval)
 
 
-def test_testbed_job_reports_every_cheap_metric_with_settings(compose, tmp_path):
+def test_testbed_job_reports_every_cheap_metric_with_settings(compose, tmp_path, monkeypatch):
+    # offline the ImageNet backbone is absent: the job's LPIPS wiring runs on the untrained one
+    monkeypatch.setattr(lpips_mod, "load_lpips", lambda net: (lpips_mod.PairedLPIPS(net, random_backbone=True), None))
     cfg = compose("eval.geneval.stride=25", "eval.metrics=[psnr,ssim,lpips,clip_score]", "eval.grid=false",
                   "calib.num_prompts=2", "calib.num_steps=2")
     m = run(cfg, tmp_path)["metrics"]
     assert set(m) == {"psnr", "ssim", "lpips", "clip_score", "geneval"}
     assert m["clip_score"]["fp"] > 10 and abs(m["clip_score"]["quant"] - m["clip_score"]["fp"]) < 5
     assert m["clip_score"]["settings"]["model"].endswith("clip") and m["clip_score"]["settings"]["n"] == 18
-    assert "skipped" in m["lpips"] or 0 <= m["lpips"]["quant"] < 0.5
+    assert 0 < m["lpips"]["quant"] < 1
+    assert m["lpips"]["settings"]["net"] == "alex" and m["lpips"]["settings"]["pairs"] == 18
     assert all(v["seconds"] >= 0 for v in m.values())
 
 

@@ -49,7 +49,8 @@ def test_resize_modes_differ_and_are_recorded(extractor):
 def test_backends_agree_and_fid_ranks_damage(extractor):
     real = extract_features(world_images(16, seed=0), extractor)
     same = extract_features(world_images(16, seed=1), extractor)
-    noisy_images = (world_images(16, seed=1).float() + torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 40)
+    noise = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    noisy_images = world_images(16, seed=1).float() + noise * 40
     noisy = extract_features(noisy_images.clamp(0, 255).to(torch.uint8), extractor)
     tm = fid_kid(real, same, extractor, "torchmetrics", kid_subset_size=8, kid_subsets=10)
     cf = fid_kid(real, same, extractor, "clean-fid", kid_subset_size=8, kid_subsets=10)

@@ -12,14 +12,13 @@ from diffq.errors import CalibrationError, ConfigError
 from diffq.eval.cost import weight_bits
 from diffq.export import WEIGHTS_NAME, export_quantized, load_quantized, read_metadata
 from diffq.formats import FPFormat
-from diffq.job import quantizable_layers
 from diffq.layers import layer_table, quantize_layer_
 from diffq.methods import get_method
 from diffq.methods.adaround import AdaRound
 from diffq.methods.fp_search import LAYOUTS, alpha_grid, candidate_formats, search_act, search_weight
 from diffq.methods.reconstruct import reconstruct
 from diffq.quantizer import Quantizer
-from diffq.roles import ROLES
+from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import TensorQuant, format_spec_table, resolve_spec
 from tests.helpers import KEEP_FP, denoiser, outputs, pipeline_and_calib, rel_error
 

@@ -24,7 +24,12 @@ ONE_TEMPLATE = ("a photo of a {color} {cls}",)  # the tiny CLIP's vocabulary has
 
 def tiny_mask2former(folder: Path, classes: list[str]) -> Path:
     """A random Mask2Former (tiny Swin backbone) with ``classes``, saved with its image processor."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        SwinConfig,
+    )
 
     torch.manual_seed(0)
     backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
@@ -66,7 +71,7 @@ def test_instances_match_transformers_post_processing(shapes_m2f, world_images):
         pred = det.model(pixel_values=inputs["pixel_values"])
     reference = det.processor.post_process_instance_segmentation(pred, threshold=0.0, target_sizes=[(32, 32)] * 4,
                                                                  return_binary_maps=True)
-    for (scores, labels, masks), ref in zip(det.instances(images), reference):
+    for (scores, _labels, masks), ref in zip(det.instances(images), reference):
         ref_info = sorted(ref["segments_info"], key=lambda s: -s["score"])
         n = min(5, len(ref_info))  # transformers first resizes masks to 384 px: scores agree to ~1e-3
         assert np.allclose(scores[:n].numpy(), [s["score"] for s in ref_info[:n]], atol=3e-3)
@@ -125,7 +130,8 @@ def test_official_prompts_run_end_to_end_with_the_mask2former_backend(compose, t
     m2f = tiny_mask2former(tmp_path / "m2f80", names)
     cfg = compose("model=tiny_sd15", "eval=geneval", f"eval.geneval.metadata={SHARED / 'evaluation_metadata.jsonl'}",
                   "eval.geneval.stride=100", "eval.images_per_prompt=2", f"eval.geneval.detector={m2f}",
-                  f"eval.geneval.clip_model={asset_path('clip')}", "eval.geneval.templates=['a photo of a {color} {cls}']",
+                  f"eval.geneval.clip_model={asset_path('clip')}",
+                  "eval.geneval.templates=['a photo of a {color} {cls}']",
                   "eval.grid=false", "calib.num_prompts=2", "calib.num_steps=2", "model.steps=2")
     m = run(cfg, tmp_path / "run")
     g = m["metrics"]["geneval"]
@@ -143,7 +149,8 @@ def test_testbed_prompts_with_the_mask2former_backend(compose, tmp_path, shapes_
 
     cfg = compose("eval=geneval_shapes", "eval.geneval.backend=mask2former", "eval.geneval.stride=40",
                   "eval.images_per_prompt=1", f"eval.geneval.detector={shapes_m2f}",
-                  f"eval.geneval.clip_model={asset_path('clip')}", "eval.geneval.templates=['a photo of a {color} {cls}']",
+                  f"eval.geneval.clip_model={asset_path('clip')}",
+                  "eval.geneval.templates=['a photo of a {color} {cls}']",
                   f"eval.geneval.colors=[{','.join(COLORS)}]", "eval.grid=false", "calib.num_prompts=2",
                   "calib.num_steps=2")
     g = run(cfg, tmp_path)["metrics"]["geneval"]

@@ -95,7 +95,8 @@ def test_attention_matmul_quantizers(family):
         _, model, _, _ = quantized_copy(family, attn=attn(bits), **only_attn)
         names = [n for n, _ in iter_quantizers(model)]
         if bits is not None:
-            assert any(n.endswith(".softmax_quantizer") for n in names) and any(n.endswith(".q_quantizer") for n in names)
+            assert any(n.endswith(".softmax_quantizer") for n in names)
+            assert any(n.endswith(".q_quantizer") for n in names)
         errors[bits] = rel_error(ref, outputs(model, calib))
     assert errors[None] < 1e-5  # the wrapped processor with no quantizers is the original maths
     assert 0 < errors[8] < 0.02 and errors[4] > 3 * errors[8], errors

@@ -153,7 +153,7 @@ def test_cached_fp_samples_notice_retrained_weights(tmp_path):
     """The FP sample / calibration cache keys carry a fingerprint of a local model folder."""
     import os
 
-    from diffq.job import weights_fingerprint
+    from diffq.models import weights_fingerprint
 
     (tmp_path / "unet").mkdir()
     weights = tmp_path / "unet" / "model.safetensors"

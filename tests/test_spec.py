@@ -6,9 +6,8 @@ import logging
 import pytest
 
 from diffq.errors import ConfigError
-from diffq.job import quantizable_layers
 from diffq.models import build_tiny_pipeline
-from diffq.roles import ROLES
+from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import format_spec_table, resolve_spec, validate_quant_args
 
 W8 = {"format": "int", "bits": 8, "granularity": "channel"}
@@ -49,7 +48,8 @@ def test_last_matching_rule_wins_per_field(layers):
 
 
 def test_regex_names_and_unskip(layers):
-    rules = [{"names": [r"re:down_blocks\.0\..*"], "skip": True}, {"names": ["down_blocks.0.resnets.0.conv1"], "skip": False}]
+    rules = [{"names": [r"re:down_blocks\.0\..*"], "skip": True},
+             {"names": ["down_blocks.0.resnets.0.conv1"], "skip": False}]
     specs = by_name(resolve_spec(layers, W8, A8, rules, ROLES))
     assert specs["down_blocks.0.resnets.0.conv2"].skip
     assert not specs["down_blocks.0.resnets.0.conv1"].skip

@@ -1,6 +1,7 @@
 """Testbed integration: asset checks and vocabulary errors (no trained generator needed)."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -34,7 +35,9 @@ def test_missing_and_partial_asset_folders_name_the_file_and_the_script(tmp_path
         assets.check_asset_folder(root / "unet_pipeline")
     folder = root / "unet_pipeline"
     (folder / "vae").mkdir(parents=True)
-    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "DDIMScheduler"]}')
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                         "vae": ["diffusers", "AutoencoderKL"],
+                                                         "scheduler": ["diffusers", "DDIMScheduler"]}))
     with pytest.raises(CheckpointError, match=r"vae has no weights file.*--stage unet"):
         assets.check_asset_folder(folder)
     for f in ("config.json", "diffusion_pytorch_model.safetensors"):

@@ -13,7 +13,8 @@ from diffq.testbed.prompts import TASKS, evaluation_metadata
 PER_TASK = 6  # prompts per task (single_object has 2)
 GENERATORS = {  # shipped generators: pipeline class, family, guidance, call kwargs
     "unet_pipeline": ("StableDiffusionPipeline", "sd", 3.0, {}),
-    "flux_pipeline": ("FluxPipeline", "flux", 1.0, {"max_sequence_length": 16, "true_cfg_scale": 4.0, "negative_prompt": ""}),
+    "flux_pipeline": ("FluxPipeline", "flux", 1.0,
+                      {"max_sequence_length": 16, "true_cfg_scale": 4.0, "negative_prompt": ""}),
 }
 
 

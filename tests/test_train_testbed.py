@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_testbed.py"
@@ -24,19 +25,29 @@ def test_all_stages_write_loadable_models_and_skip_when_done(tmp_path):
 
     from diffq.models import generate_images
 
-    res = _train(tmp_path, "--stage", "all")
+    res = _train(tmp_path, "--stage", "all", "--eval-per-task", "2")  # cards score 12 GenEval-shapes prompts
     assert res.returncode == 0, res.stderr[-3000:]
     assets = tmp_path / "assets"
     for name in ("vae", "clip", "unet_pipeline", "flux_pipeline"):
         log = json.loads((assets / name / "train_log.json").read_text())
         assert log["steps"] == 3 and log["seconds"] > 0
+        assert (assets / name / "README.md").read_text().startswith(f"# testbed `{name}`")
+    assert 0 <= json.loads((assets / "clip" / "train_log.json").read_text())["text_to_image_top1_100"] <= 1
+    for name in ("unet_pipeline", "flux_pipeline"):
+        log = json.loads((assets / name / "train_log.json").read_text())
+        assert log["geneval_prompts"] == 12 and 0 <= log["geneval_overall"] <= 1 and len(log["geneval_tasks"]) == 6
     sd = StableDiffusionPipeline.from_pretrained(assets / "unet_pipeline")
-    img = generate_images(sd, "sd", ["a photo of a red circle"], [0], steps=2, guidance=3.0, resolution=32, progress=False)
+    img = generate_images(sd, "sd", ["a photo of a red circle"], [0], steps=2, guidance=3.0, resolution=32,
+                          progress=False)
     assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
     flux = FluxPipeline.from_pretrained(assets / "flux_pipeline")
     assert type(flux.text_encoder_2).__name__ == "T5EncoderModel"
     again = _train(tmp_path, "--stage", "vae")
     assert again.returncode == 0 and "already trained" in again.stdout
+    rescored = _train(tmp_path, "--stage", "cards", "--eval-per-task", "3")  # another prompt set: scored again
+    assert rescored.returncode == 0, rescored.stderr[-3000:]
+    log = json.loads((assets / "unet_pipeline" / "train_log.json").read_text())
+    assert log["geneval_prompts"] == 17  # 3 of each task, and single_object has only 2
     _check_conditioning(sd, flux)
     _check_latent_space(sd, assets / "vae")
 
@@ -71,3 +82,13 @@ def _check_latent_space(sd, vae_folder: Path) -> None:
                                    atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(sd.vae.encode(x).latent_dist.mean, vae.encode(x).latent_dist.mean - shift,
                                    atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_cards_score_the_generators_on_every_geneval_prompt(tmp_path):
+    res = _train(tmp_path, "--stage", "all")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("unet_pipeline", "flux_pipeline"):
+        log = json.loads((tmp_path / "assets" / name / "train_log.json").read_text())
+        assert log["geneval_prompts"] == 201 and len(log["geneval_tasks"]) == 6
+        assert set(log["chance_tasks"]) == set(log["geneval_tasks"])

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from diffq.calib.cache import cache_key, cache_path, load_tensors, save_tensors
+from diffq.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.calib.capture import CalibSample, capture_trajectories, flatten_samples, unflatten_samples, uniform_steps
 from diffq.calib.select import SELECTIONS, assemble, capture_pool, edadm_counts, select_items, trajectory_count
 from diffq.errors import ConfigError
@@ -16,7 +16,7 @@ from diffq.models import sample_seeds
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibSample", "calibration_prompts", "load_or_capture", "uniform_steps"]
+__all__ = ["CalibSample", "calibration_prompts", "check_selection", "load_or_capture", "uniform_steps"]
 
 _CACHE_VERSION = 1
 
@@ -35,6 +35,12 @@ def calibration_prompts(prompts: Sequence[str], prompts_file: str | None, count:
     if count <= 0:
         raise ConfigError(f"calib.num_prompts must be positive (got {count})")
     return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def check_selection(selection: str) -> None:
+    """ConfigError unless ``selection`` names a calibration-set selection (``calib.selection``)."""
+    if selection not in SELECTIONS:
+        raise ConfigError(f"unknown calib.selection {selection!r}: use one of {', '.join(SELECTIONS)}")
 
 
 def load_or_capture(
@@ -60,8 +66,7 @@ def load_or_capture(
     ``uniform`` keeps ``keep_steps`` evenly spaced calls of each trajectory; ``edadm`` and
     ``all_steps_random`` select ``num_samples`` (default: prompts x keep_steps) items from a pool
     of every call, streamed to disk (see :mod:`diffq.calib.select`)."""
-    if selection not in SELECTIONS:
-        raise ConfigError(f"unknown calib.selection {selection!r}: use one of {', '.join(SELECTIONS)}")
+    check_selection(selection)
     seeds = sample_seeds(seed, len(prompts))
     base = {"v": _CACHE_VERSION, "model": model_key, "prompts": list(prompts), "seeds": seeds, "steps": steps,
             "guidance": guidance, "resolution": resolution, "call_kwargs": call_kwargs}
@@ -95,7 +100,10 @@ def _select_from_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: lis
                       **sampling: Any) -> list[CalibSample]:
     hook = edadm.get("hook", "auto")
     with contextlib.ExitStack() as stack:
-        root = Path(os.path.expanduser(str(cache_dir))) if cache_dir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        if cache_dir:
+            root = Path(os.path.expanduser(str(cache_dir)))
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         folder = root / "calib_pool" / cache_key({**base, "hook": hook, "batch": sampling["batch_size"]})
         capture_pool(pipe, family, prompts, seeds, folder, hook=hook, **sampling)
         trajectories, calls = trajectory_count(folder)

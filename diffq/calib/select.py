@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffq.calib.cache import load_meta, load_tensors, save_tensors
+from diffq.cache import load_meta, load_tensors, save_tensors
 from diffq.calib.capture import CalibSample, _Recorder, check_finite, flatten_samples, unflatten_samples
 from diffq.errors import CalibrationError, ConfigError
 from diffq.models import denoiser_of, generate_images
@@ -97,7 +97,8 @@ def capture_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: Sequence
 def _load_shard(path: Path) -> tuple[list[CalibSample], int]:
     hit = load_tensors(path)
     if hit is None:
-        raise CalibrationError(f"calibration pool shard {path} is missing or unreadable: delete {path.parent} to recapture")
+        raise CalibrationError(f"calibration pool shard {path} is missing or unreadable: "
+                               f"delete {path.parent} to recapture")
     return unflatten_samples(hit[0], hit[1]["layout"]), int(hit[1]["trajectories"])
 
 
@@ -151,7 +152,8 @@ def select_items(selection: str, n: int, trajectories: int, calls: int, seed: in
         flat = rng.choice(pool, size=n, replace=False)
         items = [(int(i) % calls, int(i) // calls) for i in flat]
     else:
-        items = [(i, int(j)) for i, k in enumerate(counts) for j in rng.choice(trajectories, size=int(k), replace=False)]
+        items = [(i, int(j)) for i, k in enumerate(counts)
+                 for j in rng.choice(trajectories, size=int(k), replace=False)]
     return sorted(items)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffq.calib.cache import cache_key, cache_path, load_tensors, save_tensors
+from diffq.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.errors import CheckpointError, ConfigError
 from diffq.eval.inception import InceptionFeatures
 
@@ -107,7 +107,8 @@ def _torchmetrics(real: torch.Tensor, fake: torch.Tensor, extractor: InceptionFe
     return float(fid.compute()), float(kid_mean), float(kid_std)
 
 
-def _cleanfid(real: torch.Tensor, fake: torch.Tensor, subset: int, subsets: int, seed: int) -> tuple[float, float, float]:
+def _cleanfid(real: torch.Tensor, fake: torch.Tensor, subset: int, subsets: int,
+              seed: int) -> tuple[float, float, float]:
     from cleanfid.fid import frechet_distance, kernel_distance
 
     r, f = real.numpy(), fake.numpy()
@@ -133,10 +134,12 @@ def load_image_folder(folder: str | Path, limit: int | None = None) -> torch.Ten
 
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise CheckpointError(f"reference image folder {root} does not exist: point eval.fid.reference at a folder of images")
+        raise CheckpointError(f"reference image folder {root} does not exist: "
+                              "point eval.fid.reference at a folder of images")
     files = image_files(root)[:limit]
     if len(files) < 2:
-        raise CheckpointError(f"reference image folder {root} has {len(files)} images (png/jpg/webp/bmp); FID needs many")
+        raise CheckpointError(f"reference image folder {root} has {len(files)} images (png/jpg/webp/bmp); "
+                              "FID needs many")
     arrays = []
     for p in tqdm(files, desc="reference images", disable=len(files) < 500):
         try:
@@ -145,7 +148,8 @@ def load_image_folder(folder: str | Path, limit: int | None = None) -> torch.Ten
             raise CheckpointError(f"reference image {p} is unreadable ({err}); remove or replace it") from err
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise CheckpointError(f"reference images in {root} have different sizes {sorted(shapes)[:3]}; resize them to one size")
+        raise CheckpointError(f"reference images in {root} have different sizes {sorted(shapes)[:3]}; "
+                              "resize them to one size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 

@@ -78,7 +78,8 @@ def check_classes(entries: Sequence[dict[str, Any]], classes: Sequence[str]) -> 
 class Mask2FormerClipDetector:
     """GenEval detections (class, box, mask, colour, score) of uint8 images ``[N, H, W, 3]``."""
 
-    def __init__(self, detector: str = DEFAULT_DETECTOR, clip: str = DEFAULT_CLIP, *, device: str | torch.device = "cpu",
+    def __init__(self, detector: str = DEFAULT_DETECTOR, clip: str = DEFAULT_CLIP, *,
+                 device: str | torch.device = "cpu",
                  batch_size: int = 8, min_score: float = THRESHOLD, max_objects: int = MAX_OBJECTS,
                  colors: Sequence[str] = COLORS, templates: Sequence[str] = TEMPLATES, bgcolor: str = "#999"):
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
@@ -86,7 +87,8 @@ class Mask2FormerClipDetector:
         from diffq.eval.clip_score import load_clip
 
         self.device = torch.device(device)
-        self.model = _load("detector", detector, Mask2FormerForUniversalSegmentation.from_pretrained).to(self.device).eval()
+        self.model = _load("detector", detector, Mask2FormerForUniversalSegmentation.from_pretrained)
+        self.model = self.model.to(self.device).eval()
         self.processor = _load("detector", detector, AutoImageProcessor.from_pretrained)
         clip_model, self.clip_processor = load_clip(clip, "eval.geneval.clip_model")
         self.clip = clip_model.to(self.device)  # returns embedding tensors under transformers 4 and 5
@@ -119,11 +121,13 @@ class Mask2FormerClipDetector:
             for b in range(len(batch)):
                 keep = top[b] > self.min_score  # the mask factor is <= 1, so nothing below can pass
                 if not keep.any():
-                    out.append((torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, h, w, dtype=torch.bool)))
+                    out.append((torch.zeros(0), torch.zeros(0, dtype=torch.long),
+                                torch.zeros(0, h, w, dtype=torch.bool)))
                     continue
                 queries, labels = index[b, keep] // n_classes, index[b, keep] % n_classes
-                logits = F.interpolate(pred.masks_queries_logits[b, queries][None], size=inputs["pixel_values"].shape[-2:],
-                                       mode="bilinear", align_corners=False)[..., :vh, :vw]
+                logits = F.interpolate(pred.masks_queries_logits[b, queries][None],
+                                       size=inputs["pixel_values"].shape[-2:], mode="bilinear",
+                                       align_corners=False)[..., :vh, :vw]
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)[0]
                 masks = logits > 0
                 mask_score = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
@@ -148,7 +152,8 @@ class Mask2FormerClipDetector:
         return self._classifiers[cls]
 
     @torch.no_grad()
-    def colors_of(self, image: np.ndarray, masks: torch.Tensor, boxes: torch.Tensor, classes: Sequence[str]) -> list[str]:
+    def colors_of(self, image: np.ndarray, masks: torch.Tensor, boxes: torch.Tensor,
+                  classes: Sequence[str]) -> list[str]:
         """Colour name of each object: its mask over ``bgcolor``, cropped to its box, classified by CLIP."""
         if not len(masks):
             return []

@@ -85,8 +85,14 @@ def torch_fidelity_state_dict(torchscript_state: dict[str, torch.Tensor]) -> dic
 
 def _torch_fidelity_units(skeleton: nn.Module, unit_cls: type) -> list[str]:
     """Names of torch-fidelity's conv units in definition order (built without loading weights)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import (InceptionA, InceptionB, InceptionC, InceptionD,
-                                                              InceptionE_1, InceptionE_2)
+    from torch_fidelity.feature_extractor_inceptionv3 import (
+        InceptionA,
+        InceptionB,
+        InceptionC,
+        InceptionD,
+        InceptionE_1,
+        InceptionE_2,
+    )
 
     blocks = [("Conv2d_1a_3x3", unit_cls(3, 32, kernel_size=3, stride=2)),
               ("Conv2d_2a_3x3", unit_cls(32, 32, kernel_size=3)),
@@ -151,7 +157,8 @@ class _TorchFidelityNet(nn.Module):
         super().__init__()
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                 feature_extractor_weights_path=str(path))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model

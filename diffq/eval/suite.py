@@ -35,6 +35,7 @@ def check_eval(ev: DictConfig) -> None:
     """ConfigError, before anything is generated, for metrics that cannot run as configured."""
     from diffq.eval.fid import BACKENDS
     from diffq.eval.inception import RESIZE_MODES
+    from diffq.eval.lpips import check_net
 
     names = list(ev.metrics)
     unknown = [n for n in names if n not in METRICS]
@@ -47,17 +48,21 @@ def check_eval(ev: DictConfig) -> None:
         raise ConfigError(f"unknown eval.fid.backend {ev.fid.backend!r}: use one of {', '.join(BACKENDS)}")
     if {"fid", "fid_fp"} & set(names) and ev.fid.resize not in RESIZE_MODES:
         raise ConfigError(f"unknown eval.fid.resize {ev.fid.resize!r}: use one of {', '.join(RESIZE_MODES)}")
+    if "lpips" in names:
+        check_net(ev.lpips_net)
     if "clip_score" in names and not ev.clip_model:
         raise ConfigError("eval metric clip_score needs a CLIP model: set eval.clip_model to a hub id "
                           "(openai/clip-vit-large-patch14) or a local folder")
     if "geneval" in names and not ev.geneval.metadata:
-        raise ConfigError("eval metric geneval needs prompts: set eval.geneval.metadata to an evaluation_metadata.jsonl "
-                          "(or shapes on the testbed), e.g. eval=geneval eval.geneval.metadata=/path/to/it")
+        raise ConfigError("eval metric geneval needs prompts: set eval.geneval.metadata to an "
+                          "evaluation_metadata.jsonl (or shapes on the testbed), "
+                          "e.g. eval=geneval eval.geneval.metadata=/path/to/it")
     if ev.geneval.backend not in GENEVAL_BACKENDS:
-        raise ConfigError(f"unknown eval.geneval.backend {ev.geneval.backend!r}: use one of {', '.join(GENEVAL_BACKENDS)}")
+        raise ConfigError(f"unknown eval.geneval.backend {ev.geneval.backend!r}: "
+                          f"use one of {', '.join(GENEVAL_BACKENDS)}")
     if ev.geneval.metadata and geneval_backend(ev) == "shapes" and ev.geneval.metadata != "shapes":
-        raise ConfigError("the shapes detector scores only the shapes world's prompts: use eval.geneval.metadata=shapes "
-                          "or eval.geneval.backend=mask2former")
+        raise ConfigError("the shapes detector scores only the shapes world's prompts: "
+                          "use eval.geneval.metadata=shapes or eval.geneval.backend=mask2former")
 
 
 def geneval_backend(ev: DictConfig) -> str:
@@ -77,7 +82,8 @@ def check_geneval_classes(ev: DictConfig, entries: list[dict[str, Any]] | None) 
 
 
 def evaluate(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[str],
-             entries: list[dict[str, Any]] | None, cache_dir: str, device: str | torch.device = "cpu") -> dict[str, Any]:
+             entries: list[dict[str, Any]] | None, cache_dir: str,
+             device: str | torch.device = "cpu") -> dict[str, Any]:
     """Every metric named in ``ev.metrics`` (plus GenEval when the prompts come from GenEval
     metadata), for FP and quantized images in [0, 1] ``[N, 3, H, W]``."""
     names = list(ev.metrics)
@@ -144,7 +150,8 @@ class _InceptionSides:
         from diffq.eval.fid import extract_features
 
         if side not in self.features:
-            self.features[side] = extract_features(self.images[side], self.extractor, desc=f"inception features ({side})")
+            self.features[side] = extract_features(self.images[side], self.extractor,
+                                                   desc=f"inception features ({side})")
         return self.features[side]
 
 

@@ -8,11 +8,12 @@ from diffq.models.loading import (
     set_denoiser,
     text_encoders_of,
 )
+from diffq.models.sampling import Sampling, model_key, sampling_of, weights_fingerprint
 from diffq.models.tiny import FAMILIES, PIPELINE_CLASSES, build_tiny_pipeline
 from diffq.models.tokenizers import build_word_tokenizer, unknown_words
 
 __all__ = [
     "FAMILIES", "PIPELINE_CLASSES", "build_tiny_pipeline", "build_word_tokenizer", "unknown_words", "load_pipeline",
     "resolve_dtype", "denoiser_of", "set_denoiser", "text_encoders_of", "family_of_pipeline",
-    "generate_images", "sample_seeds", "dit_label_ids",
+    "generate_images", "sample_seeds", "dit_label_ids", "Sampling", "sampling_of", "model_key", "weights_fingerprint",
 ]

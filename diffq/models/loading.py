@@ -17,9 +17,9 @@ from torch import nn
 
 from diffq.config import ModelConfig
 from diffq.errors import CheckpointError, ConfigError
-from diffq.testbed.assets import check_asset_folder, is_testbed_asset
 from diffq.models.tiny import FAMILIES, PIPELINE_CLASSES, build_tiny_pipeline
 from diffq.roles import detect_family
+from diffq.testbed.assets import check_asset_folder, is_testbed_asset
 
 __all__ = [
     "DTYPES", "load_pipeline", "resolve_dtype", "denoiser_of", "set_denoiser", "text_encoders_of",

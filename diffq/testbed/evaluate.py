@@ -27,7 +27,8 @@ def geneval_images(
     return generate_images(pipe, family, prompts, sample_seeds(seed, len(prompts)), **sampling)
 
 
-def geneval_shapes(images: torch.Tensor, entries: Sequence[dict] | None = None, images_per_prompt: int = 4) -> GenEvalResult:
+def geneval_shapes(images: torch.Tensor, entries: Sequence[dict] | None = None,
+                   images_per_prompt: int = 4) -> GenEvalResult:
     """Score prompt-major images of ``entries`` (default: the world's evaluation set)."""
     entries = list(entries or evaluation_metadata())
     return score(entries, ShapesDetector()(to_uint8(images)), images_per_prompt)

@@ -7,10 +7,8 @@ evaluation measures compositional generalisation, not memorised captions.
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,7 +63,8 @@ def evaluation_metadata() -> tuple[dict, ...]:
     out += [_meta("colors", [_clause(s, c)], f"a photo of {describe(s, c)}") for c, s in color_objs]
     # one phrasing of each colourless layout ("b left of a"), the mirrored one ("a right of b") trains
     plain_pos = [(a, b, r) for a, b in pairs if SHAPES.index(a) < SHAPES.index(b) for r in RELATIONS]
-    out += [_meta("position", [_clause(a), _clause(b, position=[r, 0])], f"a photo of {describe(b, None)} {r} {describe(a, None)}")
+    out += [_meta("position", [_clause(a), _clause(b, position=[r, 0])],
+                  f"a photo of {describe(b, None)} {r} {describe(a, None)}")
             for a, b, r in plain_pos]
     colored_pos = _half([(a, ca, b, cb, r) for a, b in pairs for ca, cb in itertools.permutations(colors, 2)
                          for r in RELATIONS], rng, 80)
@@ -81,14 +80,6 @@ def evaluation_metadata() -> tuple[dict, ...]:
 def evaluation_prompts() -> frozenset[str]:
     """The evaluation prompt strings (excluded from training captions)."""
     return frozenset(m["prompt"] for m in evaluation_metadata())
-
-
-def write_metadata(path: str | Path, entries: tuple[dict, ...] | None = None) -> Path:
-    """Write GenEval-format ``evaluation_metadata.jsonl``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(e) + "\n" for e in (entries or evaluation_metadata())))
-    return path
 
 
 @dataclass(frozen=True)

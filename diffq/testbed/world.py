@@ -84,11 +84,6 @@ def render(scene: Scene, size: int = IMAGE_SIZE, supersample: int = SUPERSAMPLE)
     return np.round(img).astype(np.uint8)
 
 
-def render_batch(scenes: Sequence[Scene], size: int = IMAGE_SIZE) -> np.ndarray:
-    """uint8 [N, size, size, 3]."""
-    return np.stack([render(s, size) for s in scenes])
-
-
 def _overlaps(a: Obj, b: Obj) -> bool:
     ax0, ay0, ax1, ay1 = a.box
     bx0, by0, bx1, by1 = b.box

@@ -1,7 +1,8 @@
-"""Content-addressed on-disk cache of tensors (calibration sets, FP reference images).
+"""Content-addressed on-disk cache of tensors (calibration sets, FID reference statistics).
 
 Each entry is one safetensors file named by the hash of the JSON key that produced it, with
 its structure (non-tensor values, nesting) in the header metadata. Writes are atomic.
+:func:`cache_key` also names the cached FP sample folders and calibration pools.
 """
 from __future__ import annotations
 
