@@ -124,6 +124,11 @@ def dequantize_layer_(module: nn.Module) -> nn.Module:
     return module
 
 
+def half_of(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit type weight scales are stored in: bfloat16 for bfloat16 models, else float16."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
 def attach_quantizers(model: nn.Module, specs: Sequence[LayerSpec]) -> dict[str, nn.Module]:
     """Convert every layer of ``specs`` that is quantized; returns name -> layer."""
     modules = dict(model.named_modules())
@@ -133,7 +138,8 @@ def attach_quantizers(model: nn.Module, specs: Sequence[LayerSpec]) -> dict[str,
             continue
         module = modules[s.name]
         feature_axis = -1 if s.kind == "linear" else 1
-        wq = None if s.weight is None else s.weight.build_quantizer("weight", name=f"{s.name}.weight")
+        wq = None if s.weight is None else s.weight.build_quantizer(
+            "weight", name=f"{s.name}.weight", storage_dtype=half_of(module.weight.dtype))
         aq = None if s.act is None else s.act.build_quantizer("act", feature_axis, name=f"{s.name}.input")
         converted[s.name] = quantize_layer_(module, wq, aq)
     return converted

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from diffq.errors import CalibrationError, ConfigError
-from diffq.eval.cost import weight_bits
+from diffq.eval.cost import quantizer_bits, weight_bits
 from diffq.export import WEIGHTS_NAME, export_quantized, load_quantized, read_metadata
 from diffq.formats import FPFormat
 from diffq.layers import layer_table, quantize_layer_
@@ -109,7 +109,8 @@ def test_weight_search_picks_the_layout_the_weights_are_on(bits):
         fmt, scale, err = search_weight(q, w, gram, formats, alpha_grid({"alpha_min": 0.1, "alpha_max": 1.2, "alphas": 12}))
         assert (fmt.exp, fmt.man) == layout
         assert err < 1e-10 * float((w @ gram * w).sum())
-        q.fmt, q.scale = fmt, scale
+        q.set_format(fmt)
+        q.set_params(scale=scale)
         assert torch.allclose(q(w), w, rtol=1e-6, atol=0)  # alpha = 1 reproduces the weights
 
 
@@ -239,7 +240,8 @@ def test_block_fp4_presets_run(compose, preset, bits):
     specs = resolve_spec(quantizable_layers(model, "sd"), q.weight, q.act, [dict(r) for r in q.rules], ROLES)
     get_method(q.method)(model, specs, calib, {}, device=CPU, dtype=torch.float32)
     layers = layer_table(model).values()
-    assert {layer.weight_quantizer.bits_per_element() for layer in layers} == {bits}
+    # element + block-scale bits, plus NVFP4's one fp32 tensor scale per weight
+    assert all(bits <= quantizer_bits(layer.weight_quantizer) < bits + 32 / 256 for layer in layers)
     assert all(layer.input_quantizer.dynamic for layer in layers)
     assert rel_error(outputs(fp, calib), outputs(model, calib)) < 0.5
 
@@ -283,3 +285,20 @@ def test_job_writes_the_searched_layouts_to_spec_and_metrics(compose, tmp_path):
     assert spec.count("fp8_e") == sum(chosen["act_formats"].values())
     formats = {s["weight"]["exp"] for s in read_metadata(tmp_path / "model")["specs"] if s["weight"] and not s["skip"]}
     assert None not in formats  # the export rebuilds the searched layouts
+
+
+def test_grouped_conv_search_error_is_the_layer_output_error():
+    from diffq.methods.fp_search import _patch_rows
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 8, 3, padding=1)
+    x = torch.randn(4, 32, 8, 8)
+    rows = _patch_rows(conv, x)
+    q = Quantizer(FPFormat(2, 1), kind="weight", granularity="group:16")  # groups along input channels
+    q.calibrate_weight(conv.weight)
+    fmt, scale, err = search_weight(q, conv.weight, rows.T @ rows, [FPFormat(2, 1)],
+                                    alpha_grid({"alpha_min": 0.1, "alpha_max": 1.2, "alphas": 12}))
+    q.set_params(scale=scale)
+    with torch.no_grad():
+        actual = (conv._conv_forward(x, q(conv.weight), None) - conv._conv_forward(x, conv.weight, None)).square().sum()
+    assert err == pytest.approx(float(actual), rel=1e-4)
