@@ -182,7 +182,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get("diffq")
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e}); re-export it with export=true") from e
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e}); "
+                              "re-export it with export=true") from e
     if raw is None:
         raise CheckpointError(f"{path} has no diffq metadata: it was not written by diffq's export")
     meta = json.loads(raw)
@@ -204,7 +205,8 @@ def _resolve(path: str | os.PathLike) -> Path:
 def _check_matches(model: nn.Module, meta: Mapping[str, Any]) -> None:
     cls = getattr(model, "_diffq_base", type(model)).__name__
     if cls != meta["class_name"]:
-        raise CheckpointError(f"checkpoint holds a {meta['class_name']} but the model is a {cls}: load it into the same model")
+        raise CheckpointError(f"checkpoint holds a {meta['class_name']} but the model is a {cls}: "
+                              "load it into the same model")
     mine = _json_config(model)
     diffs = sorted(k for k, v in meta["config"].items() if not k.startswith("_") and k in mine and mine[k] != v)
     if diffs:
@@ -233,7 +235,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     if model is None:
         cls = getattr(diffusers, meta["class_name"], None)
         if cls is None:
-            raise CheckpointError(f"diffusers has no class {meta['class_name']}; upgrade diffusers to load this checkpoint")
+            raise CheckpointError(f"diffusers has no class {meta['class_name']}; "
+                                  "upgrade diffusers to load this checkpoint")
         model = cls.from_config(meta["config"])
     else:
         _check_matches(model, meta)
@@ -260,7 +263,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     expected = {k for k, v in model.state_dict().items() if v.numel() > 0} - {f"{n}.weight" for n in meta["packed"]}
     missing = sorted(k for k in expected - set(stored) if "quantizer" not in k)
     if missing:
-        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}: the file is truncated or from another model")
+        raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}: "
+                              "the file is truncated or from another model")
     for key, value in stored.items():
         _assign(model, key, value)
     return model.eval()

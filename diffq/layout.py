@@ -3,7 +3,8 @@
 Every quantized tensor is handled through a grouped view ``[rows, groups, group_size]``:
 weights ``[out, ...]`` become ``[out, 1, K]`` (tensor / channel) or ``[out, K/g, g]`` (group /
 block; a convolution's ``[out, in, kh, kw]`` grouped along its input channels at each kernel
-position, ``[out, kh, kw, in]``, the order a channels-last im2col GEMM reduces over), activations (feature axis moved last, other axes flattened into tokens) become
+position, ``[out, kh, kw, in]``, the order a channels-last im2col GEMM reduces over),
+activations (feature axis moved last, other axes flattened into tokens) become
 ``[N, 1, C]`` or ``[N, C/g, g]``. Scales broadcast against that view: tensor ``[1, 1, 1]``,
 weight channel ``[out, 1, 1]``, activation channel ``[1, 1, C]``, token ``[N, 1, 1]``, group
 ``[rows, G, 1]``.

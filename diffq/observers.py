@@ -111,7 +111,8 @@ class AbsMean(_Averaged):
 
     def __init__(self, layout: Layout, symmetric: bool, **options: object):
         if not symmetric:
-            raise ConfigError(f"observer {type(self).__name__.lower()} is symmetric only; set symmetric=true or use minmax")
+            raise ConfigError(f"observer {type(self).__name__.lower()} is symmetric only; "
+                              "set symmetric=true or use minmax")
         super().__init__(layout, symmetric, **options)  # type: ignore[arg-type]
 
     def statistic(self, flat: Tensor) -> Tensor:

@@ -81,7 +81,8 @@ class Quantizer(nn.Module):
         """Quantization parameters for the grouped view ``v``: stored (static) or from ``v`` (dynamic)."""
         calibrated = self._calibrated_keys()
         if calibrated and getattr(self, calibrated[0]).numel() == 0:
-            fix = "calibrate_weight(weight)" if self.kind == "weight" else "begin_calibration(), forward, end_calibration()"
+            fix = ("calibrate_weight(weight)" if self.kind == "weight"
+                   else "begin_calibration(), forward, end_calibration()")
             raise CalibrationError(f"quantizer of layer {self.name or '<unnamed>'} ({self.extra_repr()}) is used "
                                    f"before calibration; fix: run {fix} or load a calibrated state_dict")
         stored = {n: getattr(self, n) for n in calibrated}
@@ -114,7 +115,8 @@ class Quantizer(nn.Module):
     def make_learnable(self) -> None:
         """Turn the scale into an LSQ-trained ``nn.Parameter`` (now, or at the end of calibration)."""
         if self.dynamic or self.fmt.block_size or self.fmt.param_names(self.symmetric)[0] != "scale":
-            raise ConfigError(f"learnable (LSQ) scales need a static scaled format; {self.extra_repr()} has none to learn")
+            raise ConfigError(f"learnable (LSQ) scales need a static scaled format; "
+                              f"{self.extra_repr()} has none to learn")
         self.learnable = True
         if self.scale.numel() and not isinstance(self.scale, nn.Parameter):
             self.set_params(scale=self.scale)

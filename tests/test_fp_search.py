@@ -71,7 +71,8 @@ def test_every_searched_layout_has_its_exact_grid(layout):
     else:
         assert torch.equal(fmt.round(mids), torch.cat([grid[:1], grid[2:]]))
     assert torch.equal(fmt.round(torch.tensor([1e9, -1e9])), torch.tensor([fmt.maxval, -fmt.maxval]))
-    x = torch.cat([torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.arange(-4, 4).repeat(2500),
+    spread = 10.0 ** torch.arange(-4, 4).repeat(2500)
+    x = torch.cat([torch.randn(20000, generator=torch.Generator().manual_seed(0)) * spread,
                    mids, -mids, grid, -grid, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
     fast, ref = fmt.round_bits(x), fmt.round_generic(x)  # the fast path is the formula, bit for bit
     assert torch.equal(fast, ref) and torch.equal(fast.signbit(), ref.signbit())
@@ -106,7 +107,8 @@ def test_weight_search_picks_the_layout_the_weights_are_on(bits):
         w = _on_grid(layout, (8, 64), gen) * torch.rand(8, 1, generator=gen)  # per-channel magnitudes
         q = Quantizer(FPFormat(2, 1), kind="weight", granularity="channel")
         q.calibrate_weight(w)
-        fmt, scale, err = search_weight(q, w, gram, formats, alpha_grid({"alpha_min": 0.1, "alpha_max": 1.2, "alphas": 12}))
+        grid = alpha_grid({"alpha_min": 0.1, "alpha_max": 1.2, "alphas": 12})
+        fmt, scale, err = search_weight(q, w, gram, formats, grid)
         assert (fmt.exp, fmt.man) == layout
         assert err < 1e-10 * float((w @ gram * w).sum())
         q.set_format(fmt)
@@ -151,7 +153,8 @@ def test_search_lowers_the_error_and_writes_the_layouts_into_the_spec(fp_w4a8_rt
 
 
 def test_pinned_layout_searches_only_the_clipping():
-    rules = [*KEEP_FP, {"roles": ["ffn_up"], "weight": {"exp": 3, "man": 0}}, {"roles": ["attn_qkv"], "act": {"exp": 4, "man": 3}}]
+    rules = [*KEEP_FP, {"roles": ["ffn_up"], "weight": {"exp": 3, "man": 0}},
+             {"roles": ["attn_qkv"], "act": {"exp": 4, "man": 3}}]
     model, specs, _, _ = _searched(rules=rules, search={"alphas": 8})
     by_role = {}
     for sp in specs:

@@ -116,7 +116,8 @@ def test_reconstruction_lowers_every_unit_output_error(mode, family):
 
 def test_a_unit_learned_worse_than_rtn_keeps_its_rtn_weights(monkeypatch):
     _, model, _, calib = quantized_copy("sd", weight=W4, act=A8)
-    rtn = {n: m.weight_fq.clone() for n, m in model.named_modules() if is_quant_layer(m) and m.weight_quantizer is not None}
+    rtn = {n: m.weight_fq.clone() for n, m in model.named_modules()
+           if is_quant_layer(m) and m.weight_quantizer is not None}
 
     def scramble(unit, *args, **kwargs):  # a rounding that lands on the opposite neighbour of RTN
         for r in unit.roundings.values():
@@ -143,7 +144,8 @@ def test_nan_during_reconstruction_names_the_unit_and_keeps_finished_units(monke
         return value * float("nan") if calls["n"] > 150 else value
 
     monkeypatch.setattr(recon_module, "_recon_loss", failing)
-    with pytest.raises(CalibrationError, match=r"reconstruction of (down_blocks|mid_block|up_blocks)\S* hit a NaN/Inf loss at step \d+"):
+    unit = r"(down_blocks|mid_block|up_blocks)\S*"
+    with pytest.raises(CalibrationError, match=rf"reconstruction of {unit} hit a NaN/Inf loss at step \d+"):
         reconstruct(model, calib, QUICK, "block", device=torch.device("cpu"), dtype=torch.float32)
     down0 = [m for n, m in model.named_modules() if n.startswith("down_blocks.0") and is_quant_layer(m)]
     assert down0 and all(m.learned_rounding for m in down0 if m.weight_quantizer is not None)

@@ -45,8 +45,8 @@ def quantizer_bits(q: nn.Module, shape: tuple[int, ...] | None = None, stored: b
     if q.kind == "act" and not q.dynamic:
         return fmt.bits_per_element(None, stored=stored)
     if shape is None and q.layout.group is None:
-        raise CalibrationError(f"bits_per_element of layer {q.name or '<unnamed>'} needs the tensor shape; pass shape=... or "
-                               "calibrate first")
+        raise CalibrationError(f"bits_per_element of layer {q.name or '<unnamed>'} needs the tensor shape; "
+                               "pass shape=... or calibrate first")
     group_size = q.layout.group or q.layout.elements_per_scale(shape)  # type: ignore[arg-type]
     zero_bits = fmt.bits if isinstance(fmt, IntFormat) and not q.symmetric else 0
     return fmt.bits_per_element(group_size, zero_bits=zero_bits, stored=stored)

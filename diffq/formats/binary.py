@@ -48,7 +48,8 @@ class BinaryFormat(Format):
 
     def bits_per_element(self, group_size: int | None, scale_bits: int = 16, zero_bits: int = 0,
                          stored: bool = False) -> float:
-        """``bases`` sign bits (``stored``: their packed width) plus ``bases`` scales per ``group_size`` (row) elements."""
+        """``bases`` sign bits (``stored``: their packed width) plus ``bases`` scales per ``group_size``
+        (row) elements."""
         signs = float(self.storage_bits if stored else self.bases)
         return signs if group_size is None else signs + self.bases * scale_bits / group_size
 

@@ -159,5 +159,6 @@ def _parse(m: re.Match) -> FPFormat:
     return fmt
 
 
-FORMATS.register("fp")(FormatKind(fp_format, r"(?:fp(?P<bits>\d+)_)?e(?P<exp>\d)m(?P<man>\d)|fp(?P<plain>\d+)", _parse, ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "e4m3", "fp8", "fp4"),
-                                  float_from_bits=16))
+FORMATS.register("fp")(FormatKind(
+    fp_format, r"(?:fp(?P<bits>\d+)_)?e(?P<exp>\d)m(?P<man>\d)|fp(?P<plain>\d+)", _parse,
+    ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "e4m3", "fp8", "fp4"), float_from_bits=16))

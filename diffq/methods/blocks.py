@@ -21,7 +21,8 @@ from diffq.layers import is_quant_layer
 
 GRANULARITIES = ("layer", "block", "pair")
 _UNET_BLOCK = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)$")
-_UNET_PART = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|attentions|downsamplers|upsamplers)\.\d+$")
+_UNET_PART = re.compile(
+    r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.(resnets|attentions|downsamplers|upsamplers)\.\d+$")
 _TRANSFORMER_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks|joint_transformer_blocks)\.\d+$")
 
 

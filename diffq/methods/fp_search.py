@@ -100,7 +100,8 @@ class _Stats:
 
 
 def _collect(model: nn.Module, layers: Mapping[str, nn.Module], plan: Mapping[str, tuple[bool, bool]],
-             calib: Sequence[CalibSample], keep: set[int], device: torch.device, dtype: torch.dtype) -> dict[str, _Stats]:
+             calib: Sequence[CalibSample], keep: set[int], device: torch.device,
+             dtype: torch.dtype) -> dict[str, _Stats]:
     """One FP pass over the calibration set gathering each layer's statistics."""
     stats = {n: _Stats() for n in plan}
     call = [0]
@@ -286,7 +287,8 @@ def _input_sizes(model: nn.Module, layers: Mapping[str, nn.Module], sample: Cali
     return sizes
 
 
-def _plan(layers: Mapping[str, nn.Module], by_name: Mapping[str, LayerSpec], search: Mapping[str, Any]) -> dict[str, tuple[bool, bool]]:
+def _plan(layers: Mapping[str, nn.Module], by_name: Mapping[str, LayerSpec],
+          search: Mapping[str, Any]) -> dict[str, tuple[bool, bool]]:
     """Layer name -> (search its weight, search its input) for every layer with something to search."""
     plan = {}
     for name, layer in layers.items():
@@ -332,7 +334,8 @@ def apply(
     (``cfg["search"]``); the chosen layouts are written into ``specs``."""
     search = {**asdict(SearchConfig()), **(cfg.get("search") or {})}  # unset keys: the schema defaults
     if not calib:
-        raise CalibrationError("the FP format search needs calibration samples: raise calib.num_prompts / calib.num_steps")
+        raise CalibrationError("the FP format search needs calibration samples: "
+                               "raise calib.num_prompts / calib.num_steps")
     t0 = time.perf_counter()
     layers = prepare(model, specs, cfg.get("attn"))
     n_splits = split_shortcuts(model, calib, device, dtype) if cfg.get("split_shortcut") else 0

@@ -150,7 +150,8 @@ def _capture(model: nn.Module, unit: Unit, calib: Sequence[CalibSample], device:
     sizes = [int(c["outputs"][0].shape[0]) for c in calls]
     offsets = np.cumsum([0, *sizes])
     batched: set[int] = set()
-    return _Bank(_merge([c["inputs"] for c in calls], sizes, batched), _merge([c["outputs"] for c in calls], sizes, batched),
+    return _Bank(_merge([c["inputs"] for c in calls], sizes, batched),
+                 _merge([c["outputs"] for c in calls], sizes, batched),
                  _merge([c["layers"] for c in calls], sizes, batched),
                  [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])], batched)
 
