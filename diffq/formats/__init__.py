@@ -10,12 +10,16 @@ import re
 
 from diffq.errors import ConfigError
 from diffq.formats.base import EPS, Format
-from diffq.formats.binary import BinaryFormat
-from diffq.formats.block import BlockFormat, MXFP4Format, NVFP4Format
-from diffq.formats.floating import FP_DEFAULTS, FPFormat
-from diffq.formats.integer import IntFormat  # noqa: I001 - registration order is the order users see
 from diffq.formats.registry import FORMATS, FormatKind
+
+# registration order is the order users see in messages
+# isort: off
+from diffq.formats.integer import IntFormat
+from diffq.formats.floating import FP_DEFAULTS, FPFormat
+from diffq.formats.block import BlockFormat, MXFP4Format, NVFP4Format
 from diffq.formats.ternary import TernaryFormat
+from diffq.formats.binary import BinaryFormat
+# isort: on
 
 __all__ = [
     "EPS",
