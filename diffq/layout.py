@@ -58,6 +58,12 @@ class Layout:
     feature_axis: int = -1
     block: int | None = None  # elements per block of a block format (granularity block)
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("weight", "act"):
+            raise ConfigError(f"quantizer kind must be 'weight' or 'act' (got {self.kind!r})")
+        if self.granularity.kind == "token" and self.kind == "weight":
+            raise ConfigError("granularity 'token' is for activations; use tensor, channel or group:<g> for weights")
+
     @property
     def group(self) -> int | None:
         """Elements per group along the reduction axis (None: the whole axis)."""

@@ -198,6 +198,10 @@ OBSERVERS.register("absmedian")(AbsMedian)
 OBSERVERS.register("twn")(TWN)
 
 
-def make_observer(name: str, layout: Layout, symmetric: bool, **options: object) -> Observer:
-    """The observer ``name`` for tensors of ``layout`` (ConfigError for unknown names)."""
-    return OBSERVERS.get(name)(layout, symmetric, **options)  # type: ignore[arg-type]
+def make_observer(name: str, layout: Layout, symmetric: bool, dynamic: bool = False, **options: object) -> Observer:
+    """The observer ``name`` for tensors of ``layout`` (ConfigError for unknown names, or for one that
+    cannot follow ``dynamic`` ranges)."""
+    cls = OBSERVERS.get(name)
+    if dynamic and not cls.dynamic_ok:
+        raise ConfigError(f"observer {name} searches once at calibration; use minmax or percentile with dynamic ranges")
+    return cls(layout, symmetric, **options)  # type: ignore[arg-type]

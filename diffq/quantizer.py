@@ -28,21 +28,14 @@ class Quantizer(nn.Module):
                  learnable: bool = False, name: str = "", storage_dtype: torch.dtype | None = None,
                  **observer_options: float | None) -> None:
         super().__init__()
-        if kind not in ("weight", "act"):
-            raise ConfigError(f"quantizer kind must be 'weight' or 'act' (got {kind!r})")
         gran = Granularity.parse(granularity)
-        if gran.kind == "token" and kind == "weight":
-            raise ConfigError("granularity 'token' is for activations; use tensor, channel or group:<g> for weights")
+        self.layout = Layout(kind, gran, feature_axis, fmt.block_size if gran.kind == "block" else None)
         fmt.check_usage(kind=kind, granularity=gran.kind, symmetric=symmetric, observer=observer)
         self.fmt, self.kind, self.symmetric, self.name = fmt, kind, symmetric, name
         self.storage_dtype = storage_dtype  # parameters hold what an export in this dtype stores (weights)
-        self.layout = Layout(kind, gran, feature_axis, fmt.block_size if gran.kind == "block" else None)
-        self.observer = make_observer(observer, self.layout, symmetric, **observer_options)
-        self.observer_name = observer
         self.dynamic = dynamic or (kind == "act" and gran.kind in ("token", "group", "block"))
-        if self.dynamic and not self.observer.dynamic_ok:
-            raise ConfigError(f"observer {observer} searches once at calibration; use minmax or percentile with "
-                              "dynamic ranges")
+        self.observer = make_observer(observer, self.layout, symmetric, dynamic=self.dynamic, **observer_options)
+        self.observer_name = observer
         self.learnable, self.enabled = False, True
         self.set_params(**{key: torch.empty(0) for key in self._calibrated_keys()})
         self._calibrating = False
@@ -54,11 +47,6 @@ class Quantizer(nn.Module):
     def granularity(self) -> str:
         """Granularity kind: tensor, channel, token, group or block."""
         return self.layout.granularity.kind
-
-    @property
-    def feature_axis(self) -> int:
-        """Feature axis of activations."""
-        return self.layout.feature_axis
 
     @property
     def needs_calibration(self) -> bool:

@@ -168,7 +168,7 @@ def _torch_fake_quant(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
     if q.kind == "weight":
         out = torch.fake_quantize_per_channel_affine(x.reshape(x.shape[0], -1), scale, zp, 0, fmt.qmin, fmt.qmax)
         return out.reshape(x.shape)
-    return torch.fake_quantize_per_channel_affine(x, scale, zp, q.feature_axis % x.dim(), fmt.qmin, fmt.qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale, zp, q.layout.feature_axis % x.dim(), fmt.qmin, fmt.qmax)
 
 
 def test_int_path_equals_torch_fused_kernels_bit_exact() -> None:
@@ -288,7 +288,7 @@ def test_codes_round_trip_equals_forward() -> None:
     for q, x in export_cases():
         codes, params = encode_tensor(q, x)
         assert codes.dtype == torch.uint8
-        features = x[0].numel() if q.kind == "weight" else x.shape[q.feature_axis]
+        features = x[0].numel() if q.kind == "weight" else x.shape[q.layout.feature_axis]
         assert codes.shape == (x.numel() // features, features)
         assert int(codes.max()) < 2**q.fmt.storage_bits
         out = q(x)

@@ -208,7 +208,7 @@ def _broadcast(q: Quantizer, scale: Tensor, ndim: int) -> Tensor:
     if scale.numel() == 1:
         return scale.reshape(())
     shape = [1] * ndim
-    shape[q.feature_axis % ndim] = scale.numel()
+    shape[q.layout.feature_axis % ndim] = scale.numel()
     return scale.reshape(shape)
 
 
