@@ -219,3 +219,18 @@ def test_loss_sums_over_the_feature_axis():
     a, b = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
     assert recon_module.feature_loss(a, b).item() == 3.0  # 3 channels summed, the rest averaged
     assert recon_module.feature_loss(torch.zeros(2, 5, 7), torch.ones(2, 5, 7)).item() == 7.0  # tokens x features
+
+
+def test_mixed_batches_with_a_broadcast_negative_prompt():
+    """True-CFG samplers (FLUX) call the unconditional branch with one negative-prompt embedding for
+    all rows: batches that mix such calls with conditional ones expand it row by row."""
+    from diffq.calib import CalibSample
+
+    _, model, _, calib = quantized_copy("flux", weight=W4, act=A8)
+    uncond = [CalibSample({**s.kwargs, "encoder_hidden_states": s.kwargs["encoder_hidden_states"][:1],
+                           "pooled_projections": s.kwargs["pooled_projections"][:1]}, s.step) for s in calib]
+    mixed = [x for pair in zip(calib, uncond) for x in pair]
+    stats = reconstruct(model, mixed, {**QUICK, "batch_size": 3}, "block", device=torch.device("cpu"),
+                        dtype=torch.float32)
+    improved = [v["recon"] < v["rtn"] for v in stats["recon_loss"].values()]
+    assert stats["recon_units"] > 0 and sum(improved) >= 0.8 * len(improved), stats["recon_loss"]

@@ -100,7 +100,12 @@ def _merge(objs: list[Any], sizes: list[int], batched: set[int]) -> Any:
     recorded in ``batched``), others taken from the first call."""
     first = objs[0]
     if torch.is_tensor(first):
-        if all(t.dim() > 0 and t.shape[0] == n for t, n in zip(objs, sizes)):
+        rows = [t.shape[0] if t.dim() else 0 for t in objs]
+        full = [r == n for r, n in zip(rows, sizes)]
+        # batched: one row per sample in every call, or in some calls and one row broadcast in the others
+        # (e.g. a negative prompt's single embedding for all rows of an unconditional call)
+        if any(full) and all(f or r == 1 for f, r in zip(full, rows)):
+            objs = [t if f else t.expand(n, *t.shape[1:]) for t, f, n in zip(objs, full, sizes)]
             out = torch.cat(objs) if len(objs) > 1 else first
             batched.add(id(out))
             return out
