@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from diffq.config import register_configs
 from diffq.errors import DiffqError
+from diffq.eval.geneval_stats import geneval_summary
 from diffq.job import run, write_metrics
 
 log = logging.getLogger("diffq")
@@ -47,8 +48,10 @@ def task(cfg: DictConfig) -> dict | None:
     metrics["overrides"] = _overrides()
     write_metrics(out_dir, metrics)
     fid = metrics["fidelity"]
+    geneval = metrics["metrics"].get("geneval")
     log.info(
         "done: %s", ", ".join(f"{k} {v['mean']:.3f}" for k, v in fid.items())
+        + (f", GenEval {geneval_summary(geneval, metrics['quant'])}" if geneval else "")
         + f", W {metrics['cost']['effective_weight_bits']:.2f} bits, A {metrics['cost']['effective_act_bits']:.2f} bits"
         + f" -> {out_dir}",
     )

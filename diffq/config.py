@@ -178,11 +178,19 @@ class GenEvalConfig:
     """GenEval prompts and scoring (diffq/eval/geneval.py; real backend: diffq/eval/geneval_detector.py)."""
 
     # prompts: "shapes" (the testbed world's set, 201 prompts) or a path to an evaluation_metadata.jsonl
-    # (the official 553); they replace eval.prompts, and every `stride`-th entry is used
+    # (the official 553); they replace eval.prompts, and every `stride`-th entry is used (before
+    # images_per_task balancing)
     metadata: Optional[str] = None
     stride: int = 1
+    # images of every task (a multiple of eval.images_per_prompt): a task's prompts are repeated
+    # (new seeds) or an evenly spaced subset is kept (diffq.eval.geneval.balanced_entries);
+    # null = every prompt once, the official protocol
+    images_per_task: Optional[int] = None
     backend: str = "auto"  # auto (shapes for the shapes world, else mask2former) | shapes | mask2former
     detector: str = "facebook/mask2former-swin-small-coco-instance"  # hub id or folder (mask2former backend)
+    # [shortest_edge, longest_edge] the detector's image processor resizes to ([800, 1333]: the
+    # official mmdet evaluator's scale); null = the processor's configured size
+    detector_size: Optional[List[int]] = None
     clip_model: str = "openai/clip-vit-large-patch14"  # colour classifier (mask2former backend)
     threshold: float = 0.3
     counting_threshold: float = 0.9

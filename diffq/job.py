@@ -23,7 +23,7 @@ from diffq.cache import cache_key
 from diffq.calib.select import step_histogram
 from diffq.errors import ConfigError
 from diffq.eval.cost import activation_bits, weight_bits
-from diffq.eval.geneval import load_metadata
+from diffq.eval.geneval import balanced_entries, load_metadata
 from diffq.eval.grids import image_grid
 from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
@@ -59,8 +59,9 @@ class Plan:
 
 @dataclass
 class EvalSet:
-    """The evaluation images to generate: one metadata entry per prompt, ``images_per_prompt`` each,
-    and the flat (prompt-major) prompt and seed lists."""
+    """The evaluation images to generate: metadata entries (a prompt repeated to balance GenEval
+    tasks is an entry per repeat), ``images_per_prompt`` each, and the flat (entry-major) prompt
+    and seed lists."""
 
     entries: list[dict[str, Any]]
     geneval: list[dict[str, Any]] | None
@@ -185,12 +186,16 @@ def plan_of(cfg: DictConfig) -> Plan:
 
 
 def geneval_entries(cfg: DictConfig) -> list[dict[str, Any]] | None:
-    """The GenEval metadata entries the evaluation uses, if any."""
-    source = cfg.eval.geneval.metadata
-    if not source:
+    """The GenEval metadata entries the evaluation uses, if any: every ``stride``-th entry, then
+    with ``images_per_task`` the same number of images for every task."""
+    g = cfg.eval.geneval
+    if not g.metadata:
         return None
-    entries = list(evaluation_metadata()) if source == "shapes" else load_metadata(source)
-    return entries[:: max(1, cfg.eval.geneval.stride)]
+    entries = list(evaluation_metadata()) if g.metadata == "shapes" else load_metadata(g.metadata)
+    entries = entries[:: max(1, g.stride)]
+    if g.images_per_task is None:
+        return entries
+    return balanced_entries(entries, g.images_per_task, cfg.eval.images_per_prompt)
 
 
 def sample_entries(cfg: DictConfig, entries: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

@@ -10,11 +10,13 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from diffq.eval.geneval_stats import format_delta, format_score
+
 log = logging.getLogger(__name__)
 
 COLUMNS = [
-    "job", "status", "overrides", "psnr", "ssim", "lpips", "geneval_fp", "geneval_quant", "fid_fp", "fid_quant",
-    "fid_to_fp", "clip_fp", "clip_quant", "w_bits", "a_bits", "size_quant_mb", "compression",
+    "job", "status", "overrides", "psnr", "ssim", "lpips", "geneval_fp", "geneval_quant", "geneval_delta",
+    "fid_fp", "fid_quant", "fid_to_fp", "clip_fp", "clip_quant", "w_bits", "a_bits", "size_quant_mb", "compression",
     "calibration_s", "sampling_quant_s", "error",
 ]
 
@@ -36,6 +38,8 @@ def job_row(job_dir: Path) -> dict[str, Any]:
         return row
     metrics, cost, t = m["metrics"], m["cost"], m["time"]
     row.update({col: round(value, 4) for col, value in metric_columns(metrics).items()})
+    if "geneval" in metrics:
+        row.update(geneval_columns(metrics["geneval"]))
     row.update(
         w_bits=round(cost["effective_weight_bits"], 3), a_bits=round(cost["effective_act_bits"], 3),
         size_quant_mb=round(cost["size_quant_mb"], 4), compression=round(cost["compression"], 3),
@@ -47,7 +51,6 @@ def job_row(job_dir: Path) -> dict[str, Any]:
 def metric_columns(metrics: dict[str, Any]) -> dict[str, float]:
     """Summary columns of a job's ``metrics`` block (those it computed)."""
     picks = {"psnr": ("psnr", "quant"), "ssim": ("ssim", "quant"), "lpips": ("lpips", "quant"),
-             "geneval_fp": ("geneval", "fp", "overall"), "geneval_quant": ("geneval", "quant", "overall"),
              "fid_fp": ("fid", "fp", "fid"), "fid_quant": ("fid", "quant", "fid"),
              "fid_to_fp": ("fid_fp", "quant", "fid"),
              "clip_fp": ("clip_score", "fp"), "clip_quant": ("clip_score", "quant")}
@@ -61,17 +64,25 @@ def metric_columns(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def geneval_columns(block: dict[str, Any]) -> dict[str, str]:
+    """GenEval columns of a job: each side's score with its standard error (``0.74 ± 0.02``) and the
+    paired difference with its interval (``Δ -0.01 [-0.03, 0.01]``)."""
+    return {"geneval_fp": format_score(block["fp"]["overall"], block["fp"]["overall_se"]),
+            "geneval_quant": format_score(block["quant"]["overall"], block["quant"]["overall_se"]),
+            "geneval_delta": format_delta(block["delta"])}
+
+
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     """Collect every job folder under ``sweep_dir`` into summary.csv, summary.md and summary.png."""
     jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     rows = [job_row(j) for j in jobs]
-    with open(sweep_dir / "summary.csv", "w", newline="") as f:
+    with open(sweep_dir / "summary.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]).replace("|", "\\|") for c in COLUMNS) + " |" for r in rows]
-    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(rows, sweep_dir / "summary.png")
     return rows
 

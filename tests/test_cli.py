@@ -37,18 +37,23 @@ def test_default_run_writes_all_artifacts(tmp_path):
     assert 25 < m["fidelity"]["psnr"]["mean"] < 100 and m["fidelity"]["ssim"]["mean"] > 0.8
     assert m["metrics"]["psnr"]["quant"] == m["fidelity"]["psnr"]["mean"]
     g = m["metrics"]["geneval"]  # the testbed's own benchmark, FP and W8A8
-    assert g["settings"] == {"backend": "shapes", "detector": "shapes", "prompts": 51, "images_per_prompt": 2,
+    tasks = {"single_object": 24, "two_object": 24, "counting": 24, "colors": 24, "position": 24, "color_attr": 24}
+    assert g["settings"] == {"backend": "shapes", "detector": "shapes", "prompts": 43, "entries": 72,
+                             "images_per_prompt": 2, "images_per_task": 24, "task_images": tasks,
+                             "bootstrap": {"confidence": 0.95, "resamples": 2000, "seed": 0},
                              "threshold": 0.3, "counting_threshold": 0.9, "max_objects": 16,
                              "position_threshold": 0.1, "seed": 0}
     assert g["fp"]["overall"] >= 0.45 and g["quant"]["overall"] >= g["fp"]["overall"] - 0.15
-    assert len(g["fp"]["tasks"]) == 6
+    assert len(g["fp"]["tasks"]) == 6 and 0 < g["fp"]["overall_se"] < 0.1
+    assert g["delta"]["low"] <= g["quant"]["overall"] - g["fp"]["overall"] <= g["delta"]["high"]
+    assert "GenEval FP " in res.stderr + res.stdout and "Δ " in res.stderr + res.stdout  # the final log line
     assert len(m["fidelity"]["psnr"]["per_image"]) == len(m["prompts"])
     # the images, in GenEval's folder layout: quantized in the run folder, FP in the shared cache
     for side in ("quant", "fp"):
         root = Path(m["samples"][side])
         assert sorted(p.name for p in root.glob("*/samples/*.png"))[:2] == ["00000.png", "00000.png"]
-        assert len(list(root.glob("*/samples/*.png"))) == 102 and len(list(root.glob("*/metadata.jsonl"))) == 51
-        assert json.loads((root / "00050" / "metadata.jsonl").read_text())["prompt"] == m["prompts"][-1]
+        assert len(list(root.glob("*/samples/*.png"))) == 144 and len(list(root.glob("*/metadata.jsonl"))) == 72
+        assert json.loads((root / "00071" / "metadata.jsonl").read_text())["prompt"] == m["prompts"][-1]
     assert Path(m["samples"]["quant"]) == run_dir / "samples"
     assert 8 < m["cost"]["effective_weight_bits"] < 10 and 7.9 < m["cost"]["effective_act_bits"] < 9
     assert m["cost"]["size_quant_mb"] < m["cost"]["size_fp_mb"]
@@ -135,16 +140,41 @@ def test_calibration_set_is_cached_and_attention_listed_in_spec(compose, tmp_pat
 
 
 def test_geneval_shapes_eval_scores_fp_and_quantized(compose, tmp_path):
-    cfg = compose(TINY, "eval=geneval_shapes", "eval.geneval.stride=20", "eval.images_per_prompt=2", "eval.grid=false",
-                  "calib.num_prompts=2", "calib.num_steps=2", "model.steps=4")
+    cfg = compose(TINY, "eval=geneval_shapes", "eval.geneval.images_per_task=3", "eval.images_per_prompt=1",
+                  "eval.grid=false", "calib.num_prompts=2", "calib.num_steps=2", "model.steps=2")
     m = run(cfg, tmp_path)
     g = m["metrics"]["geneval"]
-    assert g["settings"]["prompts"] == 11 and len(m["prompts"]) == 22
+    tasks = {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert g["settings"]["entries"] == 18 and len(m["prompts"]) == 18
+    assert g["settings"]["prompts"] == 17  # one of the 2 single-object prompts twice, 3 distinct in other tasks
+    assert g["settings"]["task_images"] == {t: 3 for t in tasks} and g["settings"]["images_per_task"] == 3
     for side in ("fp", "quant"):
-        assert set(g[side]["tasks"]) <= {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+        assert set(g[side]["tasks"]) == set(g[side]["tasks_se"]) == tasks
         assert all(0.0 <= v <= 1.0 for v in g[side]["tasks"].values())
+        assert g[side]["overall_se"] >= 0
+    assert g["delta"]["low"] <= g["delta"]["delta"] <= g["delta"]["high"]
+    assert g["delta"]["delta"] == pytest.approx(g["quant"]["overall"] - g["fp"]["overall"])
+    assert g["settings"]["bootstrap"] == {"confidence": 0.95, "resamples": 2000, "seed": 0}
+    # repeated prompts are entries of their own in GenEval's layout, with their own seeds
+    meta = [json.loads((tmp_path / "samples" / f"{i:05d}" / "metadata.jsonl").read_text()) for i in range(18)]
+    assert meta[0] == meta[1] != meta[2] and meta[0]["tag"] == "single_object" and len(set(m["seeds"])) == 18
+    row = job_row_of(tmp_path, m)
+    assert row["geneval_fp"] == f"{g['fp']['overall']:.2f} ± {g['fp']['overall_se']:.2f}"
+    assert row["geneval_delta"].startswith("Δ ") and row["geneval_delta"].count(",") == 1
     with pytest.raises(ConfigError, match="eval.geneval.metadata"):
         run(compose(TINY, "eval.metrics=[psnr,geneval]", *QUICK), tmp_path / "x")
+    with pytest.raises(ConfigError, match="images_per_task to a multiple"):
+        run(compose(TINY, "eval=geneval_shapes", "eval.geneval.images_per_task=6"), tmp_path / "y")
+
+
+def job_row_of(run_dir: Path, metrics: dict) -> dict:
+    """The sweep summary row of a job folder holding ``metrics``."""
+    from diffq.sweep import job_row
+
+    job = run_dir / "0"
+    job.mkdir()
+    (job / "metrics.json").write_text(json.dumps(metrics, default=str))
+    return job_row(job)
 
 
 def test_missing_calibration_prompt_file(compose, tmp_path):

@@ -110,21 +110,21 @@ def test_metrics_that_cannot_run_stop_before_generation(compose, overrides, matc
 def test_testbed_job_reports_every_cheap_metric_with_settings(compose, tmp_path, monkeypatch):
     # offline the ImageNet backbone is absent: the job's LPIPS wiring runs on the untrained one
     monkeypatch.setattr(lpips_mod, "load_lpips", lambda net: (lpips_mod.PairedLPIPS(net, random_backbone=True), None))
-    cfg = compose("eval.geneval.stride=25", "eval.metrics=[psnr,ssim,lpips,clip_score]", "eval.grid=false",
+    cfg = compose("eval.geneval.images_per_task=4", "eval.metrics=[psnr,ssim,lpips,clip_score]", "eval.grid=false",
                   "calib.num_prompts=2", "calib.num_steps=2")
     m = run(cfg, tmp_path)["metrics"]
     assert set(m) == {"psnr", "ssim", "lpips", "clip_score", "geneval"}
     assert m["clip_score"]["fp"] > 10 and abs(m["clip_score"]["quant"] - m["clip_score"]["fp"]) < 5
-    assert m["clip_score"]["settings"]["model"].endswith("clip") and m["clip_score"]["settings"]["n"] == 18
+    assert m["clip_score"]["settings"]["model"].endswith("clip") and m["clip_score"]["settings"]["n"] == 24
     assert 0 < m["lpips"]["quant"] < 1
-    assert m["lpips"]["settings"]["net"] == "alex" and m["lpips"]["settings"]["pairs"] == 18
+    assert m["lpips"]["settings"]["net"] == "alex" and m["lpips"]["settings"]["pairs"] == 24
     assert all(v["seconds"] >= 0 for v in m.values())
 
 
 @pytest.mark.slow
 def test_testbed_job_fid_against_world_and_fp(compose, tmp_path):
-    cfg = compose("eval.geneval.stride=25", "eval.metrics=[fid,fid_fp]", "eval.fid.num_reference=64", "eval.grid=false",
-                  "calib.num_prompts=2", "calib.num_steps=2")
+    cfg = compose("eval.geneval.images_per_task=4", "eval.metrics=[fid,fid_fp]", "eval.fid.num_reference=64",
+                  "eval.grid=false", "calib.num_prompts=2", "calib.num_steps=2")
     m = run(cfg, tmp_path)["metrics"]
     assert m["fid"]["settings"]["reference"] == "shapes" and m["fid"]["settings"]["n_reference"] == 64
     assert 0 < m["fid"]["fp"]["fid"] < 400 and 0 < m["fid"]["quant"]["fid"] < 400

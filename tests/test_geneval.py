@@ -9,9 +9,18 @@ import numpy as np
 import pytest
 
 from diffq.errors import ConfigError
-from diffq.eval.geneval import Detection, chance_levels, load_metadata, relative_position, score, score_image
+from diffq.eval.geneval import (
+    Detection,
+    balanced_entries,
+    chance_levels,
+    load_metadata,
+    relative_position,
+    score,
+    score_image,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "geneval"
+TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 MASK = np.zeros((32, 32), dtype=bool)
 
 
@@ -173,3 +182,48 @@ def test_official_prompt_set_scores():
     perfect = score(entries, [_perfect_detections(e) for e in entries], images_per_prompt=1)
     assert perfect.overall == 1.0, [p.reasons for p in perfect.prompts if not all(p.correct)][:3]
     assert set(perfect.tasks) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
+
+
+def _images_per_task(entries: list[dict], images_per_prompt: int) -> Counter:
+    return Counter({tag: n * images_per_prompt for tag, n in Counter(e["tag"] for e in entries).items()})
+
+
+@pytest.mark.parametrize("preset,per_task,per_prompt", [("geneval_shapes", 96, 4), ("quick", 24, 2)])
+def test_testbed_presets_give_every_task_the_same_images(compose, preset, per_task, per_prompt):
+    from diffq.job import geneval_entries
+    from diffq.testbed.prompts import evaluation_metadata
+
+    cfg = compose(f"eval={preset}")
+    assert (cfg.eval.geneval.images_per_task, cfg.eval.images_per_prompt) == (per_task, per_prompt)
+    entries = geneval_entries(cfg)
+    assert _images_per_task(entries, per_prompt) == {t: per_task for t in TASKS}
+    assert entries == geneval_entries(cfg)  # deterministic
+    full = list(evaluation_metadata())
+    slots = per_task // per_prompt
+    for tag in TASKS:
+        prompts = [e["prompt"] for e in full if e["tag"] == tag]
+        picked = Counter(e["prompt"] for e in entries if e["tag"] == tag)
+        if len(prompts) <= slots:  # small task: every prompt, repeated as evenly as possible
+            assert set(picked) == set(prompts) and max(picked.values()) - min(picked.values()) <= 1
+        else:  # large task: distinct prompts spread over the whole list
+            assert max(picked.values()) == 1 and len(picked) == slots
+            rank = sorted(prompts.index(p) for p in picked)
+            assert rank[0] == 0 and rank[-1] >= len(prompts) - len(prompts) // slots - 1
+
+
+def test_balancing_rejects_a_task_size_that_is_not_a_multiple():
+    with pytest.raises(ConfigError, match="eval.geneval.images_per_task to a multiple of eval.images_per_prompt"):
+        balanced_entries([RED_SQUARE], 10, 4)
+    with pytest.raises(ConfigError, match="not a positive multiple"):
+        balanced_entries([RED_SQUARE], 0, 4)
+
+
+@pytest.mark.skipif(not (SHARED / "evaluation_metadata.jsonl").exists(), reason="shared GenEval metadata absent")
+def test_official_metadata_keeps_its_protocol_unless_balanced(compose):
+    from diffq.job import geneval_entries
+
+    path = f"eval.geneval.metadata={SHARED / 'evaluation_metadata.jsonl'}"
+    official = geneval_entries(compose("eval=geneval", path))
+    assert official == load_metadata(SHARED / "evaluation_metadata.jsonl")  # 553 x 4, as published
+    balanced = geneval_entries(compose("eval=geneval", path, "eval.geneval.images_per_task=400"))
+    assert _images_per_task(balanced, 4) == {t: 400 for t in TASKS}

@@ -10,6 +10,7 @@ import torch
 from diffq.errors import ConfigError
 from diffq.eval.geneval import score
 from diffq.eval.geneval_detector import Mask2FormerClipDetector, check_classes, detector_classes, mask_boxes
+from diffq.eval.suite import check_eval
 from diffq.testbed.assets import asset_path
 from diffq.testbed.detector import ShapesDetector
 from diffq.testbed.groundtruth import render_entry
@@ -109,9 +110,59 @@ def test_clip_colours_of_masked_objects_are_right(shapes_m2f, world_images):
     assert result.tasks["colors"] >= 0.95 and result.tasks["color_attr"] >= 0.95
 
 
-def test_bad_backend_input_is_refused(shapes_m2f, tmp_path):
+def coco_instance_config(folder: Path) -> Path:
+    """The config of a COCO-instance Mask2Former as the hub checkpoint has it: 80 classes in COCO
+    order, with COCO's own labels (torchvision's list, offline)."""
+    from torchvision.models._meta import _COCO_CATEGORIES
+    from transformers import Mask2FormerConfig
+
+    labels = [c for c in _COCO_CATEGORIES if c not in ("__background__", "N/A")]
+    Mask2FormerConfig(id2label=dict(enumerate(labels)), label2id={c: i for i, c in enumerate(labels)},
+                      use_pretrained_backbone=False).save_pretrained(folder)
+    return folder
+
+
+def test_coco_labels_get_geneval_names_by_index(tmp_path):
+    names = detector_classes(str(coco_instance_config(tmp_path)))
+    assert len(names) == 80 and names[:3] == ["person", "bicycle", "car"]
+    assert names[62:67] == ["tv", "laptop", "computer mouse", "tv remote", "computer keyboard"]
+
+
+@pytest.mark.skipif(not (SHARED / "object_names.txt").exists(), reason="../shared/geneval not present")
+def test_official_names_and_prompts_pass_the_class_check(tmp_path):
+    from transformers import AutoConfig
+
+    from diffq.eval.geneval import load_metadata
+
+    folder = coco_instance_config(tmp_path)
+    official = [n.strip() for n in (SHARED / "object_names.txt").read_text().splitlines() if n.strip()]
+    assert detector_classes(str(folder)) == official  # the rename table, index by index
+    entries = load_metadata(SHARED / "evaluation_metadata.jsonl")
+    check_classes(entries, detector_classes(str(folder)))  # all 553 prompts
+    raw = AutoConfig.from_pretrained(folder).id2label
+    with pytest.raises(ConfigError, match="computer keyboard"):
+        check_classes(entries, [raw[i] for i in range(len(raw))])
+
+
+def test_detector_size_reaches_the_image_processor(shapes_m2f, world_images):
+    seen = []
+    for size in (None, [96, 128]):
+        det = Mask2FormerClipDetector(shapes_m2f, asset_path("clip"), colors=tuple(COLORS), templates=ONE_TEMPLATE,
+                                      size=size)
+        det.model.register_forward_pre_hook(lambda m, a, kw: seen.append(tuple(kw["pixel_values"].shape[-2:])),
+                                            with_kwargs=True)
+        _, _, masks = det.instances(world_images[1][:2])[0]
+        assert masks.shape[1:] == (32, 32) and det.settings["detector_size"] == size
+    assert seen == [(64, 64), (96, 96)]  # the saved processor's shortest edge 64, then the setting's 96
+
+
+def test_bad_backend_input_is_refused(compose, shapes_m2f, tmp_path):
     with pytest.raises(ConfigError, match="not a colour"):
         Mask2FormerClipDetector(shapes_m2f, asset_path("clip"), templates=ONE_TEMPLATE, bgcolor="greyish")
+    with pytest.raises(ConfigError, match="eval.geneval.detector_size"):
+        check_eval(compose("model=tiny_sd15", "eval.geneval.detector_size=[800]").eval)
+    with pytest.raises(ConfigError, match="eval.geneval.detector_size"):
+        check_eval(compose("model=tiny_sd15", "eval.geneval.detector_size=[1333,800]").eval)
     with pytest.raises(ConfigError, match=r"\['cat'\] are not among the detector's 3 classes"):
         check_classes([{"tag": "t", "prompt": "a cat", "include": [{"class": "cat", "count": 1}]}],
                       detector_classes(str(shapes_m2f)))
@@ -147,14 +198,16 @@ def test_official_prompts_run_end_to_end_with_the_mask2former_backend(compose, t
 def test_testbed_prompts_with_the_mask2former_backend(compose, tmp_path, shapes_m2f):
     from diffq.job import run
 
-    cfg = compose("eval=geneval_shapes", "eval.geneval.backend=mask2former", "eval.geneval.stride=40",
-                  "eval.images_per_prompt=1", f"eval.geneval.detector={shapes_m2f}",
+    cfg = compose("eval=geneval_shapes", "eval.geneval.backend=mask2former", "eval.geneval.images_per_task=1",
+                  "eval.images_per_prompt=1", "eval.geneval.detector_size=[96,128]",
+                  f"eval.geneval.detector={shapes_m2f}",
                   f"eval.geneval.clip_model={asset_path('clip')}",
                   "eval.geneval.templates=['a photo of a {color} {cls}']",
                   f"eval.geneval.colors=[{','.join(COLORS)}]", "eval.grid=false", "calib.num_prompts=2",
                   "calib.num_steps=2")
     g = run(cfg, tmp_path)["metrics"]["geneval"]
     assert g["settings"]["backend"] == "mask2former" and g["settings"]["prompts"] == 6
+    assert g["settings"]["detector_size"] == [96, 128] and set(g["settings"]["task_images"].values()) == {1}
     with pytest.raises(ConfigError, match="shapes detector scores only"):
         run(compose("eval.geneval.backend=shapes", "model=tiny_sd15",
                     f"eval.geneval.metadata={tmp_path / 'x.jsonl'}"), tmp_path / "y")

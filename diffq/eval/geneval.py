@@ -8,7 +8,8 @@ the ``count`` most confident detections of its class, all of which must have the
 colour and, with a position, every one of them must stand in the relation to every object
 matched by the referenced clause; an exclude clause fails when its class has ``count`` or more
 detections. Task accuracy is the fraction of correct images; overall is the unweighted mean
-of the task accuracies.
+of the task accuracies. ``balanced_entries`` gives every task the same number of images (a
+project option, not the official protocol).
 """
 from __future__ import annotations
 
@@ -198,6 +199,25 @@ def load_metadata(path: str | Path) -> list[dict]:
     if not entries:
         raise ConfigError(f"GenEval metadata file {path} holds no entries; pass a non-empty evaluation_metadata.jsonl")
     return entries
+
+
+def balanced_entries(entries: Sequence[dict], images_per_task: int, images_per_prompt: int) -> list[dict]:
+    """Entries giving every task ``images_per_task`` images at ``images_per_prompt`` per entry.
+
+    A task gets ``m = images_per_task / images_per_prompt`` entries, slot ``i`` holding its prompt
+    ``floor(i * n / m)`` of ``n`` (in metadata order): a task with fewer prompts than slots repeats
+    each of them (counts differing by at most one; each repeat is an entry of its own, so it gets
+    its own seeds), a larger one keeps an evenly spaced, deterministic subset. Tasks keep the order
+    in which they first appear."""
+    slots, rest = divmod(images_per_task, images_per_prompt)
+    if rest or slots < 1:
+        raise ConfigError(f"{images_per_task} images per task is not a positive multiple of {images_per_prompt} "
+                          "images per prompt: set eval.geneval.images_per_task to a multiple of "
+                          "eval.images_per_prompt (or null for one entry per prompt)")
+    by_task: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_task.setdefault(entry["tag"], []).append(entry)
+    return [members[i] for members in by_task.values() for i in np.arange(slots) * len(members) // slots]
 
 
 def score(

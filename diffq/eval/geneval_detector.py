@@ -4,7 +4,13 @@ The official evaluator (djghosh13/geneval ``evaluation/evaluate_images.py``) run
 Mask2Former Swin-S (COCO instance) and, for colour clauses, classifies each object with
 open_clip ViT-L/14 (OpenAI weights) zero-shot among ten colours. Here the same models come from
 transformers: ``facebook/mask2former-swin-small-coco-instance`` and
-``openai/clip-vit-large-patch14`` (hub ids or local folders).
+``openai/clip-vit-large-patch14`` (hub ids or local folders). Detections carry GenEval's class
+names: the official evaluator names detector class ``i`` by line ``i`` of its
+``object_names.txt`` (the 80 COCO classes in COCO order), which is the checkpoint's ``id2label``
+except for the three names in :data:`COCO_RENAMES`. The official evaluator runs the detector at
+mmdet's test scale (shortest edge 800, longest 1333); here images are resized as the
+checkpoint's image processor is configured unless ``size`` says otherwise, so scores come close
+to the official ones without matching them exactly.
 
 Instances follow mmdet's Mask2Former post-processing: class scores (softmax without the
 no-object class) top-k over queries x classes (k = number of queries), masks upsampled to the
@@ -35,6 +41,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+# transformers' COCO label -> GenEval's object_names.txt name, for the classes they name differently
+COCO_RENAMES = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 TEMPLATES = ("a photo of a {color} {cls}", "a photo of a {color}-colored {cls}", "a photo of a {color} object")
 
 
@@ -57,12 +65,16 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0, y0, x1, y1], 1).float()
 
 
+def geneval_names(id2label: dict[int, str]) -> list[str]:
+    """GenEval's name of each detector class, by class index: its label, renamed by :data:`COCO_RENAMES`."""
+    return [COCO_RENAMES.get(id2label[i], id2label[i]) for i in range(len(id2label))]
+
+
 def detector_classes(detector: str) -> list[str]:
-    """Class names of a Mask2Former checkpoint, from its config alone."""
+    """GenEval class names of a Mask2Former checkpoint's classes, from its config alone."""
     from transformers import AutoConfig
 
-    config = _load("detector", detector, AutoConfig.from_pretrained)
-    return [config.id2label[i] for i in range(len(config.id2label))]
+    return geneval_names(_load("detector", detector, AutoConfig.from_pretrained).id2label)
 
 
 def check_classes(entries: Sequence[dict[str, Any]], classes: Sequence[str]) -> None:
@@ -81,7 +93,8 @@ class Mask2FormerClipDetector:
     def __init__(self, detector: str = DEFAULT_DETECTOR, clip: str = DEFAULT_CLIP, *,
                  device: str | torch.device = "cpu",
                  batch_size: int = 8, min_score: float = THRESHOLD, max_objects: int = MAX_OBJECTS,
-                 colors: Sequence[str] = COLORS, templates: Sequence[str] = TEMPLATES, bgcolor: str = "#999"):
+                 colors: Sequence[str] = COLORS, templates: Sequence[str] = TEMPLATES, bgcolor: str = "#999",
+                 size: Sequence[int] | None = None):
         from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
 
         from diffq.eval.clip_score import load_clip
@@ -92,7 +105,9 @@ class Mask2FormerClipDetector:
         self.processor = _load("detector", detector, AutoImageProcessor.from_pretrained)
         clip_model, self.clip_processor = load_clip(clip, "eval.geneval.clip_model")
         self.clip = clip_model.to(self.device)  # returns embedding tensors under transformers 4 and 5
-        self.classes = [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
+        self.classes = geneval_names(self.model.config.id2label)
+        # (shortest, longest) edge the processor resizes to; None keeps the processor's configured size
+        self.resize = {"size": {"shortest_edge": size[0], "longest_edge": size[1]}} if size else {}
         self.batch_size, self.min_score, self.max_objects = batch_size, min_score, max_objects
         self.colors, self.templates = list(colors), list(templates)
         try:
@@ -101,7 +116,8 @@ class Mask2FormerClipDetector:
             raise ConfigError(f"eval.geneval.bgcolor {bgcolor!r} is not a colour: use e.g. '#999'") from None
         self._classifiers: dict[str, torch.Tensor] = {}
         self.settings = {"detector": str(detector), "clip_model": str(clip), "min_score": min_score,
-                         "max_objects": max_objects, "bgcolor": bgcolor, "templates": self.templates}
+                         "max_objects": max_objects, "bgcolor": bgcolor, "templates": self.templates,
+                         "detector_size": list(size) if size else None}
 
     @torch.no_grad()
     def instances(self, images: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -111,7 +127,7 @@ class Mask2FormerClipDetector:
         h, w = images.shape[1:3]
         for start in range(0, len(images), self.batch_size):
             batch = list(images[start:start + self.batch_size])
-            inputs = self.processor(images=batch, return_tensors="pt")
+            inputs = self.processor(images=batch, return_tensors="pt", **self.resize)
             pred = self.model(pixel_values=inputs["pixel_values"].to(self.device))
             valid = inputs["pixel_mask"][0] if "pixel_mask" in inputs else torch.ones(inputs["pixel_values"].shape[-2:])
             vh, vw = int(valid.any(1).sum()), int(valid.any(0).sum())

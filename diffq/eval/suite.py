@@ -10,8 +10,10 @@ wall ``seconds`` it took. Metrics:
   ``shapes`` renders the testbed world, or a folder);
 - ``fid_fp``: FID and KID of the quantized images against the FP images;
 - ``clip_score``: CLIP score of FP and quantized images against their prompts;
-- ``geneval``: GenEval of FP and quantized images, overall and per task (``eval.geneval``: the
-  shapes detector on the testbed world, Mask2Former + CLIP on real prompts).
+- ``geneval``: GenEval of FP and quantized images, overall and per task with standard errors,
+  and the quantized-minus-FP difference with its paired bootstrap interval (``delta``;
+  ``eval.geneval``: the shapes detector on the testbed world, Mask2Former + CLIP on real
+  prompts; :mod:`diffq.eval.geneval_stats`).
 
 The Inception features of the FP and quantized images are computed once per job, so the first
 FID metric's ``seconds`` include them.
@@ -60,6 +62,11 @@ def check_eval(ev: DictConfig) -> None:
     if ev.geneval.backend not in GENEVAL_BACKENDS:
         raise ConfigError(f"unknown eval.geneval.backend {ev.geneval.backend!r}: "
                           f"use one of {', '.join(GENEVAL_BACKENDS)}")
+    size = ev.geneval.detector_size
+    if size is not None and not (len(size) == 2 and 0 < size[0] <= size[1]):
+        raise ConfigError(f"eval.geneval.detector_size={list(size)} must be [shortest_edge, longest_edge] with "
+                          "0 < shortest <= longest, e.g. [800, 1333] as the official evaluator, or null for the "
+                          "detector's own processor size")
     if ev.geneval.metadata and geneval_backend(ev) == "shapes" and ev.geneval.metadata != "shapes":
         raise ConfigError("the shapes detector scores only the shapes world's prompts: "
                           "use eval.geneval.metadata=shapes or eval.geneval.backend=mask2former")
@@ -190,6 +197,7 @@ def _clip(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[s
 def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: list[dict[str, Any]],
              device: str | torch.device) -> dict[str, Any]:
     from diffq.eval.geneval import score
+    from diffq.eval.geneval_stats import paired_difference, standard_errors, task_outcomes
     from diffq.testbed.evaluate import to_uint8
 
     g, k = ev.geneval, ev.images_per_prompt
@@ -201,15 +209,25 @@ def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: lis
     else:
         from diffq.eval.geneval_detector import Mask2FormerClipDetector
 
+        size = list(g.detector_size) if g.detector_size else None
         detector = Mask2FormerClipDetector(g.detector, g.clip_model, device=device, batch_size=g.batch_size,
                                            min_score=min(g.threshold, g.counting_threshold), max_objects=g.max_objects,
-                                           colors=list(g.colors), templates=list(g.templates), bgcolor=g.bgcolor)
+                                           colors=list(g.colors), templates=list(g.templates), bgcolor=g.bgcolor,
+                                           size=size)
         settings = dict(detector.settings)
     thresholds = {"threshold": g.threshold, "counting_threshold": g.counting_threshold,
                   "max_objects": g.max_objects, "position_threshold": g.position_threshold}
     out: dict[str, Any] = {}
+    outcomes: dict[str, Any] = {}
     for side, images in (("fp", fp), ("quant", quant)):
         r = score(entries, detector(to_uint8(images)), k, **thresholds)
-        out[side] = {"overall": r.overall, "tasks": r.tasks}
-    out["settings"] = {"backend": backend, "prompts": len(entries), "images_per_prompt": k, **settings, **thresholds}
+        outcomes[side] = task_outcomes(r)
+        out[side] = {"overall": r.overall, "tasks": r.tasks, **standard_errors(outcomes[side])}
+    diff = paired_difference(outcomes["fp"], outcomes["quant"])
+    out["delta"] = {key: diff[key] for key in ("delta", "low", "high")}
+    out["settings"] = {"backend": backend, "prompts": len({e["prompt"] for e in entries}), "entries": len(entries),
+                       "images_per_prompt": k, "images_per_task": g.images_per_task,
+                       "task_images": {tag: c.size for tag, c in outcomes["fp"].items()},
+                       "bootstrap": {key: diff[key] for key in ("confidence", "resamples", "seed")},
+                       **settings, **thresholds}
     return out
