@@ -305,3 +305,25 @@ def test_grouped_conv_search_error_is_the_layer_output_error():
     with torch.no_grad():
         actual = (conv._conv_forward(x, q(conv.weight), None) - conv._conv_forward(x, conv.weight, None)).square().sum()
     assert err == pytest.approx(float(actual), rel=1e-4)
+
+
+def test_a_failing_act_search_leaves_no_trial_format_behind(monkeypatch):
+    from diffq.methods import fp_search as fp_search_module
+
+    layer = nn.Linear(32, 16)
+    q = Quantizer(FPFormat(2, 1), kind="act", granularity="token")  # dynamic: the layout is tried in place
+    quantize_layer_(layer, None, q)
+    calls = {"n": 0}
+    original = fp_search_module._layer_output
+
+    def fail_on_trial(module, x, weight):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the FP target is computed, then the first trial layout fails
+            raise RuntimeError("out of memory")
+        return original(module, x, weight)
+
+    monkeypatch.setattr(fp_search_module, "_layer_output", fail_on_trial)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        search_act(layer, [torch.randn(2, 8, 32)], None, candidate_formats(TensorQuant(format="fp", bits=4)),
+                   alpha_grid({"alpha_min": 0.1, "alpha_max": 1.2, "alphas": 4}))
+    assert q.fmt == FPFormat(2, 1)
