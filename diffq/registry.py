@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, TypeVar
 
 from diffq.errors import ConfigError
 
@@ -52,6 +52,3 @@ class Registry(Generic[T]):
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.names())
