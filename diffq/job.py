@@ -53,6 +53,7 @@ class Plan:
     the checkpoint's with ``load=``) and, with ``load=``, the checkpoint's metadata."""
 
     name: str
+    method: str
     attn: dict[str, Any]
     checkpoint: dict[str, Any] | None = None
 
@@ -117,7 +118,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "status": "ok",
         "model": cfg.model.name,
         "quant": plan.name,
-        "method": cfg.quant.method,
+        "method": plan.method,
         "attn": plan.attn,
         "denoiser": f"{denoiser_name}:{type(denoiser).__name__.removeprefix('Quant')}",
         "metrics": suite,
@@ -180,9 +181,11 @@ def plan_of(cfg: DictConfig) -> Plan:
     """The config's preset, or with ``load=`` the checkpoint's (CheckpointError when it is missing or
     not a diffq export)."""
     if not cfg.load:
-        return Plan(cfg.quant.name, OmegaConf.to_container(cfg.quant.attn, resolve=True))
+        return Plan(cfg.quant.name, cfg.quant.method, OmegaConf.to_container(cfg.quant.attn, resolve=True))
     meta = read_metadata(cfg.load)
-    return Plan(meta["extra"].get("quant", "unknown"), meta["attn"] or {"enabled": False}, meta)
+    extra = meta["extra"]
+    return Plan(extra.get("quant", "unknown"), extra.get("method", "unknown"), meta["attn"] or {"enabled": False},
+                meta)
 
 
 def geneval_entries(cfg: DictConfig) -> list[dict[str, Any]] | None:
@@ -447,7 +450,7 @@ def write_artifacts(cfg: DictConfig, out_dir: Path, plan: Plan, denoiser: nn.Mod
         image_grid([fp_images[:n], q_images[:n]], ["FP", plan.name], evalset.prompts[:n]).save(out_dir / "grid.png")
     if cfg.export:
         path = export_quantized(denoiser, specs, out_dir / "model", plan.attn,
-                                extra={"model": cfg.model.name, "quant": plan.name})
+                                extra={"model": cfg.model.name, "quant": plan.name, "method": plan.method})
         metrics["export"] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 4)}
     write_metrics(out_dir, metrics)
 

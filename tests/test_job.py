@@ -52,8 +52,9 @@ def test_loaded_export_reports_the_checkpoint_preset_and_attention(compose, tmp_
     exported = job.run(compose(*TINY, "quant.attn.enabled=true", "export=true"), tmp_path / "a")
     assert exported["quant"] == "w8a8" and exported["attn"]["enabled"]
     # the command line names another preset without attention quantization: the checkpoint wins
-    loaded = job.run(compose(*TINY, "quant=w4a8", f"load={tmp_path / 'a' / 'model'}"), tmp_path / "b")
+    loaded = job.run(compose(*TINY, "quant=fp_w4a8_rtn", f"load={tmp_path / 'a' / 'model'}"), tmp_path / "b")
     assert loaded["quant"] == "w8a8" and loaded["attn"] == exported["attn"]
+    assert loaded["method"] == exported["method"] == "rtn"  # not the command line's fp_search
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["quant"] == "w8a8"
     assert "attention matmuls: q/k/v int8/tensor/sym" in (tmp_path / "b" / "spec.txt").read_text()
     assert loaded["fidelity"]["psnr"]["per_image"] == exported["fidelity"]["psnr"]["per_image"]
