@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import nn
 
 from diffq.errors import ConfigError
-from diffq.layout import Granularity
+from diffq.layout import Granularity, Layout
 from diffq.tensor_quant import TensorQuant
 
 log = logging.getLogger(__name__)
@@ -129,13 +129,12 @@ def check_tensor(tq: TensorQuant, kind: str, size: int, where: str) -> None:
         fmt = tq.build_format()
         gran = Granularity.parse(tq.granularity)
         if fmt is not None:
+            Layout(kind, gran)  # the quantizer's own checks of kind and granularity
             fmt.check_usage(kind=kind, granularity=gran.kind, symmetric=tq.symmetric, observer=tq.observer)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if fmt is None:
         return
-    if gran.kind == "token" and kind == "weight":
-        raise ConfigError(f"{where}: granularity 'token' is for activations; use channel or group:<g>")
     group = gran.size if gran.kind == "group" else fmt.block_size if gran.kind == "block" else None
     if group and size % group:
         divisors = [d for d in (16, 32, 64, 128) if size % d == 0]
