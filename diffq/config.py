@@ -121,6 +121,85 @@ class ReconConfig:
 
 
 @dataclass
+class TrainRuleConfig:
+    """One rule of the finetuning selection (same matchers as ``quant.rules``; the last match wins)."""
+
+    roles: List[str] = field(default_factory=list)  # layer roles this rule matches (empty: any)
+    names: List[str] = field(default_factory=list)  # globs on module names, or "re:<regex>"
+    kinds: List[str] = field(default_factory=list)  # weight | bias | weight_scale | act_scale | lora ([]: nothing)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank FP adapters (kind ``lora``): the layer quantizes ``W + alpha/rank * B A``."""
+
+    rank: int = 4
+    alpha: float = 4.0
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Training data, built from the FP teacher's sampler trajectories over prompts."""
+
+    # trajectory (the teacher's own calls, on-policy) | noised (its final latents noised afresh at the
+    # sampler's timesteps) | images (the world's images through the VAE, diffusion loss; testbed only)
+    source: str = "trajectory"
+    prompts: str = "calib"  # calib (the calibration prompts) | world (the world's training captions) | file
+    prompts_file: Optional[str] = None
+    num_prompts: int = 16
+    steps: Optional[int] = None  # sampler steps of the trajectories (default: the model's)
+    batch_size: int = 4  # prompts per sampler batch when capturing the trajectories
+    seed: int = 4321
+
+
+@dataclass
+class ExtraLossConfig:
+    """An extra loss term (diffq/finetune/losses.py) on the layers its roles/names match."""
+
+    name: str = MISSING  # layer_mse
+    weight: float = 1.0
+    roles: List[str] = field(default_factory=list)
+    names: List[str] = field(default_factory=list)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser of finetuning: one learning rate per kind of parameter."""
+
+    name: str = "adam"  # adam | adamw
+    lr: float = 1e-5  # weights and biases
+    act_scale_lr: float = 1e-4
+    weight_scale_lr: float = 1e-5
+    lora_lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"  # cosine | constant (after the warm-up)
+    warmup: float = 0.05  # fraction of the steps
+    clip_grad: float = 1.0  # max gradient norm (0: off)
+
+
+@dataclass
+class FinetuneConfig:
+    """Quantization-aware finetuning after PTQ (diffq/finetune/); ``steps: 0`` (finetune=none) skips it."""
+
+    name: str = "none"
+    steps: int = 0
+    batch_size: int = 8  # items per step: one trajectory's denoiser call each, CFG branches included
+    train: List[TrainRuleConfig] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    distill_weight: float = 1.0  # MSE between the student's and the FP teacher's denoiser outputs
+    data_weight: float = 0.0  # MSE to the diffusion target (data.source=images)
+    extra_losses: List[ExtraLossConfig] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint_every: int = 50  # steps between checkpoints (in the cache; a rerun resumes)
+    resume: bool = True
+    autocast: bool = True  # bfloat16 autocast of the student on CUDA
+    grad_checkpointing: bool = False  # diffusers gradient checkpointing (memory for compute)
+    seed: int = 0
+
+
+@dataclass
 class EdaDmConfig:
     """EDA-DM's timestep-diverse selection (diffq/calib/select.py)."""
 
@@ -233,12 +312,13 @@ class PathsConfig:
 
 @dataclass
 class DiffqConfig:
-    """The whole job: load -> calibrate -> quantize -> evaluate -> save."""
+    """The whole job: load -> calibrate -> quantize (-> reconstruct -> finetune) -> evaluate -> save."""
 
     model: ModelConfig = MISSING
     quant: QuantConfig = MISSING
     calib: CalibConfig = MISSING
     recon: ReconConfig = field(default_factory=ReconConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -259,5 +339,6 @@ def register_configs() -> None:
     cs.store(group="quant", name="schema", node=QuantConfig)
     cs.store(group="calib", name="schema", node=CalibConfig)
     cs.store(group="recon", name="schema", node=ReconConfig)
+    cs.store(group="finetune", name="schema", node=FinetuneConfig)
     cs.store(group="sampler", name="schema", node=SamplerConfig)
     cs.store(group="eval", name="schema", node=EvalConfig)

@@ -16,3 +16,7 @@ class CheckpointError(DiffqError):
 
 class CalibrationError(DiffqError):
     """Calibration data is unusable (NaN/Inf, empty, too small)."""
+
+
+class TrainingError(DiffqError):
+    """Finetuning cannot go on (a non-finite loss); the last good checkpoint is kept."""

@@ -1,5 +1,5 @@
 """One diffq job, a chain of stages: check the config -> load the pipeline -> FP samples -> quantize
-(or load an export) -> quantized samples -> cost -> evaluate -> write the artifacts.
+(or load an export) -> finetune -> quantized samples -> cost -> evaluate -> write the artifacts.
 
 Every check that needs no model runs before the pipeline loads, and the ones that need the
 denoiser (rules, vocabulary) run before the first image is generated.
@@ -28,6 +28,8 @@ from diffq.eval.grids import image_grid
 from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
 from diffq.export import export_quantized, load_quantized, read_metadata
+from diffq.finetune.stage import check_finetune, finetune_denoiser, selection_plan
+from diffq.finetune.stage import enabled as finetune_enabled
 from diffq.methods import get_method, get_recon_mode
 from diffq.methods.reconstruct import reconstruct
 from diffq.models import (
@@ -94,6 +96,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         pipe = load_model(cfg, device)
     denoiser_name, denoiser = denoiser_of(pipe)
     specs = layer_specs(cfg, denoiser, plan)
+    train_plan = (selection_plan(denoiser, cfg.model.family, specs, ft_settings(cfg), plan.attn)
+                  if finetunes(cfg) else {})
     if cfg.model.vocabulary_check:
         check_vocabulary(pipe, [*evalset.prompts, *calib_prompts])
     smp = sampling_of(cfg)
@@ -105,8 +109,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             calib_info = load_export(cfg.load, denoiser)
         else:
             calib_info = quantize(pipe, denoiser, specs, cfg, calib_prompts, smp, device, timings)
+    finetuned = None
+    if train_plan:
+        with timed(timings, "finetune_s"):
+            finetuned = finetune(pipe, specs, train_plan, cfg, calib_prompts, smp, device)
     if shard.is_main:
-        (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn))
+        (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn, finetuned))
+        if finetuned is not None:
+            loss_plot(finetuned["loss_curve"], out_dir / "finetune_loss.png")
     quant, input_counts = quantized_samples(pipe, denoiser, specs, cfg, plan, evalset, setting, smp, shard, out_dir,
                                             timings)
     if not shard.is_main:
@@ -126,6 +136,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "cost": cost,
         "time": {k: round(v, 3) for k, v in timings.items()},
         "calib": {**calib_info, "fp_images_cache_hit": fp.generated == 0},
+        "finetune": finetuned,
         "samples": {"fp": str(fp.folder.root), "quant": str(quant.folder.root), "generated_fp": fp.generated,
                     "generated_quant": quant.generated, "processes": shard.world},
         "prompts": evalset.prompts,
@@ -148,6 +159,7 @@ def check_config(cfg: DictConfig) -> None:
     calibration.check_selection(cfg.calib.selection)
     check_attn(q.attn)
     check_eval(cfg.eval)
+    check_finetune(ft_settings(cfg), load=bool(cfg.load), keep_fp_weights=q.keep_fp_weights, world=cfg.model.world)
 
 
 def check_recon(cfg: DictConfig) -> None:
@@ -365,7 +377,8 @@ def quantized_samples(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cf
     layer receives in one denoiser call (for the activation-bits cost)."""
     counter = InputElementCounter(denoiser, [s.name for s in specs])
     q_setting = {**setting, "quant": OmegaConf.to_container(cfg.quant, resolve=True), "load": cfg.load,
-                 "calib": OmegaConf.to_container(cfg.calib, resolve=True)}
+                 "calib": OmegaConf.to_container(cfg.calib, resolve=True),
+                 **({"finetune": ft_settings(cfg)} if finetunes(cfg) else {})}
     folder = SampleFolder(out_dir / "samples", evalset.entries, evalset.images_per_prompt, q_setting)
     with timed(timings, "sampling_quant_s"):
         samples = make_samples(pipe, cfg, folder, evalset.seeds, smp, shard, f"{plan.name} samples")
@@ -411,6 +424,29 @@ def quantize(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictCo
             **stats}
 
 
+def ft_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The finetuning settings as a plain dict."""
+    return OmegaConf.to_container(cfg.finetune, resolve=True)
+
+
+def finetunes(cfg: DictConfig) -> bool:
+    """Whether this job finetunes the quantized model (never with ``load=``)."""
+    return finetune_enabled(cfg.finetune) and not cfg.load
+
+
+def finetune(pipe: Any, specs: list[LayerSpec], train_plan: dict[str, tuple[str, ...]], cfg: DictConfig,
+             calib_prompts: list[str], smp: Sampling, device: torch.device) -> dict[str, Any]:
+    """Finetune the quantized denoiser against its FP self; its state is cached under a key of
+    everything that determines it, so rerunning the command resumes (or reuses) the training."""
+    state_key = {"model": model_key(cfg), "quant": OmegaConf.to_container(cfg.quant, resolve=True),
+                 "recon": OmegaConf.to_container(cfg.recon, resolve=True) if cfg.quant.recon != "none" else None,
+                 "calib": OmegaConf.to_container(cfg.calib, resolve=True), "seed": cfg.seed,
+                 "finetune": {k: v for k, v in ft_settings(cfg).items() if k not in ("checkpoint_every", "resume")}}
+    return finetune_denoiser(pipe, cfg.model.family, specs, train_plan, ft_settings(cfg), calib_prompts=calib_prompts,
+                             smp=smp, model_key=model_key(cfg), cache_dir=cfg.paths.cache_dir, state_key=state_key,
+                             device=device)
+
+
 def load_export(path: str, denoiser: nn.Module) -> dict[str, Any]:
     """Load an exported quantized checkpoint into the denoiser; returns where it came from."""
     load_quantized(path, denoiser)
@@ -420,12 +456,18 @@ def load_export(path: str, denoiser: nn.Module) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- results
 
 
-def spec_text(specs: list[LayerSpec], attn: Mapping[str, Any]) -> str:
-    """spec.txt: the per-layer table, then the attention-matmul formats when they are quantized."""
+def spec_text(specs: list[LayerSpec], attn: Mapping[str, Any], finetuned: Mapping[str, Any] | None = None) -> str:
+    """spec.txt: the per-layer table, then the attention-matmul formats when they are quantized,
+    then what finetuning trained."""
     text = format_spec_table(specs)
     if attn.get("enabled"):
         text += (f"attention matmuls: q/k/v {_describe(attn['qkv'])}, "
                  f"softmax output {_describe(attn['softmax'])}\n")
+    if finetuned:
+        text += (f"\nfinetuned: {finetuned['params']} parameters ({100 * finetuned['fraction']:.2f}% of the denoiser) "
+                 f"in {finetuned['layers_trained']} layers/modules, {finetuned['steps']} steps\n")
+        width = max(len(n) for n in finetuned["layers"])
+        text += "".join(f"  {n.ljust(width)}  {' '.join(k)}\n" for n, k in finetuned["layers"].items())
     return text
 
 
@@ -453,6 +495,21 @@ def write_artifacts(cfg: DictConfig, out_dir: Path, plan: Plan, denoiser: nn.Mod
                                 extra={"model": cfg.model.name, "quant": plan.name, "method": plan.method})
         metrics["export"] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 4)}
     write_metrics(out_dir, metrics)
+
+
+def loss_plot(losses: list[float], path: Path) -> None:
+    """finetune_loss.png: the finetuning loss per step (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title="finetuning loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ class QuantMixin:
         self.input_quantizer = input_q
         self.register_buffer("weight_fq", None, persistent=False)
         self.rounding: nn.Module | None = None  # learned rounding being trained (reconstruction)
+        self.adapter: nn.Module | None = None  # low-rank FP weight update, added before quantization (finetuning)
         self.quant_enabled = True  # False: compute in floating point (FP targets during reconstruction)
         self.learned_rounding = False  # weight_fq holds a learned rounding: export it, not RTN of weight
 
@@ -36,6 +37,12 @@ class QuantMixin:
         """True once the fake-quantized weight is cached."""
         return self.weight_fq is not None
 
+    def latent_weight(self) -> torch.Tensor:
+        """The FP weight the quantizer sees: the weight plus the adapter's update, if any."""
+        if self.adapter is None:
+            return self.weight
+        return self.weight + self.adapter().to(self.weight.dtype)
+
     def quantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with (frozen cache, live fake-quant, or FP)."""
         if self.rounding is not None:
@@ -43,8 +50,8 @@ class QuantMixin:
         if self.weight_fq is not None:
             return self.weight_fq
         if self.weight_quantizer is not None:
-            return self.weight_quantizer(self.weight)
-        return self.weight
+            return self.weight_quantizer(self.latent_weight())
+        return self.latent_weight()
 
     @torch.no_grad()
     def freeze(self, keep_original: bool = True) -> None:
@@ -55,7 +62,7 @@ class QuantMixin:
         """
         if self.weight_quantizer is None:
             return
-        wq = self.weight_quantizer(self.weight).detach()
+        wq = self.weight_quantizer(self.latent_weight()).detach()
         if keep_original:
             self.weight_fq = wq
         else:
@@ -115,7 +122,7 @@ def dequantize_layer_(module: nn.Module) -> nn.Module:
     """Undo :func:`quantize_layer_` (the FP weight must have been kept)."""
     if not is_quant_layer(module):
         return module
-    for attr in ("weight_quantizer", "input_quantizer"):
+    for attr in ("weight_quantizer", "input_quantizer", "adapter"):
         if attr in module._modules:
             del module._modules[attr]
         module.__dict__.pop(attr, None)

@@ -16,9 +16,9 @@ from diffq.models import sample_seeds
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibSample", "calibration_prompts", "check_selection", "load_or_capture", "uniform_steps"]
+__all__ = ["CalibSample", "calibration_prompts", "check_selection", "load_or_capture", "training_pool", "uniform_steps"]
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: pool shards hold the final latents and noise coefficients
 
 
 def calibration_prompts(prompts: Sequence[str], prompts_file: str | None, count: int) -> list[str]:
@@ -68,8 +68,7 @@ def load_or_capture(
     of every call, streamed to disk (see :mod:`diffq.calib.select`)."""
     check_selection(selection)
     seeds = sample_seeds(seed, len(prompts))
-    base = {"v": _CACHE_VERSION, "model": model_key, "prompts": list(prompts), "seeds": seeds, "steps": steps,
-            "guidance": guidance, "resolution": resolution, "call_kwargs": call_kwargs}
+    base = pool_base(model_key, prompts, seeds, steps, guidance, resolution, call_kwargs)
     n = int(num_samples or len(prompts) * keep_steps)
     edadm = dict(edadm or {})
     choice = {"keep": keep_steps} if selection == "uniform" else {"selection": selection, "n": n, "batch": batch_size,
@@ -95,16 +94,38 @@ def load_or_capture(
     return samples, False
 
 
+def pool_base(model_key: dict[str, Any], prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+              resolution: int, call_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a set of FP trajectories (the key of the calibration set and pool caches)."""
+    return {"v": _CACHE_VERSION, "model": model_key, "prompts": list(prompts), "seeds": list(seeds), "steps": steps,
+            "guidance": guidance, "resolution": resolution, "call_kwargs": call_kwargs}
+
+
+def pool_folder(cache_dir: str, base: dict[str, Any], hook: str, batch_size: int) -> Path:
+    """The on-disk pool of every denoiser call of the trajectories ``base`` describes."""
+    return Path(os.path.expanduser(str(cache_dir))) / "calib_pool" / cache_key({**base, "hook": hook,
+                                                                                "batch": batch_size})
+
+
+def training_pool(pipe: Any, family: str, *, model_key: dict[str, Any], prompts: Sequence[str], seed: int,
+                  steps: int, guidance: float, resolution: int, batch_size: int, call_kwargs: dict[str, Any],
+                  cache_dir: str) -> Path:
+    """The pool of FP trajectories over ``prompts`` (captured where missing, shared with calibration
+    selections over the same prompts); returns its folder."""
+    base = pool_base(model_key, prompts, sample_seeds(seed, len(prompts)), steps, guidance, resolution, call_kwargs)
+    folder = pool_folder(cache_dir, base, "auto", batch_size)
+    capture_pool(pipe, family, prompts, sample_seeds(seed, len(prompts)), folder, hook="auto", steps=steps,
+                 guidance=guidance, resolution=resolution, batch_size=batch_size, call_kwargs=call_kwargs)
+    return folder
+
+
 def _select_from_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: list[int], base: dict[str, Any],
                       cache_dir: str | None, selection: str, n: int, seed: int, edadm: dict[str, Any],
                       **sampling: Any) -> list[CalibSample]:
     hook = edadm.get("hook", "auto")
     with contextlib.ExitStack() as stack:
-        if cache_dir:
-            root = Path(os.path.expanduser(str(cache_dir)))
-        else:
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        folder = root / "calib_pool" / cache_key({**base, "hook": hook, "batch": sampling["batch_size"]})
+        root = cache_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        folder = pool_folder(root, base, hook, sampling["batch_size"])
         capture_pool(pipe, family, prompts, seeds, folder, hook=hook, **sampling)
         trajectories, calls = trajectory_count(folder)
         counts = None

@@ -64,8 +64,9 @@ def check_finite(sample_kwargs: Mapping[str, Any], step: int) -> None:
             )
 
 
-class _Recorder:
-    """Forward pre-hook that keeps the named kwargs of every denoiser call."""
+class CallRecorder:
+    """Forward pre-hook that keeps the named kwargs of every denoiser call (in signature order: the
+    latent input first)."""
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.signature = inspect.signature(denoiser.forward)
@@ -97,7 +98,7 @@ def capture_trajectories(
     Only one batch of trajectories is held in memory at a time.
     """
     _, denoiser = denoiser_of(pipe)
-    recorder = _Recorder(denoiser)
+    recorder = CallRecorder(denoiser)
     handle = denoiser.register_forward_pre_hook(recorder, with_kwargs=True)
     samples: list[CalibSample] = []
     try:

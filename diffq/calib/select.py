@@ -17,6 +17,7 @@ them into batched calls, one call index per batch, CFG branches kept together:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,7 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.cache import load_meta, load_tensors, save_tensors
-from diffq.calib.capture import CalibSample, _Recorder, check_finite, flatten_samples, unflatten_samples
+from diffq.calib.capture import CalibSample, CallRecorder, check_finite, flatten_samples, unflatten_samples
+from diffq.calib.schedule import StepRecorder
 from diffq.errors import CalibrationError, ConfigError
 from diffq.models import denoiser_of, generate_images
 
@@ -64,8 +66,9 @@ def _first_tensor(out: Any) -> torch.Tensor:
 def capture_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: Sequence[int], folder: Path, *,
                  hook: str, steps: int, guidance: float, resolution: int, batch_size: int,
                  call_kwargs: dict[str, Any]) -> None:
-    """Write every denoiser call of every trajectory to ``folder`` (one shard per prompt batch) and
-    the first batch's features at ``hook`` (``features.safetensors``)."""
+    """Write every denoiser call of every trajectory to ``folder`` (one shard per prompt batch, with
+    the batch's final latents and each step's noise coefficients, see :mod:`diffq.calib.schedule`)
+    and the first batch's features at ``hook`` (``features.safetensors``)."""
     _, denoiser = denoiser_of(pipe)
     folder.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(prompts), batch_size))
@@ -73,15 +76,16 @@ def capture_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: Sequence
     if len(todo) < len(starts):
         log.info("calibration pool: %d of %d batches already in %s", len(starts) - len(todo), len(starts), folder)
     for b in tqdm(todo, desc="calibration pool", unit="batch", disable=not todo):
-        recorder, features = _Recorder(denoiser), []
+        recorder, features = CallRecorder(denoiser), []
         handles = [denoiser.register_forward_pre_hook(recorder, with_kwargs=True)]
         if b == 0:
             handles.append(feature_module(denoiser, hook).register_forward_hook(
                 lambda m, a, out: features.append(_first_tensor(out).detach().float().cpu())))
         try:
-            generate_images(pipe, family, prompts[starts[b]:starts[b] + batch_size],
-                            seeds[starts[b]:starts[b] + batch_size], steps=steps, guidance=guidance,
-                            resolution=resolution, batch_size=batch_size, call_kwargs=call_kwargs, progress=False)
+            with StepRecorder(pipe.scheduler) as stepped:
+                generate_images(pipe, family, prompts[starts[b]:starts[b] + batch_size],
+                                seeds[starts[b]:starts[b] + batch_size], steps=steps, guidance=guidance,
+                                resolution=resolution, batch_size=batch_size, call_kwargs=call_kwargs, progress=False)
         finally:
             for h in handles:
                 h.remove()
@@ -90,16 +94,35 @@ def capture_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: Sequence
         if b == 0:
             save_tensors(folder / "features.safetensors", {"features": torch.stack(features)}, {})
         tensors, layout = flatten_samples([CalibSample(c, i) for i, c in enumerate(recorder.calls)])
+        if stepped.final is not None:
+            tensors["final"] = stepped.final
         save_tensors(folder / f"batch_{b:04d}.safetensors", tensors,
-                     {"layout": layout, "trajectories": len(prompts[starts[b]:starts[b] + batch_size])})
+                     {"layout": layout, "trajectories": len(prompts[starts[b]:starts[b] + batch_size]),
+                      "noise": stepped.coefficients, "offset": starts[b]})
 
 
-def _load_shard(path: Path) -> tuple[list[CalibSample], int]:
+@dataclass
+class PoolShard:
+    """One prompt batch of a pool: every denoiser call of its trajectories, their final latents
+    (None when the scheduler step was not seen) and each scheduler step's noise coefficients."""
+
+    calls: list[CalibSample]
+    trajectories: int
+    offset: int  # index of the batch's first trajectory in the pool
+    final: torch.Tensor | None
+    noise: list[tuple[float, float] | None]
+
+
+def load_pool_shard(path: Path) -> PoolShard:
+    """Read one shard of a pool written by :func:`capture_pool`."""
     hit = load_tensors(path)
     if hit is None:
         raise CalibrationError(f"calibration pool shard {path} is missing or unreadable: "
                                f"delete {path.parent} to recapture")
-    return unflatten_samples(hit[0], hit[1]["layout"]), int(hit[1]["trajectories"])
+    tensors, meta = hit
+    final = tensors.pop("final", None)
+    return PoolShard(unflatten_samples(tensors, meta["layout"]), int(meta["trajectories"]), int(meta.get("offset", 0)),
+                     final, [tuple(c) if c else None for c in meta.get("noise", [])])
 
 
 def edadm_counts(features: torch.Tensor, n: int, lam: float, radius: float | None, radius_quantile: float,
@@ -162,7 +185,7 @@ def _rows(kwargs: dict[str, Any]) -> int:
     return int(first.shape[0])
 
 
-def _take(kwargs: dict[str, Any], batch_trajectories: int, j: int) -> dict[str, Any]:
+def trajectory_rows(kwargs: dict[str, Any], batch_trajectories: int, j: int) -> dict[str, Any]:
     """Trajectory ``j``'s rows of one call (each CFG branch's row), shared tensors as they are."""
     rows = _rows(kwargs)
     branches = rows // batch_trajectories
@@ -196,11 +219,12 @@ def assemble(folder: Path, items: list[tuple[int, int]], batch_size: int) -> lis
     picked: dict[int, list[tuple[int, dict[str, Any], dict[str, Any]]]] = {}
     offset = 0
     for shard in shards:
-        calls, n_traj = _load_shard(shard)
+        loaded = load_pool_shard(shard)
+        calls, n_traj = loaded.calls, loaded.trajectories
         for call, traj in items:
             if offset <= traj < offset + n_traj:
                 kw = calls[call].kwargs
-                picked.setdefault(call, []).append((traj, _take(kw, n_traj, traj - offset), kw))
+                picked.setdefault(call, []).append((traj, trajectory_rows(kw, n_traj, traj - offset), kw))
         offset += n_traj
     samples = []
     for call in sorted(picked):

@@ -1,0 +1,186 @@
+"""The training loop every finetuning method shares: the quantized student matches its FP self.
+
+Per step: draw a batch (:mod:`diffq.finetune.data`); run the teacher (the same model in float
+mode, :meth:`Selection.teacher_mode`) without gradients, then the student; loss =
+``distill_weight * MSE(student, teacher) + data_weight * MSE(student, target)`` plus each extra
+loss's weighted term; Adam/AdamW on parameter groups (one lr per kind), warm-up then cosine or
+constant learning rate, gradient clipping. Under ``accelerate launch`` / ``torchrun`` the student
+trains data-parallel (DDP through accelerate), every process on its own batches.
+
+The trainable state, optimiser, schedule and RNG states are checkpointed every
+``checkpoint_every`` steps and at the end; rerunning resumes from the last checkpoint and ends
+bit-identical to an uninterrupted run (on CPU). A non-finite loss stops with
+:class:`~diffq.errors.TrainingError`, the last good checkpoint kept.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffq.calib.capture import map_tensors
+from diffq.errors import ConfigError, TrainingError
+from diffq.eval.samples import process_state
+from diffq.finetune.checkpoint import load_checkpoint, save_checkpoint
+from diffq.finetune.data import TrainBatch, TrainingData
+from diffq.finetune.losses import ExtraLoss
+from diffq.finetune.select import Selection
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SCHEDULES = ("cosine", "constant")
+
+
+def check_optim(optim: Mapping[str, Any]) -> None:
+    """ConfigError for an unknown optimiser or schedule, or a non-positive learning rate."""
+    if optim["name"] not in OPTIMIZERS:
+        raise ConfigError(f"unknown finetune.optim.name {optim['name']!r}: use one of {', '.join(OPTIMIZERS)}")
+    if optim["schedule"] not in SCHEDULES:
+        raise ConfigError(f"unknown finetune.optim.schedule {optim['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    for key in ("lr", "act_scale_lr", "weight_scale_lr", "lora_lr"):
+        if not optim[key] > 0:
+            raise ConfigError(f"finetune.optim.{key} must be positive (got {optim[key]})")
+    if not 0 <= optim["warmup"] < 1:
+        raise ConfigError(f"finetune.optim.warmup is a fraction of the steps in [0, 1) (got {optim['warmup']})")
+
+
+def make_optimizer(sel: Selection, optim: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """Adam/AdamW with one parameter group per kind (weights and biases share ``lr``; step sizes,
+    weight scales and adapters have their own); weight decay on weights and adapters only."""
+    lrs = {"weight": optim["lr"], "bias": optim["lr"], "act_scale": optim["act_scale_lr"],
+           "weight_scale": optim["weight_scale_lr"], "lora": optim["lora_lr"]}
+    groups = [{"params": ps, "lr": lrs[kind], "kind": kind,
+               "weight_decay": optim["weight_decay"] if kind in ("weight", "lora") else 0.0}
+              for kind, ps in sel.groups.items()]
+    return OPTIMIZERS[optim["name"]](groups, betas=tuple(optim["betas"]))
+
+
+def lr_factor(step: int, steps: int, warmup: float, schedule: str) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up over ``warmup * steps``, then cosine to 0
+    or constant."""
+    w = int(round(warmup * steps))
+    if step < w:
+        return (step + 1) / w
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, steps - w)))
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+
+
+def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model wrapped for data-parallel training when several processes run (else itself)."""
+    if process_state().num_processes <= 1:
+        return model
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    acc = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[ddp])
+    return acc.prepare_model(model, device_placement=False)
+
+
+def train_step(student: nn.Module, model: nn.Module, sel: Selection, batch: TrainBatch, extra: Sequence[ExtraLoss],
+               cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
+               dtype: torch.dtype, step: int) -> float:
+    """One optimisation step; returns the loss (TrainingError when it is not finite)."""
+    kwargs = _to(batch.kwargs, device, dtype)
+    with torch.no_grad(), sel.teacher_mode():
+        for e in extra:
+            e.begin("teacher")
+        teacher = model(**kwargs, return_dict=False)[0] if cfg["distill_weight"] else None
+    for e in extra:
+        e.begin("student")
+    autocast = bool(cfg["autocast"]) and device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = student(**kwargs, return_dict=False)[0].float()
+    loss = out.new_zeros(())
+    if teacher is not None:
+        loss = loss + cfg["distill_weight"] * F.mse_loss(out, teacher.float())
+    if batch.target is not None and cfg["data_weight"]:
+        loss = loss + cfg["data_weight"] * F.mse_loss(out, batch.target.to(device).float())
+    for e in extra:
+        loss = loss + e.weight * e.term()
+    if not torch.isfinite(loss):
+        raise TrainingError(f"finetuning loss is {float(loss)} at step {step + 1}; fix: lower finetune.optim.lr "
+                            "(and the step-size lrs), or train in float32")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg["optim"]["clip_grad"]:
+        torch.nn.utils.clip_grad_norm_(sel.parameters, cfg["optim"]["clip_grad"])
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
+def _to(kwargs: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    return map_tensors(dict(kwargs), lambda t: t.to(device, dtype if t.is_floating_point() else None))
+
+
+def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str, Any], *,
+          extra: Sequence[ExtraLoss] = (), device: torch.device, dtype: torch.dtype,
+          state_dir: Path | None = None) -> dict[str, Any]:
+    """Finetune the selected parameters of ``model`` for ``cfg["steps"]`` steps (resuming from
+    ``state_dir`` when it holds a checkpoint); returns the loss curve, wall time and peak memory."""
+    steps, every = int(cfg["steps"]), int(cfg["checkpoint_every"])
+    state = process_state()
+    gen = torch.Generator().manual_seed(int(cfg["seed"]) + state.process_index)
+    optimizer = make_optimizer(sel, cfg["optim"])
+    o = cfg["optim"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, o["warmup"], o["schedule"]))
+    params = sel.named_trainable()
+    losses: list[float] = []
+    start, meta = 0, None
+    if state_dir is not None and cfg["resume"]:
+        meta = load_checkpoint(state_dir, params=params, optimizer=optimizer, scheduler=scheduler, generator=gen)
+        if meta is not None:
+            start, losses = int(meta["step"]), list(meta["losses"])
+            if start > steps:
+                raise ConfigError(f"finetuning checkpoint in {state_dir} is at step {start}, past finetune.steps="
+                                  f"{steps}: delete it or raise finetune.steps")
+            log.info("finetuning resumes at step %d of %d from %s", start, steps, state_dir)
+    model.train(False)
+    student = _ddp(model, device)
+    checkpointing = bool(cfg["grad_checkpointing"]) and hasattr(model, "enable_gradient_checkpointing")
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="finetune", unit="step",
+               disable=not state.is_main_process or start >= steps)
+    try:
+        for step in bar:
+            batch = data.draw(int(cfg["batch_size"]), gen)
+            losses.append(train_step(student, model, sel, batch, extra, cfg, optimizer, scheduler, device, dtype,
+                                     step))
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            done = step + 1
+            if state_dir is not None and state.is_main_process and (done % every == 0 or done == steps):
+                save_checkpoint(state_dir, step=done, params=params, optimizer=optimizer, scheduler=scheduler,
+                                generator=gen, losses=losses, complete=done == steps)
+    finally:
+        bar.close()
+        if checkpointing:
+            model.disable_gradient_checkpointing()
+    wall = time.perf_counter() - t0
+    peak, kind = _peak_memory_mb(device)
+    tail = max(1, len(losses) // 10)
+    return {"steps": steps, "resumed_from": start, "wall_s": round(wall, 2),
+            "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
+            "loss_start": sum(losses[:tail]) / tail if losses else None,
+            "loss_end": sum(losses[-tail:]) / tail if losses else None, "loss_curve": losses}

@@ -1,0 +1,242 @@
+"""What finetuning trains, chosen with the bit-config grammar's matchers.
+
+``finetune.train`` is an ordered list of rules ``{roles, names, kinds}``; like ``quant.rules``, a
+rule matches a layer when its roles (if any) contain the layer's role and one of its name globs
+(if any) matches, and the last matching rule sets the layer's ``kinds``:
+
+- ``weight`` / ``bias``: the layer's FP weight (trained through the quantizer's straight-through
+  estimator) and bias;
+- ``weight_scale``: the weight quantizer's scale (LSQ), or a binary format's sigma;
+- ``act_scale``: the input quantizer's step size (LSQ); on attention modules (matched by name)
+  the q/k/v/softmax quantizers' step sizes;
+- ``lora``: a low-rank FP adapter added to the weight before quantization.
+
+Everything else has ``requires_grad=False``. The FP teacher is the same model in
+:func:`~diffq.model_quant.float_mode`; only tensors whose value training changes (trained weights
+and biases, and a learned rounding's weights, which training restarts from their grid values)
+keep an FP copy for it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from diffq.attention import attention_modules
+from diffq.errors import ConfigError
+from diffq.finetune.lora import attach_adapter, merge_adapter
+from diffq.layers import dequantize_layer_, is_quant_layer, quantize_layer_
+from diffq.model_quant import SplitQuantizer, float_mode
+from diffq.spec import LayerSpec, Rule, parse_rules
+from diffq.tensor_quant import TensorQuant
+
+KINDS = ("weight", "bias", "weight_scale", "act_scale", "lora")
+
+
+def parse_train_rules(rules: Sequence[Mapping[str, Any]], valid_roles: Sequence[str]) -> list[tuple[Rule, tuple]]:
+    """The rules with their kinds (ConfigError for an unknown kind, role or bad regex)."""
+    parsed = parse_rules([{"roles": r.get("roles"), "names": r.get("names")} for r in rules], valid_roles)
+    out = []
+    for i, (rule, r) in enumerate(zip(parsed, rules)):
+        kinds = tuple(r.get("kinds") or ())
+        bad = [k for k in kinds if k not in KINDS]
+        if bad:
+            raise ConfigError(f"finetune.train[{i}]: unknown kind(s) {bad}; use any of {list(KINDS)}")
+        out.append((rule, kinds))
+    return out
+
+
+def _learnable_scale(tq: TensorQuant | None, kind: str) -> bool:
+    """Whether a quantizer built from ``tq`` has a static scale (or a binary sigma) to train."""
+    if tq is None:
+        return False
+    fmt = tq.build_format()
+    if fmt is None or fmt.block_size:
+        return False
+    names = fmt.param_names(tq.symmetric)
+    if "sigma" in names:
+        return True
+    dynamic = kind == "act" and (tq.dynamic or tq.granularity.split(":")[0] in ("token", "group", "block"))
+    return names[0] == "scale" and not dynamic
+
+
+def _viable(kind: str, spec: LayerSpec, module: nn.Module) -> bool:
+    quantized = spec.quantized
+    if kind == "bias":
+        return getattr(module, "bias", None) is not None
+    if kind == "weight_scale":
+        return quantized and _learnable_scale(spec.weight, "weight")
+    if kind == "act_scale":
+        return quantized and _learnable_scale(spec.act, "act")
+    return True
+
+
+def plan_selection(layers: Mapping[str, tuple[str, nn.Module]], specs: Sequence[LayerSpec],
+                   rules: Sequence[Mapping[str, Any]], valid_roles: Sequence[str],
+                   attn_names: Sequence[str] = (), attn_static: bool = False) -> dict[str, tuple[str, ...]]:
+    """``{layer or attention module name: kinds it trains}``, before anything is trained.
+
+    Kinds a layer cannot train (a bias it lacks, the step size of a dynamic or unquantized input)
+    are dropped; ConfigError when nothing is left, so a bad selection stops before calibration."""
+    parsed = parse_train_rules(rules, valid_roles)
+    by_name = {s.name: s for s in specs}
+    plan: dict[str, tuple[str, ...]] = {}
+    for name, (role, module) in layers.items():
+        kinds: tuple[str, ...] = ()
+        for rule, k in parsed:
+            if rule.matches(name, role):
+                kinds = k
+        kinds = tuple(k for k in kinds if _viable(k, by_name[name], module))
+        if kinds:
+            plan[name] = kinds
+    for name in attn_names if attn_static else ():
+        kinds = ()
+        for rule, k in parsed:
+            if not rule.roles and rule.names and rule.matches(name, ""):
+                kinds = tuple(x for x in k if x == "act_scale")
+        if kinds:
+            plan[name] = kinds
+    if not plan:
+        shown = [{"roles": list(r.roles), "names": list(r.names), "kinds": list(k)} for r, k in parsed]
+        raise ConfigError(f"finetune.train selects nothing to train: {shown} match no layer with a trainable "
+                          "part (see spec.txt for the layers' names, roles and formats; act_scale needs a static "
+                          "input quantizer, weight_scale a scaled weight format)")
+    return plan
+
+
+def _act_quantizers(q: nn.Module | None) -> list[nn.Module]:
+    if q is None:
+        return []
+    return list(q.parts) if isinstance(q, SplitQuantizer) else [q]
+
+
+@dataclass
+class Selection:
+    """The trainable parameters of a model by kind, the FP copies its teacher needs, and how to
+    undo the set-up (:meth:`finish`)."""
+
+    model: nn.Module
+    plan: dict[str, tuple[str, ...]]
+    groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)
+    teacher: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
+    converted: list[nn.Module] = field(default_factory=list)  # FP layers wrapped to carry an adapter
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        """Every trainable parameter (kind by kind)."""
+        return [p for ps in self.groups.values() for p in ps]
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters by their names in the model (the checkpoint's keys)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def teacher_mode(self) -> Iterator[None]:
+        """The model as its FP self: quantizers and adapters off, original weights in place."""
+        saved = {p: p.data for p in self.teacher}
+        with float_mode(self.model):
+            try:
+                for p, fp in self.teacher.items():
+                    p.data = fp
+                yield
+            finally:
+                for p, data in saved.items():
+                    p.data = data
+
+    def summary(self, total_params: int) -> dict[str, Any]:
+        """Which layers train which kinds, and how many parameters that is."""
+        n = sum(p.numel() for p in self.parameters)
+        return {"layers": {k: list(v) for k, v in self.plan.items()}, "layers_trained": len(self.plan),
+                "params": n, "params_by_kind": {k: sum(p.numel() for p in ps) for k, ps in self.groups.items()},
+                "fraction": n / max(1, total_params),
+                "teacher_copy_mb": sum(t.numel() * t.element_size() for t in self.teacher.values()) / 2**20}
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Merge adapters, stop training, and cache the quantized weights again."""
+        for p in self.parameters:
+            p.requires_grad_(False)
+        for m in self.model.modules():
+            if is_quant_layer(m):
+                merge_adapter(m)
+                if m.weight_quantizer is not None and not m.frozen:
+                    m.freeze(keep_original=True)
+        for m in self.converted:
+            dequantize_layer_(m)
+        self.teacher.clear()
+
+
+def _keep_teacher(sel: Selection, p: nn.Parameter) -> None:
+    if p not in sel.teacher:
+        sel.teacher[p] = p.detach().clone()
+
+
+def _make_live(sel: Selection, layer: nn.Module) -> None:
+    """Quantize the weight at every forward again; a learned rounding's result becomes the weight
+    (it re-quantizes to itself), the FP weight staying with the teacher."""
+    if not layer.frozen:
+        return
+    if layer.learned_rounding:
+        _keep_teacher(sel, layer.weight)
+        layer.weight.data = layer.weight_fq.detach().clone()
+    layer.weight_fq, layer.learned_rounding = None, False
+
+
+def _add(sel: Selection, kind: str, params: Sequence[nn.Parameter]) -> None:
+    for p in params:
+        p.requires_grad_(True)
+        sel.groups.setdefault(kind, []).append(p)
+
+
+def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora_rank: int = 4,
+                     lora_alpha: float = 4.0, seed: int = 0) -> Selection:
+    """Set the model up to train what ``plan`` selects (see :func:`plan_selection`); all else frozen."""
+    model.requires_grad_(False)
+    sel = Selection(model, dict(plan))
+    modules = dict(model.named_modules())
+    attn = attention_modules(model)
+    gen = torch.Generator().manual_seed(seed)
+    for name, kinds in plan.items():
+        module = modules[name]
+        if name in attn:
+            _add(sel, "act_scale", _attention_scales(module))
+            continue
+        if "lora" in kinds and not is_quant_layer(module):
+            quantize_layer_(module, None, None)
+            sel.converted.append(module)
+        if is_quant_layer(module) and {"weight", "weight_scale", "lora"} & set(kinds):
+            _make_live(sel, module)
+        if "weight" in kinds:
+            _keep_teacher(sel, module.weight)
+            _add(sel, "weight", [module.weight])
+        if "bias" in kinds:
+            _keep_teacher(sel, module.bias)
+            _add(sel, "bias", [module.bias])
+        if "weight_scale" in kinds:
+            wq = module.weight_quantizer
+            if not wq.learnable and "sigma" not in dict(wq.named_parameters()):
+                wq.make_learnable()
+            _add(sel, "weight_scale", list(wq.parameters()))
+        if "act_scale" in kinds:
+            _add(sel, "act_scale", [p for q in _act_quantizers(module.input_quantizer) for p in _learn(q)])
+        if "lora" in kinds:
+            _add(sel, "lora", list(attach_adapter(module, lora_rank, lora_alpha, gen).parameters()))
+    return sel
+
+
+def _learn(q: nn.Module) -> list[nn.Parameter]:
+    if not q.learnable:
+        q.make_learnable()
+    return list(q.parameters())
+
+
+def _attention_scales(attn: nn.Module) -> list[nn.Parameter]:
+    own = [getattr(attn, f"{which}_quantizer", None) for which in ("q", "k", "v", "softmax")]
+    quantizers = [q for q in own if q is not None and not q.dynamic and q.needs_calibration]
+    return [p for q in quantizers for p in _learn(q)]
+
+
+__all__ = ["KINDS", "Selection", "parse_train_rules", "plan_selection", "select_trainable"]
