@@ -115,8 +115,8 @@ def train_step(student: nn.Module, model: nn.Module, sel: Selection, batch: Trai
     for e in extra:
         loss = loss + e.weight * e.term()
     if not torch.isfinite(loss):
-        raise TrainingError(f"finetuning loss is {float(loss)} at step {step + 1}; fix: lower finetune.optim.lr "
-                            "(and the step-size lrs), or train in float32")
+        raise TrainingError(f"finetuning loss is {float(loss.detach())} at step {step + 1}; fix: lower "
+                            "finetune.optim.lr (and the step-size lrs), or train in float32")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg["optim"]["clip_grad"]:
