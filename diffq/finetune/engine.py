@@ -93,6 +93,16 @@ def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return acc.prepare_model(model, device_placement=False)
 
 
+def _check_in_sync(params: Sequence[torch.Tensor] | Any) -> None:
+    """RuntimeError when data-parallel processes ended with different trained parameters."""
+    from accelerate.utils import gather_object
+
+    digest = [float(sum(p.detach().double().sum() for p in params))]
+    digests = gather_object(digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"data-parallel finetuning diverged across processes: parameter sums {digests}")
+
+
 def train_step(student: nn.Module, model: nn.Module, sel: Selection, batch: TrainBatch, extra: Sequence[ExtraLoss],
                cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
                dtype: torch.dtype, step: int) -> float:
@@ -178,9 +188,11 @@ def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str
         if checkpointing:
             model.disable_gradient_checkpointing()
     wall = time.perf_counter() - t0
+    if state.num_processes > 1:
+        _check_in_sync(params.values())
     peak, kind = _peak_memory_mb(device)
     tail = max(1, len(losses) // 10)
-    return {"steps": steps, "resumed_from": start, "wall_s": round(wall, 2),
+    return {"steps": steps, "resumed_from": start, "wall_s": round(wall, 2), "processes": state.num_processes,
             "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
             "loss_start": sum(losses[:tail]) / tail if losses else None,
             "loss_end": sum(losses[-tail:]) / tail if losses else None, "loss_curve": losses}
