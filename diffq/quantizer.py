@@ -79,6 +79,10 @@ class Quantizer(nn.Module):
         trained = self.storage_dtype is not None and any(p.requires_grad for p in stored.values())
         return self.fmt.storable(stored, self.storage_dtype) if trained else stored
 
+    def params(self) -> dict[str, Tensor]:
+        """The stored (calibrated or trained) parameters, detached."""
+        return {k: getattr(self, k).detach() for k in self._calibrated_keys()}
+
     def set_params(self, **params: Tensor) -> None:
         """Install calibrated parameters (``scale`` stays a trained Parameter when learnable), rounded
         to what their storage holds when the quantizer has a ``storage_dtype``."""

@@ -244,7 +244,7 @@ def test_job_finetunes_reports_and_resumes_and_none_changes_nothing(compose, tmp
     assert not (tmp_path / "none" / "finetune_loss.png").exists()
 
     ft = ["finetune=distill", "finetune.steps=6", "finetune.data.num_prompts=2", "finetune.batch_size=2"]
-    tuned = job.run(compose(*base, *ft), tmp_path / "tuned")
+    tuned = job.run(compose(*base, *ft, "export=true"), tmp_path / "tuned")
     f = tuned["finetune"]
     assert f["steps"] == 6 and len(f["loss_curve"]) == 6 and f["resumed_from"] == 0
     assert 0.9 < f["fraction"] <= 1.0 and f["params"] == sum(f["params_by_kind"].values())
@@ -257,6 +257,8 @@ def test_job_finetunes_reports_and_resumes_and_none_changes_nothing(compose, tmp
     again = job.run(compose(*base, *ft), tmp_path / "again")  # the same command: the cached state, no training
     assert again["finetune"]["resumed_from"] == 6
     assert again["fidelity"]["psnr"]["per_image"] == tuned["fidelity"]["psnr"]["per_image"]
+    loaded = job.run(compose(*base, f"load={tmp_path / 'tuned' / 'model'}"), tmp_path / "loaded")
+    assert loaded["fidelity"]["psnr"]["per_image"] == tuned["fidelity"]["psnr"]["per_image"]  # exported as trained
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -28,7 +28,7 @@ from torch import nn
 from diffq.attention import attention_modules
 from diffq.errors import ConfigError
 from diffq.finetune.lora import attach_adapter, merge_adapter
-from diffq.layers import dequantize_layer_, is_quant_layer, quantize_layer_
+from diffq.layers import dequantize_layer_, is_quant_layer, iter_quantizers, quantize_layer_
 from diffq.model_quant import SplitQuantizer, float_mode
 from diffq.spec import LayerSpec, Rule, parse_rules
 from diffq.tensor_quant import TensorQuant
@@ -159,6 +159,9 @@ class Selection:
         """Merge adapters, stop training, and cache the quantized weights again."""
         for p in self.parameters:
             p.requires_grad_(False)
+        for _, q in iter_quantizers(self.model):
+            if q.learnable or "sigma" in q.fmt.param_names(q.symmetric):
+                q.set_params(**q.params())  # trained values rounded to what an export stores
         for m in self.model.modules():
             if is_quant_layer(m):
                 merge_adapter(m)
