@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -335,3 +336,17 @@ def test_two_processes_train_data_parallel(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["finetune"]["processes"] == 2 and len(metrics["finetune"]["loss_curve"]) == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_finetune(pool, dtype):
+    _, model, specs = _student()
+    model = model.to(dtype)
+    sel = select_trainable(model, _plan(model, specs, [{"kinds": ["weight", "act_scale", "lora"]}]))
+    before = {n: p.detach().clone() for n, p in sel.named_trainable().items()}
+    stats = engine.train(model, sel, TrajectoryData(pool), _cfg(3), device=CPU, dtype=dtype)
+    assert all(map(math.isfinite, stats["loss_curve"]))
+    changed = [n for n, p in sel.named_trainable().items() if not torch.equal(before[n], p)]
+    assert any(n.endswith(".weight") for n in changed) and any(n.endswith(".B") for n in changed)
+    sel.finish()
+    assert all(p.dtype == dtype for n, p in model.named_parameters() if n.endswith("weight"))

@@ -3,9 +3,10 @@
 Per step: draw a batch (:mod:`diffq.finetune.data`); run the teacher (the same model in float
 mode, :meth:`Selection.teacher_mode`) without gradients, then the student; loss =
 ``distill_weight * MSE(student, teacher) + data_weight * MSE(student, target)`` plus each extra
-loss's weighted term; Adam/AdamW on parameter groups (one lr per kind), warm-up then cosine or
-constant learning rate, gradient clipping. Under ``accelerate launch`` / ``torchrun`` the student
-trains data-parallel (DDP through accelerate), every process on its own batches.
+loss's weighted term; Adam/AdamW on parameter groups (one lr per kind; float32 master copies of
+half-precision parameters), warm-up then cosine or constant learning rate, gradient clipping.
+Under ``accelerate launch`` / ``torchrun`` the student trains data-parallel (DDP through
+accelerate), every process on its own batches.
 
 The trainable state, optimiser, schedule and RNG states are checkpointed every
 ``checkpoint_every`` steps and at the end; rerunning resumes from the last checkpoint and ends
@@ -53,12 +54,38 @@ def check_optim(optim: Mapping[str, Any]) -> None:
         raise ConfigError(f"finetune.optim.warmup is a fraction of the steps in [0, 1) (got {optim['warmup']})")
 
 
-def make_optimizer(sel: Selection, optim: Mapping[str, Any]) -> torch.optim.Optimizer:
+class MasterWeights:
+    """float32 copies of the half-precision trainable parameters: the optimiser updates the copies
+    (Adam's second moments underflow in float16, small updates vanish in bfloat16) and the model
+    computes with their cast."""
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        half = (torch.float16, torch.bfloat16)
+        self.masters = {p: nn.Parameter(p.detach().float()) for p in params if p.dtype in half}
+
+    def of(self, p: nn.Parameter) -> nn.Parameter:
+        """What the optimiser updates for ``p``."""
+        return self.masters.get(p, p)
+
+    def take_grads(self) -> None:
+        """Move the model's gradients onto the float32 copies."""
+        for p, m in self.masters.items():
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Cast the float32 copies into the model's parameters."""
+        for p, m in self.masters.items():
+            p.copy_(m)
+
+
+def make_optimizer(sel: Selection, optim: Mapping[str, Any], masters: MasterWeights) -> torch.optim.Optimizer:
     """Adam/AdamW with one parameter group per kind (weights and biases share ``lr``; step sizes,
     weight scales and adapters have their own); weight decay on weights and adapters only."""
     lrs = {"weight": optim["lr"], "bias": optim["lr"], "act_scale": optim["act_scale_lr"],
            "weight_scale": optim["weight_scale_lr"], "lora": optim["lora_lr"]}
-    groups = [{"params": ps, "lr": lrs[kind], "kind": kind,
+    groups = [{"params": [masters.of(p) for p in ps], "lr": lrs[kind], "kind": kind,
                "weight_decay": optim["weight_decay"] if kind in ("weight", "lora") else 0.0}
               for kind, ps in sel.groups.items()]
     return OPTIMIZERS[optim["name"]](groups, betas=tuple(optim["betas"]))
@@ -103,9 +130,9 @@ def _check_in_sync(params: Sequence[torch.Tensor] | Any) -> None:
         raise RuntimeError(f"data-parallel finetuning diverged across processes: parameter sums {digests}")
 
 
-def train_step(student: nn.Module, model: nn.Module, sel: Selection, batch: TrainBatch, extra: Sequence[ExtraLoss],
-               cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
-               dtype: torch.dtype, step: int) -> float:
+def train_step(student: nn.Module, model: nn.Module, sel: Selection, masters: MasterWeights, batch: TrainBatch,
+               extra: Sequence[ExtraLoss], cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+               device: torch.device, dtype: torch.dtype, step: int) -> float:
     """One optimisation step; returns the loss (TrainingError when it is not finite)."""
     kwargs = _to(batch.kwargs, device, dtype)
     with torch.no_grad(), sel.teacher_mode():
@@ -129,9 +156,11 @@ def train_step(student: nn.Module, model: nn.Module, sel: Selection, batch: Trai
                             "finetune.optim.lr (and the step-size lrs), or train in float32")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    masters.take_grads()
     if cfg["optim"]["clip_grad"]:
-        torch.nn.utils.clip_grad_norm_(sel.parameters, cfg["optim"]["clip_grad"])
+        torch.nn.utils.clip_grad_norm_([masters.of(p) for p in sel.parameters], cfg["optim"]["clip_grad"])
     optimizer.step()
+    masters.write_back()
     scheduler.step()
     return float(loss.detach())
 
@@ -148,17 +177,19 @@ def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str
     steps, every = int(cfg["steps"]), int(cfg["checkpoint_every"])
     state = process_state()
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + state.process_index)
-    optimizer = make_optimizer(sel, cfg["optim"])
+    masters = MasterWeights(sel.parameters)
+    optimizer = make_optimizer(sel, cfg["optim"], masters)
     o = cfg["optim"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, o["warmup"], o["schedule"]))
-    params = sel.named_trainable()
+    params = {n: masters.of(p) for n, p in sel.named_trainable().items()}
     losses: list[float] = []
     start, meta = 0, None
     if state_dir is not None and cfg["resume"]:
         meta = load_checkpoint(state_dir, params=params, optimizer=optimizer, scheduler=scheduler, generator=gen)
         if meta is not None:
             start, losses = int(meta["step"]), list(meta["losses"])
+            masters.write_back()
             if start > steps:
                 raise ConfigError(f"finetuning checkpoint in {state_dir} is at step {start}, past finetune.steps="
                                   f"{steps}: delete it or raise finetune.steps")
@@ -176,8 +207,8 @@ def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str
     try:
         for step in bar:
             batch = data.draw(int(cfg["batch_size"]), gen)
-            losses.append(train_step(student, model, sel, batch, extra, cfg, optimizer, scheduler, device, dtype,
-                                     step))
+            losses.append(train_step(student, model, sel, masters, batch, extra, cfg, optimizer, scheduler, device,
+                                     dtype, step))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             done = step + 1
             if state_dir is not None and state.is_main_process and (done % every == 0 or done == steps):

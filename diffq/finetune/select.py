@@ -219,10 +219,7 @@ def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora
             _keep_teacher(sel, module.bias)
             _add(sel, "bias", [module.bias])
         if "weight_scale" in kinds:
-            wq = module.weight_quantizer
-            if not wq.learnable and "sigma" not in dict(wq.named_parameters()):
-                wq.make_learnable()
-            _add(sel, "weight_scale", list(wq.parameters()))
+            _add(sel, "weight_scale", _learn(module.weight_quantizer))
         if "act_scale" in kinds:
             _add(sel, "act_scale", [p for q in _act_quantizers(module.input_quantizer) for p in _learn(q)])
         if "lora" in kinds:
@@ -231,8 +228,11 @@ def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora
 
 
 def _learn(q: nn.Module) -> list[nn.Parameter]:
-    if not q.learnable:
+    """The quantizer's scale (or sigma) as float32 parameters: a half-precision step size's gradient,
+    summed over every element it scales, overflows float16."""
+    if not q.learnable and "sigma" not in q.fmt.param_names(q.symmetric):
         q.make_learnable()
+    q.set_params(**{k: v.float() for k, v in q.params().items()})
     return list(q.parameters())
 
 
