@@ -53,6 +53,9 @@ class RuleConfig:
     weight: Optional[Dict[str, Any]] = None  # partial TensorQuant for weights
     act: Optional[Dict[str, Any]] = None  # partial TensorQuant for input activations
     skip: Optional[bool] = None  # true: keep the layer floating point
+    # true (cross_attn_kv layers): the text sequence's token 0 (CLIP's BOS) goes through the FP weight
+    # and never reaches the quantizers (MixDQ); a no-op for models without a causal CLIP sequence
+    bos: Optional[bool] = None
 
 
 @dataclass

@@ -42,7 +42,7 @@ from diffq.models import (
     sampling_of,
     unknown_words,
 )
-from diffq.roles import ROLES, quantizable_layers
+from diffq.roles import CAUSAL_TEXT_FAMILIES, ROLES, quantizable_layers
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table, resolve_spec, validate_quant_args
 from diffq.testbed.prompts import evaluation_metadata
 
@@ -304,7 +304,12 @@ def layer_specs(cfg: DictConfig, denoiser: nn.Module, plan: Plan) -> list[LayerS
         return [LayerSpec.from_dict(d) for d in plan.checkpoint["specs"]]
     q = cfg.quant
     layers = quantizable_layers(denoiser, cfg.model.family)
-    return resolve_spec(layers, q.weight, q.act, OmegaConf.to_container(q.rules, resolve=True), ROLES, strict=q.strict)
+    rules = OmegaConf.to_container(q.rules, resolve=True)
+    if any(r.get("bos") for r in rules) and cfg.model.family not in CAUSAL_TEXT_FAMILIES:
+        log.info("quant.rules bos: %s does not cross-attend to a causal CLIP sequence (its text tokens are T5's or a "
+                 "class label): BOS-aware K/V quantization does not apply and is off", cfg.model.family)
+        rules = [{**r, "bos": None} for r in rules]
+    return resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
 
 
 def check_vocabulary(pipe: Any, prompts: list[str]) -> None:

@@ -27,6 +27,7 @@ class QuantMixin:
         self.weight_quantizer = weight_q
         self.input_quantizer = input_q
         self.register_buffer("weight_fq", None, persistent=False)
+        self.register_buffer("bos_weight", None)  # FP weight of token 0 (BOS-aware K/V projections)
         self.rounding: nn.Module | None = None  # learned rounding being trained (reconstruction)
         self.adapter: nn.Module | None = None  # low-rank FP weight update, added before quantization (finetuning)
         self.quant_enabled = True  # False: compute in floating point (FP targets during reconstruction)
@@ -79,9 +80,14 @@ class QuantMixin:
 
 
 class QuantLinearMixin(QuantMixin):
-    """Forward of a quantized nn.Linear."""
+    """Forward of a quantized nn.Linear; with a ``bos_weight`` (MixDQ's BOS-aware K/V projection of
+    a text sequence ``[B, T, D]``) token 0 goes through that FP weight and only tokens ``1..``
+    through the quantizers, so the BOS token's outlier never sets an activation range."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.bos_weight is not None and self.quant_enabled and x.dim() == 3 and x.shape[1] > 1:
+            head = F.linear(x[:, :1], self.bos_weight.to(x.dtype), self.bias)
+            return torch.cat([head, F.linear(*self._operands(x[:, 1:]), self.bias)], dim=1)
         return F.linear(*self._operands(x), self.bias)
 
 
@@ -122,6 +128,7 @@ def dequantize_layer_(module: nn.Module) -> nn.Module:
     """Undo :func:`quantize_layer_` (the FP weight must have been kept)."""
     if not is_quant_layer(module):
         return module
+    module._buffers.pop("bos_weight", None)
     for attr in ("weight_quantizer", "input_quantizer", "adapter"):
         if attr in module._modules:
             del module._modules[attr]
@@ -149,7 +156,17 @@ def attach_quantizers(model: nn.Module, specs: Sequence[LayerSpec]) -> dict[str,
             "weight", name=f"{s.name}.weight", storage_dtype=half_of(module.weight.dtype))
         aq = None if s.act is None else s.act.build_quantizer("act", feature_axis, name=f"{s.name}.input")
         converted[s.name] = quantize_layer_(module, wq, aq)
+        if s.bos:
+            keep_bos_fp(module)
     return converted
+
+
+def keep_bos_fp(layer: nn.Module) -> None:
+    """Give a quantized Linear its FP weight for the text sequence's token 0 (a persistent buffer:
+    exports carry it, so a reloaded model computes the BOS row exactly as the quantized one)."""
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"BOS-aware quantization needs a Linear K/V projection, not {type(layer).__name__}")
+    layer.bos_weight = layer.weight.detach().clone()
 
 
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:

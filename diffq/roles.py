@@ -18,7 +18,7 @@ from diffq.errors import ConfigError
 
 __all__ = [
     "ROLES", "QUANTIZABLE_TYPES", "FAMILY_ROLE_TABLES", "SHARED_ROLE_TABLE", "TEXT_ENCODER_CLASSES",
-    "detect_family", "assign_roles", "quantizable_layers",
+    "detect_family", "assign_roles", "quantizable_layers", "CAUSAL_TEXT_FAMILIES",
 ]
 
 ROLES: tuple[str, ...] = (
@@ -117,6 +117,11 @@ SHARED_ROLE_TABLE: RoleTable = (
 def _compiled(family: str | None) -> tuple[tuple[re.Pattern[str], str], ...]:
     table = FAMILY_ROLE_TABLES.get(family, ()) + SHARED_ROLE_TABLE
     return tuple((re.compile(fnmatch.translate(pattern)), role) for pattern, role in table)
+
+
+# families whose denoiser cross-attends to a causal CLIP text sequence (token 0 = BOS, the same for
+# every prompt and a massive activation in real CLIP); SD3 joins CLIP to T5, FLUX's sequence is T5
+CAUSAL_TEXT_FAMILIES = ("sd", "sdxl")
 
 
 def detect_family(model: nn.Module) -> str | None:

@@ -20,6 +20,8 @@ from diffq.tensor_quant import TensorQuant
 
 log = logging.getLogger(__name__)
 
+BOS_ROLES = ("cross_attn_kv",)  # layers whose input is the text encoder's sequence
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -31,6 +33,7 @@ class Rule:
     weight: Mapping[str, Any] | None = None
     act: Mapping[str, Any] | None = None
     skip: bool | None = None
+    bos: bool | None = None
 
     def matches(self, name: str, role: str) -> bool:
         """Whether this rule applies to the layer ``name`` with role ``role``."""
@@ -59,6 +62,7 @@ class LayerSpec:
     skip: bool = False
     params: int = 0
     rules: list[int] = field(default_factory=list)
+    bos: bool = False  # token 0 of the text sequence through the FP weight (MixDQ), outside the quantizers
 
     @property
     def quantized(self) -> bool:
@@ -76,6 +80,7 @@ class LayerSpec:
             "skip": self.skip,
             "params": self.params,
             "rules": self.rules,
+            "bos": self.bos,
         }
 
     @classmethod
@@ -90,6 +95,7 @@ class LayerSpec:
             skip=bool(d["skip"]),
             params=int(d.get("params", 0)),
             rules=list(d.get("rules", [])),
+            bos=bool(d.get("bos", False)),
         )
 
 
@@ -112,7 +118,8 @@ def parse_rules(rules: Iterable[Mapping[str, Any]], valid_roles: Sequence[str]) 
                     raise ConfigError(f"quant.rules[{i}]: bad regex {pattern!r} ({e}); fix the pattern") from e
         weight = TensorQuant.check_partial(r.get("weight"), f"quant.rules[{i}].weight")
         act = TensorQuant.check_partial(r.get("act"), f"quant.rules[{i}].act")
-        parsed.append(Rule(index=i, roles=roles, names=names, weight=weight, act=act, skip=r.get("skip")))
+        parsed.append(Rule(index=i, roles=roles, names=names, weight=weight, act=act, skip=r.get("skip"),
+                           bos=r.get("bos")))
     return parsed
 
 
@@ -172,7 +179,7 @@ def resolve_spec(
     hits = {r.index: 0 for r in parsed}
     specs = []
     for name, (role, module) in layers.items():
-        wq, aq, skip, matched = base_w, base_a, False, []
+        wq, aq, skip, bos, matched = base_w, base_a, False, False, []
         for rule in parsed:
             if not rule.matches(name, role):
                 continue
@@ -181,6 +188,11 @@ def resolve_spec(
             wq, aq = wq.merged(rule.weight), aq.merged(rule.act)
             if rule.skip is not None:
                 skip = bool(rule.skip)
+            if rule.bos is not None:
+                bos = bool(rule.bos)
+        if bos and role not in BOS_ROLES:
+            raise ConfigError(f"quant.rules{matched}: bos applies to the text sequence's K/V projections only, but "
+                              f"matches {name} (role {role}); add roles: [cross_attn_kv] to the rule")
         where = f" (rules {matched})" if matched else ""
         w_out = None if wq.build_format() is None else wq
         a_out = None if aq.build_format() is None else aq
@@ -191,7 +203,7 @@ def resolve_spec(
                 check_tensor(a_out, "act", _feature_size(module, "act"), f"input activation of {name}{where}")
         kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
         specs.append(
-            LayerSpec(name, role, kind, w_out, a_out, skip, params=int(module.weight.numel()), rules=matched)
+            LayerSpec(name, role, kind, w_out, a_out, skip, params=int(module.weight.numel()), rules=matched, bos=bos)
         )
     for rule in parsed:
         if hits[rule.index] == 0:
@@ -215,7 +227,7 @@ def format_spec_table(specs: Sequence[LayerSpec]) -> str:
             s.kind,
             str(s.params),
             "float" if (s.skip or s.weight is None) else s.weight.describe(),
-            "float" if (s.skip or s.act is None) else s.act.describe(),
+            ("float" if (s.skip or s.act is None) else s.act.describe()) + (" +bos fp" * (s.bos and s.quantized)),
             "yes" if s.skip else "no",
         )
         for s in specs
