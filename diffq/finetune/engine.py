@@ -108,6 +108,17 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 
+def _state_mb(optimizer: torch.optim.Optimizer, masters: MasterWeights) -> float:
+    """Memory of the training state: trained tensors, their gradients and optimiser moments (the
+    half-precision model copies of master weights included)."""
+    n = sum(p.numel() * p.element_size() for p in masters.masters)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            n += 2 * p.numel() * p.element_size()
+            n += sum(t.numel() * t.element_size() for t in optimizer.state[p].values() if torch.is_tensor(t))
+    return n / 2**20
+
+
 def _ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """The model wrapped for data-parallel training when several processes run (else itself)."""
     if process_state().num_processes <= 1:
@@ -225,5 +236,6 @@ def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str
     tail = max(1, len(losses) // 10)
     return {"steps": steps, "resumed_from": start, "wall_s": round(wall, 2), "processes": state.num_processes,
             "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
+            "train_state_mb": round(_state_mb(optimizer, masters), 3),
             "loss_start": sum(losses[:tail]) / tail if losses else None,
             "loss_end": sum(losses[-tail:]) / tail if losses else None, "loss_curve": losses}

@@ -157,11 +157,10 @@ class Selection:
     @torch.no_grad()
     def finish(self) -> None:
         """Merge adapters, stop training, and cache the quantized weights again."""
-        for p in self.parameters:
-            p.requires_grad_(False)
         for _, q in iter_quantizers(self.model):
             if q.learnable or "sigma" in q.fmt.param_names(q.symmetric):
                 q.set_params(**q.params())  # trained values rounded to what an export stores
+        self.model.requires_grad_(False)
         for m in self.model.modules():
             if is_quant_layer(m):
                 merge_adapter(m)
