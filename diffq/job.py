@@ -447,9 +447,10 @@ def finetune(pipe: Any, specs: list[LayerSpec], train_plan: dict[str, tuple[str,
                  "recon": OmegaConf.to_container(cfg.recon, resolve=True) if cfg.quant.recon != "none" else None,
                  "calib": OmegaConf.to_container(cfg.calib, resolve=True), "seed": cfg.seed,
                  "finetune": {k: v for k, v in ft_settings(cfg).items() if k not in ("checkpoint_every", "resume")}}
-    return finetune_denoiser(pipe, cfg.model.family, specs, train_plan, ft_settings(cfg), calib_prompts=calib_prompts,
-                             smp=smp, model_key=model_key(cfg), cache_dir=cfg.paths.cache_dir, state_key=state_key,
-                             device=device)
+    stats = finetune_denoiser(pipe, cfg.model.family, specs, train_plan, ft_settings(cfg), calib_prompts=calib_prompts,
+                              smp=smp, model_key=model_key(cfg), cache_dir=cfg.paths.cache_dir, state_key=state_key,
+                              device=device)
+    return {"name": cfg.finetune.name, **stats}
 
 
 def load_export(path: str, denoiser: nn.Module) -> dict[str, Any]:
@@ -494,7 +495,8 @@ def write_artifacts(cfg: DictConfig, out_dir: Path, plan: Plan, denoiser: nn.Mod
     """grid.png, the exported model (``export=true``, recorded in ``metrics``) and metrics.json."""
     if cfg.eval.grid:
         n = min(len(evalset.prompts), cfg.eval.grid_max)
-        image_grid([fp_images[:n], q_images[:n]], ["FP", plan.name], evalset.prompts[:n]).save(out_dir / "grid.png")
+        label = plan.name + (f" + {metrics['finetune']['name']}" if metrics.get("finetune") else "")
+        image_grid([fp_images[:n], q_images[:n]], ["FP", label], evalset.prompts[:n]).save(out_dir / "grid.png")
     if cfg.export:
         path = export_quantized(denoiser, specs, out_dir / "model", plan.attn,
                                 extra={"model": cfg.model.name, "quant": plan.name, "method": plan.method})

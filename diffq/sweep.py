@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 COLUMNS = [
     "job", "status", "overrides", "psnr", "ssim", "lpips", "geneval_fp", "geneval_quant", "geneval_delta",
     "fid_fp", "fid_quant", "fid_to_fp", "clip_fp", "clip_quant", "w_bits", "a_bits", "size_quant_mb", "compression",
-    "calibration_s", "sampling_quant_s", "error",
+    "calibration_s", "finetune_s", "sampling_quant_s", "error",
 ]
 
 
@@ -43,7 +43,8 @@ def job_row(job_dir: Path) -> dict[str, Any]:
     row.update(
         w_bits=round(cost["effective_weight_bits"], 3), a_bits=round(cost["effective_act_bits"], 3),
         size_quant_mb=round(cost["size_quant_mb"], 4), compression=round(cost["compression"], 3),
-        calibration_s=t.get("calibration_s", ""), sampling_quant_s=t.get("sampling_quant_s", ""),
+        calibration_s=t.get("calibration_s", ""), finetune_s=t.get("finetune_s", ""),
+        sampling_quant_s=t.get("sampling_quant_s", ""),
     )
     return row
 

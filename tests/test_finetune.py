@@ -247,7 +247,8 @@ def test_job_finetunes_reports_and_resumes_and_none_changes_nothing(compose, tmp
     ft = ["finetune=distill", "finetune.steps=6", "finetune.data.num_prompts=2", "finetune.batch_size=2"]
     tuned = job.run(compose(*base, *ft, "export=true"), tmp_path / "tuned")
     f = tuned["finetune"]
-    assert f["steps"] == 6 and len(f["loss_curve"]) == 6 and f["resumed_from"] == 0
+    assert f["name"] == "distill" and f["steps"] == 6 and len(f["loss_curve"]) == 6 and f["resumed_from"] == 0
+    assert f["train_state_mb"] > 0 and f["teacher_copy_mb"] > 0
     assert 0.9 < f["fraction"] <= 1.0 and f["params"] == sum(f["params_by_kind"].values())
     assert tuned["fidelity"]["psnr"]["per_image"] != plain["fidelity"]["psnr"]["per_image"]
     spec = (tmp_path / "tuned" / "spec.txt").read_text()
