@@ -351,3 +351,24 @@ def test_half_precision_models_finetune(pool, dtype):
     assert any(n.endswith(".weight") for n in changed) and any(n.endswith(".B") for n in changed)
     sel.finish()
     assert all(p.dtype == dtype for n, p in model.named_parameters() if n.endswith("weight"))
+
+
+def test_gradient_checkpointing_trains_the_same(pool, monkeypatch):
+    import torch.utils.checkpoint as ckpt
+
+    calls, real = [], ckpt.checkpoint
+    monkeypatch.setattr(ckpt, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(checkpointing: bool) -> dict[str, torch.Tensor]:
+        _, model, specs = _student()
+        sel = select_trainable(model, _plan(model, specs, [{"kinds": ["weight", "act_scale"]}]))
+        engine.train(model, sel, TrajectoryData(pool), _cfg(2, grad_checkpointing=checkpointing), device=CPU,
+                     dtype=torch.float32)
+        assert not model.is_gradient_checkpointing  # switched off again
+        return {n: p.detach().clone() for n, p in sel.named_trainable().items()}
+
+    plain = run(False)
+    assert not calls
+    checkpointed = run(True)
+    assert calls  # the blocks really recomputed their activations
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
