@@ -83,11 +83,34 @@ class SearchConfig:
 
 
 @dataclass
+class MixDQConfig:
+    """MixDQ's mixed-precision search (``method: mixdq``, diffq/methods/mixdq.py)."""
+
+    weight_bits: float = 8.0  # target parameter-weighted average weight bits
+    weight_mb: Optional[float] = None  # or a memory budget for the quantized weights (MB), replacing weight_bits
+    act_bits: float = 8.0  # target element-weighted average activation bits
+    weight_bits_content: List[int] = field(default_factory=lambda: [2, 4, 8])
+    weight_bits_quality: List[int] = field(default_factory=lambda: [4, 8])
+    act_bits_candidates: List[int] = field(default_factory=lambda: [4, 8])
+    fp_act_fraction: float = 0.01  # most activation-sensitive layers keeping FP inputs
+    content_roles: List[str] = field(default_factory=lambda: ["ffn_up", "ffn_down", "cross_attn_q", "cross_attn_kv"])
+    content_names: List[str] = field(default_factory=lambda: ["*.attn2.to_out.*"])
+    band: float = 0.02  # the plan's average bits lie within target +- band
+    k_weight: List[float] = field(default_factory=lambda: [0.46, 0.7, 1.0, 1.36])  # content/quality budget ratios
+    k_act: List[float] = field(default_factory=lambda: [0.94, 1.0, 1.09])
+    budget_offsets: List[float] = field(default_factory=lambda: [0.0, -0.3])  # budgets target+offset in the family
+    num_prompts: int = 8  # prompts whose images score content sensitivity and choose the plan
+    sqnr_calls: int = 8  # calibration calls the quality group's SQNR runs on
+    decoupled: bool = True  # SSIM for the content group, SQNR for the quality group (false: SQNR for all)
+    plan: Optional[str] = None  # a written mixdq_plan.yaml: reuse its bits, skip the search
+
+
+@dataclass
 class QuantConfig:
     """A quantization preset: default formats, ordered per-layer rules, method and knobs."""
 
     name: str = MISSING
-    method: str = "rtn"  # rtn | fp_search (per-layer FP format and clipping search, settings in `search`)
+    method: str = "rtn"  # rtn | fp_search (settings in `search`) | mixdq (settings in `mixdq`)
     weight: TensorQuant = field(default_factory=lambda: TensorQuant(granularity="channel"))
     act: TensorQuant = field(
         default_factory=lambda: TensorQuant(format="none", granularity="tensor", symmetric=False)
@@ -97,6 +120,7 @@ class QuantConfig:
     strict: bool = False  # a rule matching no layer is an error instead of a warning
     recon: str = "none"  # none | layer | block (BRECQ / AdaRound) | fbr (EDA-DM); settings in `recon`
     search: SearchConfig = field(default_factory=SearchConfig)  # method fp_search
+    mixdq: MixDQConfig = field(default_factory=MixDQConfig)  # method mixdq
     split_shortcut: bool = False  # Q-Diffusion: separate activation ranges for the up path's concat halves
     keep_fp_weights: bool = True  # keep the FP weight next to the frozen fake-quant one
 

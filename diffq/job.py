@@ -30,7 +30,7 @@ from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_
 from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.finetune.stage import check_finetune, finetune_denoiser, selection_plan
 from diffq.finetune.stage import enabled as finetune_enabled
-from diffq.methods import get_method, get_recon_mode
+from diffq.methods import MethodContext, get_method, get_recon_mode
 from diffq.methods.reconstruct import reconstruct
 from diffq.models import (
     Sampling,
@@ -108,7 +108,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if cfg.load:
             calib_info = load_export(cfg.load, denoiser)
         else:
-            calib_info = quantize(pipe, denoiser, specs, cfg, calib_prompts, smp, device, timings)
+            calib_info = quantize(pipe, denoiser, specs, cfg, calib_prompts, smp, device, timings, out_dir)
     finetuned = None
     if train_plan:
         with timed(timings, "finetune_s"):
@@ -160,6 +160,7 @@ def check_config(cfg: DictConfig) -> None:
     check_attn(q.attn)
     check_eval(cfg.eval)
     check_finetune(ft_settings(cfg), load=bool(cfg.load), keep_fp_weights=q.keep_fp_weights, world=cfg.model.world)
+    plan_rules_of(q)
 
 
 def check_recon(cfg: DictConfig) -> None:
@@ -304,12 +305,27 @@ def layer_specs(cfg: DictConfig, denoiser: nn.Module, plan: Plan) -> list[LayerS
         return [LayerSpec.from_dict(d) for d in plan.checkpoint["specs"]]
     q = cfg.quant
     layers = quantizable_layers(denoiser, cfg.model.family)
-    rules = OmegaConf.to_container(q.rules, resolve=True)
+    rules = OmegaConf.to_container(q.rules, resolve=True) + plan_rules_of(q)
     if any(r.get("bos") for r in rules) and cfg.model.family not in CAUSAL_TEXT_FAMILIES:
         log.info("quant.rules bos: %s does not cross-attend to a causal CLIP sequence (its text tokens are T5's or a "
                  "class label): BOS-aware K/V quantization does not apply and is off", cfg.model.family)
         rules = [{**r, "bos": None} for r in rules]
-    return resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
+    specs = resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
+    check = getattr(get_method(q.method), "check_specs", None)
+    if check is not None:
+        check(specs, OmegaConf.to_container(q, resolve=True))
+    return specs
+
+
+def plan_rules_of(q: DictConfig) -> list[dict[str, Any]]:
+    """The rules of a written bit plan (``quant.mixdq.plan``), appended to the preset's."""
+    path = q.mixdq.plan
+    if not path:
+        return []
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"quant.mixdq.plan {file} does not exist: point it at a run's mixdq_plan.yaml")
+    return list(OmegaConf.to_container(OmegaConf.load(file), resolve=True)["rules"])
 
 
 def check_vocabulary(pipe: Any, prompts: list[str]) -> None:
@@ -403,7 +419,7 @@ def count_one_call(pipe: Any, cfg: DictConfig, smp: Sampling, prompt: str, seed:
 
 
 def quantize(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictConfig, calib_prompts: list[str],
-             smp: Sampling, device: torch.device, timings: dict[str, float]) -> dict[str, Any]:
+             smp: Sampling, device: torch.device, timings: dict[str, float], out_dir: Path) -> dict[str, Any]:
     """Capture (or load from the cache) the calibration set, then quantize the denoiser in place with
     ``quant.method`` and any reconstruction; returns the calibration facts for metrics.json."""
     q = cfg.quant
@@ -418,7 +434,10 @@ def quantize(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictCo
         )
     with timed(timings, "quantize_s"):
         method = get_method(q.method)
-        stats = method(denoiser, specs, samples, OmegaConf.to_container(q, resolve=True), device=device, dtype=dtype)
+        context = MethodContext(pipe, cfg.model.family, smp, calib_prompts, model_key(cfg), cfg.paths.cache_dir,
+                                cfg.seed, out_dir)
+        stats = method(denoiser, specs, samples, OmegaConf.to_container(q, resolve=True), device=device, dtype=dtype,
+                       context=context)
         if q.recon != "none":
             stats.update(reconstruct(denoiser, samples, OmegaConf.to_container(cfg.recon, resolve=True), q.recon,
                                      device=device, dtype=dtype))

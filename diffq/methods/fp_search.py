@@ -328,7 +328,7 @@ def _set_act(layer: nn.Module, spec: LayerSpec, st: _Stats, alphas: Tensor) -> s
 @METHODS.register("fp_search")
 def apply(
     model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSample], cfg: Any, *,
-    device: torch.device, dtype: torch.dtype,
+    device: torch.device, dtype: torch.dtype, context: Any = None,
 ) -> dict[str, Any]:
     """Quantize ``model`` in place like RTN, with every open FP layout and clipping searched per layer
     (``cfg["search"]``); the chosen layouts are written into ``specs``."""

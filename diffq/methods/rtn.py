@@ -16,7 +16,7 @@ from diffq.spec import LayerSpec
 @METHODS.register("rtn")
 def apply(
     model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSample], cfg: Any, *,
-    device: torch.device, dtype: torch.dtype,
+    device: torch.device, dtype: torch.dtype, context: Any = None,
 ) -> dict[str, Any]:
     """Quantize ``model`` in place: weights once (then frozen), activations from ``calib`` (with
     ``split_shortcut``, the UNet up path's concatenations get one activation range per half)."""
