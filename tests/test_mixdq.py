@@ -19,6 +19,9 @@ def test_mixdq_job_plans_caches_and_its_written_plan_reloads(compose, tmp_path, 
     info = first["calib"]["mixdq"]
     assert abs(info["weight_bits_avg"] - 4.0) <= 0.02 and info["content_layers"] > 0
     assert all(p["image_mse"] >= 0 for p in info["plans"]) and info["chosen"] in [p["k"] for p in info["plans"]]
+    programs = [g for p in info["plans"] for g in p["programs"]]
+    assert programs and all("Optimization terminated successfully" in g["status"] for g in programs)
+    assert all(abs(g["average"] - g["target"]) <= 0.02 + 1e-9 for g in programs)  # each program's band
     spec = (tmp_path / "first" / "spec.txt").read_text()
     assert "int2/channel" in spec or "int8/channel" in spec  # mixed widths, not uniform 4 bits
     assert "+bos fp" in spec

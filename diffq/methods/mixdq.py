@@ -273,7 +273,7 @@ def plan_family(sens: Mapping[str, Any], content: set[str], ssim_layers: set[str
     fp_acts = sorted(acts, key=lambda n: _normalised(sens[n]["act"][low], n in ssim_layers))[:n_fp]
     plans = []
     for kw, ka, off in itertools.product(mc["k_weight"], mc["k_act"], mc["budget_offsets"]):
-        plan: dict[str, Any] = {"weight": {}, "act": {n: None for n in fp_acts}, "k": [kw, ka, off]}
+        plan: dict[str, Any] = {"weight": {}, "act": {n: None for n in fp_acts}, "k": [kw, ka, off], "programs": []}
         try:
             for what, k, target, names in (("weight", kw, wtarget + off, [n for n in sens if sens[n]["weight"]]),
                                            ("act", ka, mc["act_bits"] + off, [n for n in acts if n not in fp_acts])):
@@ -290,6 +290,8 @@ def plan_family(sens: Mapping[str, Any], content: set[str], ssim_layers: set[str
                     alloc = allocate_bits([sizes[what][n] for n in ns], score, cands, b, mc["band"],
                                           what=f"quant.mixdq {g} {what}s")
                     plan[what].update({n: int(x) for n, x in zip(ns, alloc.bits)})
+                    plan["programs"].append({"group": g, "what": what, "target": round(b, 4), "status": alloc.status,
+                                             "score": round(alloc.score, 6), "average": round(alloc.average, 4)})
         except ConfigError as e:
             log.info("mixdq plan k=%s skipped: %s", plan["k"], e)
             continue
@@ -382,8 +384,9 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
         write_sensitivity(sens, content, ssim_layers, context.out_dir)
         (context.out_dir / "mixdq_plan.yaml").write_text(yaml.safe_dump({"rules": plan_rules(best)}, sort_keys=False))
     w_avg = sum(by[n].params * b for n, b in best["weight"].items()) / max(1, sum(by[n].params for n in best["weight"]))
+    family = [{"k": p["k"], "image_mse": m, "programs": p["programs"]} for p, m in zip(plans, scored)]
     return {"layers_quantized": len(layers), "shortcut_splits": n_splits, "mixdq": {
-        "sensitivity_cache": str(path), "plans": [{"k": p["k"], "image_mse": m} for p, m in zip(plans, scored)],
+        "sensitivity_cache": str(path), "plans": family,
         "chosen": best["k"], "weight_bits_avg": w_avg, "content_layers": len(content),
         "fp_act_layers": [n for n, b in best["act"].items() if b is None]}}
 
