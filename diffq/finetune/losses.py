@@ -7,6 +7,7 @@ lists ``{name, weight, roles, names}`` entries.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from diffq.spec import parse_rules
 EXTRA_LOSSES: Registry[Callable[..., "ExtraLoss"]] = Registry("finetune.extra_losses[].name")
 
 
-class ExtraLoss:
+class ExtraLoss(ABC):
     """Base class: forward hooks on ``modules`` keep their outputs of the current pass."""
 
     def __init__(self, modules: Mapping[str, nn.Module], weight: float) -> None:
@@ -42,9 +43,9 @@ class ExtraLoss:
         self.phase = phase
         self.outputs[phase] = {}
 
+    @abstractmethod
     def term(self) -> torch.Tensor:
         """The unweighted loss term of the last teacher/student passes."""
-        raise NotImplementedError
 
     def remove(self) -> None:
         """Detach the hooks."""
