@@ -1,6 +1,6 @@
 """A model's quantizers as a whole: attach them as the layer specs say (weight and input
-quantizers, attention-matmul quantizers, split input quantizers) and switch them all off
-(:func:`float_mode`). Methods and checkpoint loading both build models through here."""
+quantizers, attention-matmul quantizers, split input quantizers, the timestep router of grouped
+ones) and switch them all off (:func:`float_mode`). Methods and checkpoint loading both build models through here."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +16,7 @@ from diffq.layers import attach_quantizers, is_quant_layer, iter_quantizers
 from diffq.quantizer import Quantizer
 from diffq.spec import LayerSpec
 from diffq.tensor_quant import TensorQuant
+from diffq.timestep_groups import install_router
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,14 @@ class SplitQuantizer(nn.Module):
         return f"split at {self.k}: {self.parts[0].extra_repr()}"
 
 
+def act_parts(q: nn.Module | None) -> list[Quantizer]:
+    """The plain quantizers an input quantizer is made of (itself, its split halves, its timestep
+    groups): each holds its own step size."""
+    if q is None:
+        return []
+    return [m for m in q.modules() if isinstance(m, Quantizer)]
+
+
 def apply_splits(model: nn.Module, splits: Mapping[str, int]) -> None:
     """Give each named layer's input quantizer a second copy for its features ``[k:]``."""
     modules = dict(model.named_modules())
@@ -77,6 +86,7 @@ def prepare(model: nn.Module, specs: Sequence[LayerSpec], attn: Mapping[str, Any
         names = attach_attention_quantizers(model, qkv, softmax if softmax.build_format() else None)
         log.info("attention matmul quantizers on %d attention modules", len(names))
     apply_splits(model, splits or {})
+    install_router(model)
     return layers
 
 

@@ -138,6 +138,7 @@ def check_tensor(tq: TensorQuant, kind: str, size: int, where: str) -> None:
         if fmt is not None:
             Layout(kind, gran)  # the quantizer's own checks of kind and granularity
             fmt.check_usage(kind=kind, granularity=gran.kind, symmetric=tq.symmetric, observer=tq.observer)
+            tq.check_timestep_groups(kind)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     if fmt is None:

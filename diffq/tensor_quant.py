@@ -11,12 +11,14 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional
 
 import torch
+from torch import nn
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffq.errors import ConfigError
 from diffq.formats import Format, IntFormat, make_format
 from diffq.quantizer import Quantizer
+from diffq.timestep_groups import TimestepGroupedQuantizer
 
 __all__ = ["TensorQuant"]
 
@@ -36,6 +38,9 @@ class TensorQuant:
     momentum: Optional[float] = None  # minmax observer: EMA across calibration batches (None: global)
     dynamic: bool = False  # compute the range at run time from the tensor itself
     learnable: bool = False  # LSQ step size (trained by reconstruction methods)
+    # static activations: one calibrated range per group of sampler steps, switched by the denoiser's
+    # timestep (QuEST's code; diffq/timestep_groups.py); 1 = one range for all steps
+    timestep_groups: int = 1
 
     @staticmethod
     def check_partial(values: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
@@ -68,16 +73,36 @@ class TensorQuant:
         return make_format(self.format, self.bits, exp=self.exp, man=self.man, symmetric=self.symmetric)
 
     def build_quantizer(self, kind: str, feature_axis: int = -1, name: str = "",
-                        storage_dtype: torch.dtype | None = None) -> Quantizer | None:
-        """A Quantizer module for this tensor, or None when it stays floating point (``storage_dtype``:
-        the half type its parameters are exported in)."""
+                        storage_dtype: torch.dtype | None = None) -> nn.Module | None:
+        """A Quantizer module for this tensor (a :class:`TimestepGroupedQuantizer` of them with
+        ``timestep_groups > 1``), or None when it stays floating point (``storage_dtype``: the half
+        type its parameters are exported in)."""
         fmt = self.build_format()
         if fmt is None:
             return None
-        return Quantizer(fmt, kind=kind, granularity=self.granularity, symmetric=self.symmetric,  # type: ignore[arg-type]
-                         observer=self.observer, dynamic=self.dynamic, feature_axis=feature_axis,
-                         learnable=self.learnable, name=name, storage_dtype=storage_dtype,
-                         percentile=self.percentile, momentum=self.momentum)
+        self.check_timestep_groups(kind)
+
+        def one(label: str) -> Quantizer:
+            return Quantizer(self.build_format(), kind=kind, granularity=self.granularity,  # type: ignore[arg-type]
+                             symmetric=self.symmetric, observer=self.observer, dynamic=self.dynamic,
+                             feature_axis=feature_axis, learnable=self.learnable, name=label,
+                             storage_dtype=storage_dtype, percentile=self.percentile, momentum=self.momentum)
+
+        if self.timestep_groups == 1:
+            return one(name)
+        return TimestepGroupedQuantizer([one(f"{name}@t{g}") for g in range(self.timestep_groups)])
+
+    def check_timestep_groups(self, kind: str) -> None:
+        """ConfigError unless ``timestep_groups`` is 1, or > 1 on a static activation quantizer."""
+        if self.timestep_groups < 1:
+            raise ConfigError(f"timestep_groups must be at least 1 (got {self.timestep_groups})")
+        if self.timestep_groups == 1:
+            return
+        dynamic = self.dynamic or self.granularity.split(":")[0] in ("token", "group", "block")
+        if kind != "act" or dynamic:
+            what = "weights" if kind != "act" else "dynamic activations (their range comes from each call)"
+            raise ConfigError(f"timestep_groups={self.timestep_groups} applies to static activation quantizers, not "
+                              f"to {what}; set it on quant.act (or a rule's act) with a tensor/channel granularity")
 
     def describe(self) -> str:
         """Short human label, e.g. ``int8/channel/sym``, ``fp8_e4m3/tensor`` or ``float`` (unquantized)."""
@@ -86,7 +111,8 @@ class TensorQuant:
             return "float"
         sym = ("/sym" if self.symmetric else "/asym") if isinstance(fmt, IntFormat) else ""
         dyn = "/dyn" if self.dynamic else ""
-        return f"{fmt.name}/{self.granularity}{sym}{dyn}"
+        groups = f"/t{self.timestep_groups}" if self.timestep_groups > 1 else ""
+        return f"{fmt.name}/{self.granularity}{sym}{dyn}{groups}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready)."""

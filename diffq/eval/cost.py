@@ -26,7 +26,8 @@ FP_BITS = 16  # floating-point tensors are counted at 16 bits (fp16/bf16 deploym
 
 def quantizer_bits(q: nn.Module, shape: tuple[int, ...] | None = None, stored: bool = True) -> float:
     """Bits per element of a quantized tensor incl. scale (and zero-point) overhead; static
-    activation scales are free. A split quantizer counts as its first half (both share the format).
+    activation scales are free. A split or timestep-grouped quantizer counts as its first part (all
+parts share the format).
 
     ``shape`` (of the quantized tensor) defaults to the last one the quantizer saw; tensor,
     channel and token granularities need it.

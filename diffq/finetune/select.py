@@ -29,7 +29,7 @@ from diffq.attention import attention_modules
 from diffq.errors import ConfigError
 from diffq.finetune.lora import attach_adapter, merge_adapter
 from diffq.layers import dequantize_layer_, is_quant_layer, iter_quantizers, quantize_layer_
-from diffq.model_quant import SplitQuantizer, float_mode
+from diffq.model_quant import act_parts, float_mode
 from diffq.spec import LayerSpec, Rule, parse_rules
 from diffq.tensor_quant import TensorQuant
 
@@ -105,12 +105,6 @@ def plan_selection(layers: Mapping[str, tuple[str, nn.Module]], specs: Sequence[
                           "part (see spec.txt for the layers' names, roles and formats; act_scale needs a static "
                           "input quantizer, weight_scale a scaled weight format)")
     return plan
-
-
-def _act_quantizers(q: nn.Module | None) -> list[nn.Module]:
-    if q is None:
-        return []
-    return list(q.parts) if isinstance(q, SplitQuantizer) else [q]
 
 
 @dataclass
@@ -220,7 +214,7 @@ def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora
         if "weight_scale" in kinds:
             _add(sel, "weight_scale", _learn(module.weight_quantizer))
         if "act_scale" in kinds:
-            _add(sel, "act_scale", [p for q in _act_quantizers(module.input_quantizer) for p in _learn(q)])
+            _add(sel, "act_scale", [p for q in act_parts(module.input_quantizer) for p in _learn(q)])
         if "lora" in kinds:
             _add(sel, "lora", list(attach_adapter(module, lora_rank, lora_alpha, gen).parameters()))
     return sel
@@ -238,7 +232,7 @@ def _learn(q: nn.Module) -> list[nn.Parameter]:
 def _attention_scales(attn: nn.Module) -> list[nn.Parameter]:
     own = [getattr(attn, f"{which}_quantizer", None) for which in ("q", "k", "v", "softmax")]
     quantizers = [q for q in own if q is not None and not q.dynamic and q.needs_calibration]
-    return [p for q in quantizers for p in _learn(q)]
+    return [p for q in quantizers for leaf in act_parts(q) for p in _learn(leaf)]
 
 
 __all__ = ["KINDS", "Selection", "parse_train_rules", "plan_selection", "select_trainable"]

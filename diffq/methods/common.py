@@ -12,6 +12,7 @@ from diffq.calib import CalibSample
 from diffq.layers import iter_quantizers
 from diffq.methods.shortcut import concat_splits
 from diffq.model_quant import apply_splits, float_mode
+from diffq.timestep_groups import set_boundaries
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def calibrate_activations(model: nn.Module, calib: Sequence[CalibSample], device
     quantizers = [q for q in static_act_quantizers(model) if id(q) not in skipped]
     if not quantizers:
         return 0
+    set_boundaries(model, [s.kwargs["timestep"] for s in calib if "timestep" in s.kwargs])
     for q in quantizers:
         q.begin_calibration()
     for sample in tqdm(calib, desc="calibrating activations", leave=False, disable=len(calib) < 4):

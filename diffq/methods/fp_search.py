@@ -382,3 +382,16 @@ def apply(
              summary["weight_formats"] or "-", summary["act_formats"] or "-", summary["seconds"])
     return {"layers_quantized": len(layers), "act_quantizers_calibrated": n_act + len(searched_acts),
             "shortcut_splits": n_splits, "fp_search": summary}
+
+
+def check_specs(specs: Sequence[LayerSpec], cfg: Mapping[str, Any]) -> None:
+    """ConfigError, before calibration, for timestep-grouped inputs the search would have to search
+    group by group (it searches one format and range per layer input)."""
+    if cfg["search"]["act"]:
+        grouped = [s.name for s in specs if s.quantized and s.act is not None and s.act.timestep_groups > 1]
+        if grouped:
+            raise ConfigError(f"method fp_search searches one activation format per layer, but {grouped[:3]} have "
+                              "timestep_groups > 1: set quant.search.act=false or drop timestep_groups")
+
+
+apply.check_specs = check_specs

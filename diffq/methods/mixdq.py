@@ -38,7 +38,7 @@ from diffq.errors import ConfigError
 from diffq.eval.fidelity import ssim
 from diffq.methods import METHODS, MethodContext, rtn
 from diffq.methods.common import calibrate_activations, split_shortcuts
-from diffq.model_quant import SplitQuantizer, float_mode, prepare
+from diffq.model_quant import act_parts, float_mode, prepare
 from diffq.models import generate_images, sample_seeds
 from diffq.spec import LayerSpec, Rule
 
@@ -78,12 +78,6 @@ def check_budget(specs: Sequence[LayerSpec], mc: Mapping[str, Any]) -> None:
         raise ConfigError(f"quant.mixdq.act_bits={mc['act_bits']} is out of reach of the candidates {list(a)}")
 
 
-def _parts(q: nn.Module | None) -> list[nn.Module]:
-    if q is None:
-        return []
-    return list(q.parts) if isinstance(q, SplitQuantizer) else [q]
-
-
 class Candidates:
     """Every candidate width's quantizer parameters per layer, and installing one of them."""
 
@@ -105,11 +99,11 @@ class Candidates:
                                                                           if m.input_quantizer is not None}
         for b in abits:
             for name in self.acts:
-                for q in _parts(layers[name].input_quantizer):
+                for q in act_parts(layers[name].input_quantizer):
                     q.set_format(replace(specs[name].act, bits=b).build_format())
             calibrate_activations(model, calib, device, dtype)
             for name in self.acts:
-                self.acts[name][b] = [q.params() for q in _parts(layers[name].input_quantizer)]
+                self.acts[name][b] = [q.params() for q in act_parts(layers[name].input_quantizer)]
 
     def set_weight(self, name: str, bits: int) -> None:
         """Quantize the layer's weight at ``bits`` (and cache it)."""
@@ -121,7 +115,8 @@ class Candidates:
 
     def set_act(self, name: str, bits: int | None) -> None:
         """Quantize the layer's input at ``bits`` (None: keep it floating point)."""
-        for q, params in zip(_parts(self.layers[name].input_quantizer), self.acts[name][bits or min(self.acts[name])]):
+        stored = self.acts[name][bits or min(self.acts[name])]
+        for q, params in zip(act_parts(self.layers[name].input_quantizer), stored):
             q.enabled = bits is not None
             if bits is not None:
                 q.set_format(replace(self.specs[name].act, bits=bits).build_format())
@@ -133,7 +128,7 @@ def only(layers: Mapping[str, nn.Module], name: str, what: str) -> Iterator[None
     """Only layer ``name``'s weight (``what="weight"``) or input (``"act"``) quantized."""
     saved = {n: m.quant_enabled for n, m in layers.items()}
     layer = layers[name]
-    inputs = _parts(layer.input_quantizer)
+    inputs = act_parts(layer.input_quantizer)
     enabled = [q.enabled for q in inputs]
     wq, cached = layer.weight_quantizer, layer.weight_fq
     try:

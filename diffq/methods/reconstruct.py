@@ -42,7 +42,8 @@ from diffq.errors import CalibrationError, ConfigError
 from diffq.methods import RECON_MODES, get_recon_mode
 from diffq.methods.adaround import AdaRound, beta_schedule
 from diffq.methods.blocks import Unit, find_units, quant_layers
-from diffq.model_quant import SplitQuantizer, float_mode
+from diffq.model_quant import act_parts, float_mode
+from diffq.timestep_groups import call_timesteps, router_of
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class _Bank:
     layer_outputs: dict[str, torch.Tensor]
     calls: list[slice]  # rows of each calibration call
     batched: set[int]  # ids of the tensors that have one row per sample
+    timesteps: torch.Tensor | None = None  # each row's denoiser timestep (routed to timestep-grouped quantizers)
 
     def rows(self, index: slice | torch.Tensor) -> tuple[list, list[torch.Tensor], dict[str, torch.Tensor]]:
         """(inputs, outputs, layer outputs) of the rows ``index``."""
@@ -81,6 +83,12 @@ class _Bank:
             return t[index] if id(t) in self.batched else t
         return (map_tensors(self.inputs, take), [take(t) for t in self.outputs],
                 {n: take(t) for n, t in self.layer_outputs.items()})
+
+    def route(self, model: nn.Module, index: slice | torch.Tensor) -> None:
+        """Hand the rows' timesteps to the model's timestep-grouped quantizers (if it has any)."""
+        router = router_of(model)
+        if router is not None:
+            router.route(self.timesteps[index])
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -155,10 +163,12 @@ def _capture(model: nn.Module, unit: Unit, calib: Sequence[CalibSample], device:
     sizes = [int(c["outputs"][0].shape[0]) for c in calls]
     offsets = np.cumsum([0, *sizes])
     batched: set[int] = set()
+    timesteps = torch.cat([call_timesteps(s.kwargs["timestep"], n) for s, n in zip(calib, sizes)]) \
+        if router_of(model) is not None else None
     return _Bank(_merge([c["inputs"] for c in calls], sizes, batched),
                  _merge([c["outputs"] for c in calls], sizes, batched),
                  _merge([c["layers"] for c in calls], sizes, batched),
-                 [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])], batched)
+                 [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])], batched, timesteps)
 
 
 def _run_unit(unit: Unit, inputs: Sequence[tuple[tuple, dict[str, Any]]]) -> Any:
@@ -207,8 +217,7 @@ class _Trainee:
                 layer.rounding = self.roundings[n] = AdaRound(layer.weight_quantizer, layer.weight, scale_aware)
         self.acts = []
         if learn_acts:
-            inputs = [layer.input_quantizer for layer in self.layers.values() if layer.input_quantizer is not None]
-            parts = [p for q in inputs for p in (q.parts if isinstance(q, SplitQuantizer) else [q])]
+            parts = [p for layer in self.layers.values() for p in act_parts(layer.input_quantizer)]
             self.acts = [q for q in parts if not q.dynamic and q.scale.numel()]
         self._saved_scales = [q.scale.detach().clone() for q in self.acts]
         self._saved_weights = {n: self.layers[n].weight_fq for n in self.roundings}
@@ -269,8 +278,8 @@ def _batch_index(bank: _Bank, batch_size: int | None, rng: np.random.Generator) 
     return bank.calls[int(rng.integers(len(bank.calls)))]
 
 
-def _optimise(trainee: _Trainee, bank: _Bank, fp_bank: _Bank, rc: Mapping[str, Any], joint: bool, stage: str,
-              rng: np.random.Generator, gen: torch.Generator) -> float:
+def _optimise(model: nn.Module, trainee: _Trainee, bank: _Bank, fp_bank: _Bank, rc: Mapping[str, Any], joint: bool,
+              stage: str, rng: np.random.Generator, gen: torch.Generator) -> float:
     """One optimisation loop; returns the final loss (mean of the last 10% of steps)."""
     if stage == "round":
         iters = rc["iters"]
@@ -294,6 +303,7 @@ def _optimise(trainee: _Trainee, bank: _Bank, fp_bank: _Bank, rc: Mapping[str, A
             index = _batch_index(bank, rc.get("batch_size"), rng)
             inputs, _, _ = bank.rows(index)
             fp_inputs, targets, layer_targets = fp_bank.rows(index)
+            bank.route(model, index)
             loss = _recon_loss(_run_unit(trainee.unit, _mix(inputs, fp_inputs, rc["qdrop"], gen)), targets)
             if fine:  # EDA-DM sums the inner layers' losses
                 loss = loss + fine * sum(feature_loss(outputs[n], t) for n, t in layer_targets.items() if n in outputs)
@@ -319,11 +329,12 @@ def _inner_layers(unit: Unit) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def _unit_error(unit: Unit, bank: _Bank, fp_bank: _Bank) -> float:
+def _unit_error(model: nn.Module, unit: Unit, bank: _Bank, fp_bank: _Bank) -> float:
     """Mean loss of the unit over the calibration calls."""
     losses = []
     for rows in bank.calls:
         inputs, _, _ = bank.rows(rows)
+        bank.route(model, rows)
         losses.append(float(_recon_loss(_run_unit(unit, inputs), fp_bank.rows(rows)[1])))
     return float(np.mean(losses))
 
@@ -349,17 +360,17 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
         with float_mode(model):
             fp_bank = _capture(model, unit, calib, device, dtype, _inner_layers(unit) if recon_mode.joint else None)
         bank = _capture(model, unit, calib, device, dtype)
-        before = _unit_error(unit, bank, fp_bank)
+        before = _unit_error(model, unit, bank, fp_bank)
         trainee = _Trainee(unit, learn_acts=rc["act_iters"] > 0 or recon_mode.joint,
                            scale_aware=rc.get("scale_aware", False))
         for m in unit.modules:
             m.train(False)
-        _optimise(trainee, bank, fp_bank, rc, recon_mode.joint, "round", rng, gen)
+        _optimise(model, trainee, bank, fp_bank, rc, recon_mode.joint, "round", rng, gen)
         trainee.harden()
         if not recon_mode.joint:  # BRECQ: step sizes after the rounding (fbr learnt them jointly)
-            _optimise(trainee, bank, fp_bank, rc, recon_mode.joint, "act", rng, gen)
+            _optimise(model, trainee, bank, fp_bank, rc, recon_mode.joint, "act", rng, gen)
         trainee.fix_step_sizes()
-        after = _unit_error(unit, bank, fp_bank)
+        after = _unit_error(model, unit, bank, fp_bank)
         kept = "recon" if after <= before else "rtn"
         if kept == "rtn":  # never ship a unit that reproduces the FP output worse than its start
             trainee.revert()
