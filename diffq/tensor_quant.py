@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Optional
 
 import torch
-from torch import nn
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from torch import nn
 
 from diffq.errors import ConfigError
 from diffq.formats import Format, IntFormat, make_format
