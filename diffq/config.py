@@ -206,13 +206,31 @@ class OptimConfig:
 
 
 @dataclass
+class QuestConfig:
+    """QuEST's selective finetuning (``finetune.recipe: quest``, diffq/finetune/recipes/quest.py)."""
+
+    select: str = "both"  # temporal (TLA) | sensitive (CMA) | both (TLA then CMA) | all (TLA, then every layer)
+    sensitive: str = "released"  # released (sensitive_roles) | measured (activation-bit sweep per layer)
+    temporal_roles: List[str] = field(default_factory=lambda: ["time_proj", "adanorm"])
+    sensitive_roles: List[str] = field(default_factory=lambda: ["ffn_up", "ffn_down"])  # the released choice (SD)
+    fraction: float = 0.15  # measured: the most sensitive fraction of the candidate layers
+    sweep_bits: List[int] = field(default_factory=lambda: [8, 6, 4])  # measured: ranked by SQNR at the lowest
+    sweep_calls: int = 8  # measured: calibration calls each probe runs on
+    tla_fraction: float = 0.3  # of finetune.steps spent in the TLA stage when both stages run
+    tla_act_scale_lr: float = 1.0e-5  # step-size lr of the TLA stage (CMA: finetune.optim.act_scale_lr)
+    layer_weight: float = 1.0  # weight of L_TLA and L_CMA (the denoiser's L_G: finetune.distill_weight)
+
+
+@dataclass
 class FinetuneConfig:
     """Quantization-aware finetuning after PTQ (diffq/finetune/); ``steps: 0`` (finetune=none) skips it."""
 
     name: str = "none"
-    steps: int = 0
+    recipe: str = "plain"  # plain (one stage, `train`) | quest (QuEST's stages, settings in `quest`)
+    steps: int = 0  # all stages together
     batch_size: int = 8  # items per step: one trajectory's denoiser call each, CFG branches included
-    train: List[TrainRuleConfig] = field(default_factory=list)
+    train: List[TrainRuleConfig] = field(default_factory=list)  # recipe plain
+    quest: QuestConfig = field(default_factory=QuestConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     distill_weight: float = 1.0  # MSE between the student's and the FP teacher's denoiser outputs

@@ -28,7 +28,7 @@ from diffq.eval.grids import image_grid
 from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
 from diffq.export import export_quantized, load_quantized, read_metadata
-from diffq.finetune.stage import check_finetune, finetune_denoiser, selection_plan
+from diffq.finetune.stage import check_finetune, finetune_denoiser, plan_stages
 from diffq.finetune.stage import enabled as finetune_enabled
 from diffq.methods import MethodContext, get_method, get_recon_mode
 from diffq.methods.reconstruct import reconstruct
@@ -96,8 +96,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         pipe = load_model(cfg, device)
     denoiser_name, denoiser = denoiser_of(pipe)
     specs = layer_specs(cfg, denoiser, plan)
-    train_plan = (selection_plan(denoiser, cfg.model.family, specs, ft_settings(cfg), plan.attn)
-                  if finetunes(cfg) else {})
+    if finetunes(cfg):  # every stage must select something: fail before calibration
+        plan_stages(denoiser, cfg.model.family, specs, ft_settings(cfg), plan.attn)
     if cfg.model.vocabulary_check:
         check_vocabulary(pipe, [*evalset.prompts, *calib_prompts])
     smp = sampling_of(cfg)
@@ -106,13 +106,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         fp = fp_samples(pipe, cfg, evalset, setting, smp, shard)
     with timed(timings, "calibration_s"):
         if cfg.load:
-            calib_info = load_export(cfg.load, denoiser)
+            calib_info, calib = load_export(cfg.load, denoiser), []
         else:
-            calib_info = quantize(pipe, denoiser, specs, cfg, calib_prompts, smp, device, timings, out_dir)
+            calib_info, calib = quantize(pipe, denoiser, specs, cfg, calib_prompts, smp, device, timings, out_dir)
     finetuned = None
-    if train_plan:
+    if finetunes(cfg):
         with timed(timings, "finetune_s"):
-            finetuned = finetune(pipe, specs, train_plan, cfg, calib_prompts, smp, device)
+            finetuned = finetune(pipe, specs, plan, cfg, calib, calib_prompts, smp, device)
     if shard.is_main:
         (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn, finetuned))
         if finetuned is not None:
@@ -419,9 +419,11 @@ def count_one_call(pipe: Any, cfg: DictConfig, smp: Sampling, prompt: str, seed:
 
 
 def quantize(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictConfig, calib_prompts: list[str],
-             smp: Sampling, device: torch.device, timings: dict[str, float], out_dir: Path) -> dict[str, Any]:
+             smp: Sampling, device: torch.device, timings: dict[str, float],
+             out_dir: Path) -> tuple[dict[str, Any], list[calibration.CalibSample]]:
     """Capture (or load from the cache) the calibration set, then quantize the denoiser in place with
-    ``quant.method`` and any reconstruction; returns the calibration facts for metrics.json."""
+    ``quant.method`` and any reconstruction; returns the calibration facts for metrics.json and the
+    calibration set."""
     q = cfg.quant
     dtype = next(denoiser.parameters()).dtype
     with timed(timings, "calib_capture_s"):
@@ -445,7 +447,7 @@ def quantize(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictCo
     log.info("calibration set (%s): denoiser input rows per sampler call: %s", cfg.calib.selection,
              " ".join(map(str, hist)))
     return {"samples": len(samples), "selection": cfg.calib.selection, "cache_hit": calib_hit, "steps": hist,
-            **stats}
+            **stats}, samples
 
 
 def ft_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -458,7 +460,7 @@ def finetunes(cfg: DictConfig) -> bool:
     return finetune_enabled(cfg.finetune) and not cfg.load
 
 
-def finetune(pipe: Any, specs: list[LayerSpec], train_plan: dict[str, tuple[str, ...]], cfg: DictConfig,
+def finetune(pipe: Any, specs: list[LayerSpec], plan: Plan, cfg: DictConfig, calib: list[calibration.CalibSample],
              calib_prompts: list[str], smp: Sampling, device: torch.device) -> dict[str, Any]:
     """Finetune the quantized denoiser against its FP self; its state is cached under a key of
     everything that determines it, so rerunning the command resumes (or reuses) the training."""
@@ -466,9 +468,9 @@ def finetune(pipe: Any, specs: list[LayerSpec], train_plan: dict[str, tuple[str,
                  "recon": OmegaConf.to_container(cfg.recon, resolve=True) if cfg.quant.recon != "none" else None,
                  "calib": OmegaConf.to_container(cfg.calib, resolve=True), "seed": cfg.seed,
                  "finetune": {k: v for k, v in ft_settings(cfg).items() if k not in ("checkpoint_every", "resume")}}
-    stats = finetune_denoiser(pipe, cfg.model.family, specs, train_plan, ft_settings(cfg), calib_prompts=calib_prompts,
-                              smp=smp, model_key=model_key(cfg), cache_dir=cfg.paths.cache_dir, state_key=state_key,
-                              device=device)
+    stats = finetune_denoiser(pipe, cfg.model.family, specs, ft_settings(cfg), plan.attn, calib=calib,
+                              calib_prompts=calib_prompts, smp=smp, model_key=model_key(cfg),
+                              cache_dir=cfg.paths.cache_dir, state_key=state_key, device=device)
     return {"name": cfg.finetune.name, **stats}
 
 
@@ -491,8 +493,12 @@ def spec_text(specs: list[LayerSpec], attn: Mapping[str, Any], finetuned: Mappin
     if finetuned:
         text += (f"\nfinetuned: {finetuned['params']} parameters ({100 * finetuned['fraction']:.2f}% of the denoiser) "
                  f"in {finetuned['layers_trained']} layers/modules, {finetuned['steps']} steps\n")
-        width = max(len(n) for n in finetuned["layers"])
-        text += "".join(f"  {n.ljust(width)}  {' '.join(k)}\n" for n, k in finetuned["layers"].items())
+        for stage in finetuned["stages"] or [finetuned]:
+            if finetuned["stages"]:
+                text += (f" stage {stage['name']}: {stage['steps']} steps, lr {stage['lr']:g}, step-size lr "
+                         f"{stage['act_scale_lr']:g}, {stage['params']} parameters\n")
+            width = max(len(n) for n in stage["layers"])
+            text += "".join(f"  {n.ljust(width)}  {' '.join(k)}\n" for n, k in stage["layers"].items())
     return text
 
 

@@ -149,8 +149,9 @@ class Selection:
                 "teacher_copy_mb": sum(t.numel() * t.element_size() for t in self.teacher.values()) / 2**20}
 
     @torch.no_grad()
-    def finish(self) -> None:
-        """Merge adapters, stop training, and cache the quantized weights again."""
+    def finish(self, release_teacher: bool = True) -> None:
+        """Merge adapters, stop training, and cache the quantized weights again; the teacher's FP copies
+        are kept for a later stage with ``release_teacher=False``."""
         for _, q in iter_quantizers(self.model):
             if q.learnable or "sigma" in q.fmt.param_names(q.symmetric):
                 q.set_params(**q.params())  # trained values rounded to what an export stores
@@ -162,7 +163,8 @@ class Selection:
                     m.freeze(keep_original=True)
         for m in self.converted:
             dequantize_layer_(m)
-        self.teacher.clear()
+        if release_teacher:
+            self.teacher.clear()
 
 
 def _keep_teacher(sel: Selection, p: nn.Parameter) -> None:
@@ -188,10 +190,12 @@ def _add(sel: Selection, kind: str, params: Sequence[nn.Parameter]) -> None:
 
 
 def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora_rank: int = 4,
-                     lora_alpha: float = 4.0, seed: int = 0) -> Selection:
-    """Set the model up to train what ``plan`` selects (see :func:`plan_selection`); all else frozen."""
+                     lora_alpha: float = 4.0, seed: int = 0,
+                     teacher: dict[nn.Parameter, torch.Tensor] | None = None) -> Selection:
+    """Set the model up to train what ``plan`` selects (see :func:`plan_selection`); all else frozen.
+    ``teacher``: the FP copies an earlier stage kept (its trained tensors' original values), shared."""
     model.requires_grad_(False)
-    sel = Selection(model, dict(plan))
+    sel = Selection(model, dict(plan), teacher=teacher if teacher is not None else {})
     modules = dict(model.named_modules())
     attn = attention_modules(model)
     gen = torch.Generator().manual_seed(seed)

@@ -1,11 +1,11 @@
-"""Finetuning as a stage of a job: check the settings early, build the data, select what trains,
-train (resuming from the cache), and undo the training set-up so the model evaluates and exports
-like any quantized model."""
+"""Finetuning as a stage of a job: check the settings early, build the data, run the recipe's stages
+(each: select what trains, train resuming from the cache, undo the training set-up) so the model
+evaluates and exports like any quantized model."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -13,11 +13,14 @@ from torch import nn
 from diffq import calib as calibration
 from diffq.attention import attention_modules
 from diffq.cache import cache_key
+from diffq.calib import CalibSample
 from diffq.errors import ConfigError
 from diffq.finetune.data import DATA_SOURCES, Pool, image_data_inputs, world_examples
 from diffq.finetune.engine import check_optim, train
 from diffq.finetune.losses import EXTRA_LOSSES, build_extra_losses
-from diffq.finetune.select import plan_selection, select_trainable
+from diffq.finetune.recipes import RECIPES, RecipeContext, Stage
+from diffq.finetune.select import select_trainable
+from diffq.finetune.sensitivity import activation_sensitivity
 from diffq.models import Sampling, denoiser_of
 from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import LayerSpec
@@ -61,15 +64,19 @@ def check_finetune(ft: Mapping[str, Any], *, load: bool, keep_fp_weights: bool, 
             raise ConfigError(f"finetune.extra_losses[{i}]: unknown loss {e['name']!r}; "
                               f"registered: {', '.join(EXTRA_LOSSES.names())}")
     check_optim(ft["optim"])
+    RECIPES.get(ft["recipe"])().check(ft)
 
 
-def selection_plan(denoiser: nn.Module, family: str, specs: Sequence[LayerSpec], ft: Mapping[str, Any],
-                   attn: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
-    """What trains, per layer (ConfigError when nothing is selected), from the specs alone."""
+def plan_stages(denoiser: nn.Module, family: str, specs: Sequence[LayerSpec], ft: Mapping[str, Any],
+                attn: Mapping[str, Any], measure: Callable[..., Any] | None = None
+                ) -> tuple[list[Stage], dict[str, Any]]:
+    """The recipe's stages (what trains in each, per layer; ConfigError when a stage selects
+    nothing) and what the recipe reports; before calibration (``measure`` None) from the specs alone."""
     attn_on = bool(attn.get("enabled"))
     static = attn_on and not TensorQuant.from_mapping(attn["qkv"], "quant.attn.qkv").dynamic
     names = list(attention_modules(denoiser)) if attn_on else []
-    return plan_selection(quantizable_layers(denoiser, family), specs, ft["train"], ROLES, names, static)
+    ctx = RecipeContext(quantizable_layers(denoiser, family), specs, ft, names, static, measure)
+    return RECIPES.get(ft["recipe"])().stages(ctx), ctx.info
 
 
 def training_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str]) -> tuple[list[str], Any]:
@@ -83,11 +90,13 @@ def training_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str]) -> tup
     return calibration.calibration_prompts(source or [], d["prompts_file"] if source is None else None, n), None
 
 
-def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], plan: Mapping[str, tuple[str, ...]],
-                      ft: Mapping[str, Any], *, calib_prompts: Sequence[str], smp: Sampling, model_key: dict[str, Any],
-                      cache_dir: str, state_key: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Train the quantized denoiser of ``pipe`` against its FP self as ``ft`` says; returns the
-    facts for metrics.json (what trained, the loss curve, time, memory)."""
+def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Mapping[str, Any],
+                      attn: Mapping[str, Any], *, calib: Sequence[CalibSample], calib_prompts: Sequence[str],
+                      smp: Sampling, model_key: dict[str, Any], cache_dir: str, state_key: Mapping[str, Any],
+                      device: torch.device) -> dict[str, Any]:
+    """Train the quantized denoiser of ``pipe`` against its FP self as ``ft`` says, stage by stage
+    (``calib`` feeds recipes that measure the quantized model); returns the facts for metrics.json
+    (what trained, the loss curve, time, memory), the stages' summed and each one's."""
     _, denoiser = denoiser_of(pipe)
     dtype = next(denoiser.parameters()).dtype
     d = ft["data"]
@@ -99,18 +108,54 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], plan: 
             batch_size=int(d["batch_size"]), call_kwargs=smp.call_kwargs, cache_dir=cache_dir)
     extra_inputs = image_data_inputs(pipe, family, images) if d["source"] == "images" else {}
     data = DATA_SOURCES.get(d["source"])(Pool(folder), **extra_inputs)
-    sel = select_trainable(denoiser, plan, int(ft["lora"]["rank"]), float(ft["lora"]["alpha"]), int(ft["seed"]))
-    summary = sel.summary(sum(p.numel() for p in denoiser.parameters()))
-    log.info("finetuning %d parameters (%.2f%% of the denoiser) in %d layers: %s", summary["params"],
-             100 * summary["fraction"], summary["layers_trained"],
-             ", ".join(f"{k} {v}" for k, v in summary["params_by_kind"].items()))
-    extra = build_extra_losses(ft["extra_losses"], quantizable_layers(denoiser, family), ROLES)
-    state_dir = Path(cache_dir).expanduser() / "finetune" / cache_key(dict(state_key))
-    try:
-        stats = train(denoiser, sel, data, ft, extra=extra, device=device, dtype=dtype, state_dir=state_dir)
-    finally:
-        for e in extra:
-            e.remove()
-        sel.finish()
-    return {**summary, **stats, "data": {"source": d["source"], "prompts": len(prompts), "pool": str(folder)},
-            "checkpoint": str(state_dir)}
+
+    def measure(names: Sequence[str], bits: Sequence[int], calls: int) -> dict[str, dict[int, float]]:
+        return activation_sensitivity(denoiser, specs, names, bits, calib[:calls], device, dtype)
+
+    stages, info = plan_stages(denoiser, family, specs, ft, attn, measure)
+    total = sum(p.numel() for p in denoiser.parameters())
+    root = Path(cache_dir).expanduser() / "finetune" / cache_key(dict(state_key))
+    teacher: dict = {}
+    results, trained = [], {}
+    for i, stage in enumerate(stages):
+        last = i == len(stages) - 1
+        sel = select_trainable(denoiser, stage.plan, int(ft["lora"]["rank"]), float(ft["lora"]["alpha"]),
+                               int(ft["seed"]), teacher=teacher)
+        summary = sel.summary(total)
+        kind_of = {id(p): kind for kind, ps in sel.groups.items() for p in ps}
+        trained.update({n: (kind_of[id(p)], p.numel()) for n, p in sel.named_trainable().items()})
+        log.info("finetuning stage %s: %d parameters (%.2f%% of the denoiser) in %d layers: %s", stage.name,
+                 summary["params"], 100 * summary["fraction"], summary["layers_trained"],
+                 ", ".join(f"{k} {v}" for k, v in summary["params_by_kind"].items()))
+        extra = build_extra_losses(stage.settings["extra_losses"], quantizable_layers(denoiser, family), ROLES)
+        state_dir = root / stage.name if len(stages) > 1 else root
+        try:
+            stats = train(denoiser, sel, data, stage.settings, extra=extra, device=device, dtype=dtype,
+                          state_dir=state_dir)
+        finally:
+            for e in extra:
+                e.remove()
+            sel.finish(release_teacher=last)
+        results.append({"name": stage.name, **summary, **stats, "lr": stage.settings["optim"]["lr"],
+                        "act_scale_lr": stage.settings["optim"]["act_scale_lr"],
+                        "extra_losses": stage.settings["extra_losses"]})
+    layers: dict[str, list[str]] = {}
+    for r in results:
+        for n, kinds in r["layers"].items():
+            layers.setdefault(n, [])
+            layers[n] += [k for k in kinds if k not in layers[n]]
+    params = sum(n for _, n in trained.values())
+    merged = {
+        "recipe": ft["recipe"], "layers": layers, "layers_trained": len(layers), "params": params,
+        "params_by_kind": {k: sum(n for kind, n in trained.values() if kind == k)
+                           for k in dict.fromkeys(kind for kind, _ in trained.values())},
+        "fraction": params / max(1, total), "teacher_copy_mb": max(r["teacher_copy_mb"] for r in results),
+        "steps": sum(r["steps"] for r in results), "resumed_from": sum(r["resumed_from"] for r in results),
+        "wall_s": round(sum(r["wall_s"] for r in results), 2), "processes": results[0]["processes"],
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in results), "peak_memory_kind": results[0]["peak_memory_kind"],
+        "train_state_mb": max(r["train_state_mb"] for r in results),
+        "loss_start": results[0]["loss_start"], "loss_end": results[-1]["loss_end"],
+        "loss_curve": [x for r in results for x in r["loss_curve"]],
+    }
+    return {**merged, **info, "stages": results if len(stages) > 1 else None,
+            "data": {"source": d["source"], "prompts": len(prompts), "pool": str(folder)}, "checkpoint": str(root)}

@@ -1,0 +1,114 @@
+"""QuEST (Wang et al., ICCV 2025): selective finetuning of the temporal and the activation-sensitive
+layers of a PTQ model against its FP self, data-free.
+
+Stages (``finetune.quest.select``):
+
+- ``temporal`` — TLA only: the per-block time-embedding projections (role ``time_proj``) and the
+  adaLN modulation of DiTs / FLUX (``adanorm``); the global time-embedding MLP (``time_embed``) is
+  left out as the paper does. Weights, biases and input step sizes, step-size lr
+  ``quest.tla_act_scale_lr``;
+- ``sensitive`` — CMA only: the sensitive layers' weights, biases and step sizes, plus the step
+  sizes of every other static activation quantizer (attention matmuls included);
+- ``both`` — TLA, then CMA (the paper; ``quest.tla_fraction`` of the steps go to TLA);
+- ``all`` — TLA, then CMA with every layer's weights trained (the full-finetuning control).
+
+The sensitive layers are the released choice (``quest.sensitive_roles``: the FFN for SD) or, with
+``quest.sensitive=measured``, the ``quest.fraction`` of the candidate layers whose output SQNR drops
+most when only their input is quantized (:mod:`diffq.finetune.sensitivity`, widths
+``quest.sweep_bits``). Loss in every stage: ``layer_weight * (L_TLA + L_CMA) + distill_weight * L_G``
+(the paper's 1, 1, 2), each an MSE to the FP model: the selected layers' outputs, the denoiser's.
+Weight quantizers (scales) and zero points stay frozen: ``weight_scale`` is never selected and
+LSQ trains the activation scale only.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from diffq.errors import ConfigError
+from diffq.finetune.recipes import RECIPES, Recipe, RecipeContext, Stage
+from diffq.finetune.select import plan_selection
+from diffq.finetune.sensitivity import most_sensitive
+from diffq.roles import ROLES
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("temporal", "sensitive", "both", "all")
+SENSITIVE = ("released", "measured")
+TRAIN = ["weight", "bias", "act_scale"]
+
+
+def check_quest(q: Mapping[str, Any]) -> None:
+    """ConfigError for QuEST settings that cannot work (before any model loads)."""
+    if q["select"] not in SELECTIONS:
+        raise ConfigError(f"unknown finetune.quest.select {q['select']!r}: use one of {', '.join(SELECTIONS)}")
+    if q["sensitive"] not in SENSITIVE:
+        raise ConfigError(f"unknown finetune.quest.sensitive {q['sensitive']!r}: use one of {', '.join(SENSITIVE)}")
+    bad = [r for r in [*q["temporal_roles"], *q["sensitive_roles"]] if r not in ROLES]
+    if bad:
+        raise ConfigError(f"finetune.quest: unknown role(s) {bad}; valid roles are {list(ROLES)}")
+    if not 0 < q["fraction"] <= 1 or not 0 < q["tla_fraction"] < 1:
+        raise ConfigError("finetune.quest.fraction must be in (0, 1] and finetune.quest.tla_fraction in (0, 1)")
+    if q["sensitive"] == "measured" and not q["sweep_bits"]:
+        raise ConfigError("finetune.quest.sensitive=measured needs finetune.quest.sweep_bits (e.g. [8, 6, 4])")
+
+
+@RECIPES.register("quest")
+class Quest(Recipe):
+    """TLA and/or CMA stages as ``finetune.quest`` says."""
+
+    def check(self, ft: Mapping[str, Any]) -> None:  # noqa: D102
+        check_quest(ft["quest"])
+
+    def stages(self, ctx: RecipeContext) -> list[Stage]:  # noqa: D102
+        q, ft = ctx.ft["quest"], ctx.ft
+        temporal = {"roles": list(q["temporal_roles"])}
+        sensitive = self._sensitive(ctx)
+        runs_tla, runs_cma = q["select"] != "sensitive", q["select"] != "temporal"
+        cma_layers = {} if q["select"] == "all" else sensitive  # {}: every layer
+        trained = [temporal] * runs_tla + [cma_layers] * runs_cma
+        layer_loss = [{"name": "layer_mse", "weight": q["layer_weight"], **sel} for sel in trained
+                      if q["layer_weight"]]
+        steps = int(ft["steps"])
+        tla_steps = round(steps * q["tla_fraction"]) if runs_tla and runs_cma else steps * runs_tla
+        stages = []
+        if runs_tla:
+            plan = self._plan(ctx, [{**temporal, "kinds": TRAIN}], "temporal")
+            optim = {**ft["optim"], "act_scale_lr": q["tla_act_scale_lr"]}
+            stages.append(Stage("tla", plan, {**ft, "steps": tla_steps, "optim": optim, "extra_losses": layer_loss}))
+        if runs_cma:
+            rules = [{"names": ["*"], "kinds": ["act_scale"]}, {**cma_layers, "kinds": TRAIN}]
+            plan = self._plan(ctx, rules, "sensitive")
+            stages.append(Stage("cma", plan, {**ft, "steps": steps - tla_steps, "extra_losses": layer_loss}))
+        if any(s.settings["steps"] < 1 for s in stages):
+            raise ConfigError(f"finetune.steps={steps} leaves a QuEST stage without steps: raise finetune.steps or "
+                              "change finetune.quest.tla_fraction")
+        return stages
+
+    @staticmethod
+    def _plan(ctx: RecipeContext, rules: list[dict[str, Any]], what: str) -> dict[str, tuple[str, ...]]:
+        try:
+            return plan_selection(ctx.layers, ctx.specs, rules, ROLES, ctx.attn_names, ctx.attn_static)
+        except ConfigError as e:
+            raise ConfigError(f"QuEST's {what} selection trains nothing on this model ({e}); check "
+                              f"finetune.quest.{what}_roles against the roles in spec.txt") from None
+
+    @staticmethod
+    def _sensitive(ctx: RecipeContext) -> dict[str, list[str]]:
+        """Matchers of the sensitive layers: the released roles, or the measured layers' names."""
+        q = ctx.ft["quest"]
+        if q["sensitive"] == "released":
+            return {"roles": list(q["sensitive_roles"])}
+        temporal = set(q["temporal_roles"])
+        candidates = [s.name for s in ctx.specs if s.quantized and s.act is not None and not s.act.dynamic
+                      and s.act.granularity.split(":")[0] in ("tensor", "channel") and s.role not in temporal]
+        if not candidates:
+            raise ConfigError("finetune.quest.sensitive=measured: no layer has a static input quantizer to sweep")
+        if ctx.measure is None:  # before calibration: any candidate may be chosen
+            return {"names": candidates}
+        scores = ctx.measure(candidates, [int(b) for b in q["sweep_bits"]], int(q["sweep_calls"]))
+        chosen = most_sensitive(scores, float(q["fraction"]))
+        ctx.info["sensitivity"] = {"bits": list(q["sweep_bits"]), "sqnr_db": scores, "chosen": chosen}
+        log.info("QuEST measured selection: the %d most activation-sensitive of %d layers: %s", len(chosen),
+                 len(candidates), ", ".join(chosen))
+        return {"names": chosen}
