@@ -106,11 +106,21 @@ class MixDQConfig:
 
 
 @dataclass
+class BinaryDMConfig:
+    """BinaryDM's learnable multi-basis layout (``method: binarydm``, diffq/methods/binarydm.py)."""
+
+    high_res_bases: int = 2  # sign bases of the high-resolution layers (the rest: quant.weight.bits)
+    min_resolution: float = 0.5  # UNet: levels at this fraction of the input resolution or more (never the lowest)
+    edge_blocks: int = 1  # transformers: the first and last blocks count as high-resolution
+
+
+@dataclass
 class QuantConfig:
     """A quantization preset: default formats, ordered per-layer rules, method and knobs."""
 
     name: str = MISSING
-    method: str = "rtn"  # rtn | fp_search (settings in `search`) | mixdq (settings in `mixdq`)
+    # rtn | fp_search (settings in `search`) | mixdq (`mixdq`) | binarydm (`binarydm`)
+    method: str = "rtn"
     weight: TensorQuant = field(default_factory=lambda: TensorQuant(granularity="channel"))
     act: TensorQuant = field(
         default_factory=lambda: TensorQuant(format="none", granularity="tensor", symmetric=False)
@@ -121,6 +131,7 @@ class QuantConfig:
     recon: str = "none"  # none | layer | block (BRECQ / AdaRound) | fbr (EDA-DM); settings in `recon`
     search: SearchConfig = field(default_factory=SearchConfig)  # method fp_search
     mixdq: MixDQConfig = field(default_factory=MixDQConfig)  # method mixdq
+    binarydm: BinaryDMConfig = field(default_factory=BinaryDMConfig)  # method binarydm
     split_shortcut: bool = False  # Q-Diffusion: separate activation ranges for the up path's concat halves
     keep_fp_weights: bool = True  # keep the FP weight next to the frozen fake-quant one
 
@@ -222,15 +233,26 @@ class QuestConfig:
 
 
 @dataclass
+class BinaryDMTrainConfig:
+    """BinaryDM's progressive initialisation (``finetune.recipe: binarydm``)."""
+
+    progressive: bool = True  # binarise group by group from the middle outwards, then turn the activations on
+    progressive_steps: int = 5  # steps per group (the code's warm-up)
+
+
+@dataclass
 class FinetuneConfig:
     """Quantization-aware finetuning after PTQ (diffq/finetune/); ``steps: 0`` (finetune=none) skips it."""
 
     name: str = "none"
-    recipe: str = "plain"  # plain (one stage, `train`) | quest (QuEST's stages, settings in `quest`)
+    # plain (one stage, `train`) | quest (QuEST's stages, settings in `quest`) | binarydm (progressive
+    # initialisation, then `train`; settings in `binarydm`)
+    recipe: str = "plain"
     steps: int = 0  # all stages together
     batch_size: int = 8  # items per step: one trajectory's denoiser call each, CFG branches included
     train: List[TrainRuleConfig] = field(default_factory=list)  # recipe plain
     quest: QuestConfig = field(default_factory=QuestConfig)
+    binarydm: BinaryDMTrainConfig = field(default_factory=BinaryDMTrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     distill_weight: float = 1.0  # MSE between the student's and the FP teacher's denoiser outputs

@@ -22,7 +22,7 @@ from diffq import calib as calibration
 from diffq.cache import cache_key
 from diffq.calib.select import step_histogram
 from diffq.errors import ConfigError
-from diffq.eval.cost import activation_bits, weight_bits
+from diffq.eval.cost import activation_bits, layer_macs, operations, weight_bits
 from diffq.eval.geneval import balanced_entries, load_metadata
 from diffq.eval.grids import image_grid
 from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
@@ -117,12 +117,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn, finetuned))
         if finetuned is not None:
             loss_plot(finetuned["loss_curve"], out_dir / "finetune_loss.png")
-    quant, input_counts = quantized_samples(pipe, denoiser, specs, cfg, plan, evalset, setting, smp, shard, out_dir,
+    quant, counter = quantized_samples(pipe, denoiser, specs, cfg, plan, evalset, setting, smp, shard, out_dir,
                                             timings)
     if not shard.is_main:
         return {"status": "worker", "shard": shard.rank}
     fp_images, q_images = fp.folder.load(), quant.folder.load()
-    cost = cost_of(denoiser, specs, input_counts)
+    cost = cost_of(denoiser, specs, counter.counts, counter.macs)
     suite = evaluate(cfg.eval, fp_images, q_images, evalset.prompts, evalset.geneval, cfg.paths.cache_dir, device)
     metrics: dict[str, Any] = {
         "status": "ok",
@@ -305,13 +305,16 @@ def layer_specs(cfg: DictConfig, denoiser: nn.Module, plan: Plan) -> list[LayerS
         return [LayerSpec.from_dict(d) for d in plan.checkpoint["specs"]]
     q = cfg.quant
     layers = quantizable_layers(denoiser, cfg.model.family)
-    rules = OmegaConf.to_container(q.rules, resolve=True) + plan_rules_of(q)
+    method = get_method(q.method)
+    model_rules = getattr(method, "model_rules", None)  # a method's rules from the model (before the preset's)
+    first = model_rules(denoiser, OmegaConf.to_container(q, resolve=True)) if model_rules else []
+    rules = first + OmegaConf.to_container(q.rules, resolve=True) + plan_rules_of(q)
     if any(r.get("bos") for r in rules) and cfg.model.family not in CAUSAL_TEXT_FAMILIES:
         log.info("quant.rules bos: %s does not cross-attend to a causal CLIP sequence (its text tokens are T5's or a "
                  "class label): BOS-aware K/V quantization does not apply and is off", cfg.model.family)
         rules = [{**r, "bos": None} for r in rules]
     specs = resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
-    check = getattr(get_method(q.method), "check_specs", None)
+    check = getattr(method, "check_specs", None)
     if check is not None:
         check(specs, OmegaConf.to_container(q, resolve=True))
     return specs
@@ -371,17 +374,19 @@ def fp_samples(pipe: Any, cfg: DictConfig, evalset: EvalSet, setting: dict[str, 
 
 
 class InputElementCounter:
-    """Counts the input elements each named layer receives in the denoiser's first call."""
+    """Counts the input elements and multiply-accumulates of each named layer in the denoiser's first call."""
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
         self.counts: dict[str, int] = {}
+        self.macs: dict[str, int] = {}
         modules = dict(model.named_modules())
-        self._hooks = [modules[n].register_forward_pre_hook(self._count(n)) for n in names]
+        self._hooks = [modules[n].register_forward_hook(self._count(n)) for n in names]
         self._hooks.append(model.register_forward_hook(lambda *_: self.remove()))
 
     def _count(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             self.counts[name] = self.counts.get(name, 0) + args[0].numel()
+            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, out)
         return hook
 
     def remove(self) -> None:
@@ -393,9 +398,9 @@ class InputElementCounter:
 
 def quantized_samples(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictConfig, plan: Plan,
                       evalset: EvalSet, setting: dict[str, Any], smp: Sampling, shard: Shard, out_dir: Path,
-                      timings: dict[str, float]) -> tuple[Samples, dict[str, int]]:
-    """The quantized model's evaluation images (``<out_dir>/samples``) and the input elements each
-    layer receives in one denoiser call (for the activation-bits cost)."""
+                      timings: dict[str, float]) -> tuple[Samples, InputElementCounter]:
+    """The quantized model's evaluation images (``<out_dir>/samples``) and the input elements and
+    multiply-accumulates of each layer in one denoiser call (for the activation-bits and OPs cost)."""
     counter = InputElementCounter(denoiser, [s.name for s in specs])
     q_setting = {**setting, "quant": OmegaConf.to_container(cfg.quant, resolve=True), "load": cfg.load,
                  "calib": OmegaConf.to_container(cfg.calib, resolve=True),
@@ -406,7 +411,7 @@ def quantized_samples(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cf
     if not counter.counts:  # every image was already on disk: count one denoiser call's inputs
         count_one_call(pipe, cfg, smp, evalset.prompts[0], evalset.seeds[0])
     counter.remove()
-    return samples, counter.counts
+    return samples, counter
 
 
 def count_one_call(pipe: Any, cfg: DictConfig, smp: Sampling, prompt: str, seed: int) -> None:
@@ -506,10 +511,12 @@ def _describe(args: Mapping[str, Any]) -> str:
     return TensorQuant.from_mapping(args, "quant.attn").describe()
 
 
-def cost_of(denoiser: nn.Module, specs: list[LayerSpec], input_counts: dict[str, int]) -> dict[str, Any]:
-    """Effective weight/activation bits, model sizes and how many layers are quantized."""
+def cost_of(denoiser: nn.Module, specs: list[LayerSpec], input_counts: dict[str, int],
+            macs: dict[str, int]) -> dict[str, Any]:
+    """Effective weight/activation bits, model sizes, operations and how many layers are quantized."""
     cost = weight_bits(denoiser)
     cost["effective_act_bits"] = activation_bits(denoiser, input_counts, specs)
+    cost.update(operations(denoiser, macs, specs))
     cost["layers_quantized"] = sum(s.quantized for s in specs)
     cost["layers_total"] = len(specs)
     return cost

@@ -108,3 +108,25 @@ def float_mode(model: nn.Module) -> Iterator[None]:
             layer.quant_enabled = True
         for q, e in zip(quantizers, saved):
             q.enabled = e
+
+
+@contextlib.contextmanager
+def partial_quant(model: nn.Module, weights: Sequence[str] | None, acts: bool) -> Iterator[None]:
+    """Only the layers named in ``weights`` (None: every layer) quantized, the others computing in
+    floating point (their FP weight, whatever is cached), and the activation quantizers (layer
+    inputs, attention matmuls) on only when ``acts``."""
+    saved = [(q, q.enabled) for _, q in iter_quantizers(model)]
+    keep = None if weights is None else set(weights)
+    off = [m for n, m in model.named_modules() if is_quant_layer(m) and keep is not None and n not in keep]
+    try:
+        for m in off:
+            m.quant_enabled = False
+        for q, _ in saved:
+            if q.kind == "act" and not acts:
+                q.enabled = False
+        yield
+    finally:
+        for m in off:
+            m.quant_enabled = True
+        for q, e in saved:
+            q.enabled = e

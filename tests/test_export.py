@@ -96,6 +96,7 @@ SIZE_CONFIGS = {
     "mxfp4": {"format": "mxfp4", "bits": 4, "granularity": "block"},
     "ternary": {"format": "ternary", "bits": 2, "granularity": "channel", "observer": "absmean"},
     "binary2": {"format": "binary", "bits": 2, "granularity": "channel"},
+    "binary1": {"format": "binary", "bits": 1, "granularity": "channel"},  # 8 signs a byte
     "uint4": {"format": "int", "bits": 4, "granularity": "channel", "symmetric": False},
 }
 

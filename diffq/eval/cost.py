@@ -10,7 +10,7 @@ Dynamic activation scales count 16 bits each; static activation scales are free.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -85,6 +85,7 @@ def weight_bits(model: nn.Module) -> dict[str, float]:
         "size_fp_mb": fp_bytes / 2**20,
         "size_quant_mb": q_bytes / 2**20,
         "compression": fp_bytes / max(q_bytes, 1),
+        "storage_ratio_fp32": total_params * 4 / max(q_bytes, 1),  # the binarisation papers' storage ratio
     }
     if counts["information"] < counts["stored"]:
         out["information_weight_bits"] = counts["information"] / max(layer_params, 1)
@@ -102,3 +103,29 @@ def activation_bits(model: nn.Module, act_elems: Mapping[str, int], specs: Seque
         num += n * (quantizer_bits(q) if q is not None else FP_BITS)
         den += n
     return num / den if den else float(FP_BITS)
+
+
+def layer_macs(module: nn.Module, out: torch.Tensor) -> int:
+    """Multiply-accumulates of one Linear / Conv2d call that produced ``out``."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return out.numel() * (module.in_channels // module.groups) * kh * kw
+    return out.numel() * module.in_features
+
+
+def _format_bits(tq: Any) -> float | None:
+    fmt = None if tq is None else tq.build_format()
+    return None if fmt is None else fmt.element_bits
+
+
+def operations(model: nn.Module, macs: Mapping[str, int], specs: Sequence[LayerSpec]) -> dict[str, float]:
+    """Operations of one denoiser call as the binarisation papers count them (BiBench, BinaryDM):
+    a layer with quantized weights *and* inputs costs ``MACs * w_bits * a_bits / 64`` (BOPs / 64),
+    any other layer its MACs in floating point. ``ops_ratio`` = FP operations / these."""
+    fp = quant = 0.0
+    for s in specs:
+        n = float(macs.get(s.name, 0))
+        fp += n
+        wb, ab = (None, None) if not s.quantized else (_format_bits(s.weight), _format_bits(s.act))
+        quant += n * wb * ab / 64 if wb is not None and ab is not None else n
+    return {"ops_fp_g": fp / 1e9, "ops_quant_g": quant / 1e9, "ops_ratio": fp / quant if quant else 1.0}

@@ -15,9 +15,12 @@ STATE_FILE = "state.safetensors"
 
 
 def save_checkpoint(folder: Path, *, step: int, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    scheduler: Any, generator: torch.Generator, losses: list[float], complete: bool) -> Path:
-    """Write the training state after ``step`` steps (atomically: a crash keeps the previous one)."""
+                    scheduler: Any, generator: torch.Generator, losses: list[float], complete: bool,
+                    extra: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write the training state after ``step`` steps (atomically: a crash keeps the previous one);
+    ``extra``: the extra losses' own state (e.g. fixed projections)."""
     tensors = {f"param/{n}": p.detach() for n, p in params.items()}
+    tensors.update({f"extra/{k}": v.detach() for k, v in (extra or {}).items()})
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
@@ -36,7 +39,8 @@ def save_checkpoint(folder: Path, *, step: int, params: Mapping[str, torch.Tenso
 def load_checkpoint(folder: Path, *, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler: Any, generator: torch.Generator) -> dict[str, Any] | None:
     """Restore a state written by :func:`save_checkpoint` into the given objects; returns its
-    metadata (``step``, ``losses``, ``complete``), or None when there is none."""
+    metadata (``step``, ``losses``, ``complete``, and ``extra``: the extra losses' tensors), or None
+    when there is none."""
     path = folder / STATE_FILE
     if not path.exists():
         return None
@@ -61,4 +65,4 @@ def load_checkpoint(folder: Path, *, params: Mapping[str, torch.Tensor], optimiz
     generator.set_state(tensors["rng/data"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(tensors["rng/cuda"]))
-    return meta
+    return {**meta, "extra": {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}}

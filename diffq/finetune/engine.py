@@ -201,6 +201,8 @@ def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str
         if meta is not None:
             start, losses = int(meta["step"]), list(meta["losses"])
             masters.write_back()
+            for i, e in enumerate(extra):
+                e.load_state({k.split("/", 1)[1]: v for k, v in meta["extra"].items() if k.split("/", 1)[0] == str(i)})
             if start > steps:
                 raise ConfigError(f"finetuning checkpoint in {state_dir} is at step {start}, past finetune.steps="
                                   f"{steps}: delete it or raise finetune.steps")
@@ -224,7 +226,8 @@ def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str
             done = step + 1
             if state_dir is not None and state.is_main_process and (done % every == 0 or done == steps):
                 save_checkpoint(state_dir, step=done, params=params, optimizer=optimizer, scheduler=scheduler,
-                                generator=gen, losses=losses, complete=done == steps)
+                                generator=gen, losses=losses, complete=done == steps,
+                                extra={f"{i}/{k}": v for i, e in enumerate(extra) for k, v in e.state().items()})
     finally:
         bar.close()
         if checkpointing:

@@ -22,7 +22,11 @@ EXTRA_LOSSES: Registry[Callable[..., "ExtraLoss"]] = Registry("finetune.extra_lo
 
 
 class ExtraLoss(ABC):
-    """Base class: forward hooks on ``modules`` keep their outputs of the current pass."""
+    """Base class: forward hooks on ``modules`` keep their outputs of the current pass. ``targets``
+    says what the entry's roles/names match: ``layers`` (the quantizable layers) or ``modules`` (any
+    module by name, e.g. whole blocks)."""
+
+    targets = "layers"
 
     def __init__(self, modules: Mapping[str, nn.Module], weight: float) -> None:
         if not modules:
@@ -47,6 +51,13 @@ class ExtraLoss(ABC):
     def term(self) -> torch.Tensor:
         """The unweighted loss term of the last teacher/student passes."""
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors the term depends on beyond the model (checkpointed so a resumed run continues exactly)."""
+        return {}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:  # noqa: B027 (optional hook)
+        """Restore what :meth:`state` returned."""
+
     def remove(self) -> None:
         """Detach the hooks."""
         for h in self._hooks:
@@ -65,15 +76,70 @@ class LayerOutputMSE(ExtraLoss):
 
 
 def build_extra_losses(entries: Sequence[Mapping[str, Any]], layers: Mapping[str, tuple[str, nn.Module]],
-                       valid_roles: Sequence[str]) -> list[ExtraLoss]:
-    """The configured extra losses, hooked on the layers their roles/names match."""
+                       valid_roles: Sequence[str], model: nn.Module | None = None) -> list[ExtraLoss]:
+    """The configured extra losses, hooked on the layers (or, for a loss over ``modules``, the
+    modules of ``model``) their roles/names match."""
     losses = []
     for i, e in enumerate(entries):
         cls = EXTRA_LOSSES.get(e["name"])
         (rule,) = parse_rules([{"roles": e.get("roles"), "names": e.get("names")}], valid_roles)
-        modules = {n: m for n, (role, m) in layers.items() if rule.matches(n, role)}
+        if cls.targets == "modules":
+            if model is None or rule.roles or not rule.names:
+                raise ConfigError(f"finetune.extra_losses[{i}]: {e['name']} hooks modules by name: give names "
+                                  "(globs or re:) and no roles")
+            modules = {n: m for n, m in model.named_modules() if n and rule.matches(n, "")}
+        else:
+            modules = {n: m for n, (role, m) in layers.items() if rule.matches(n, role)}
         try:
             losses.append(cls(modules, e.get("weight", 1.0)))
         except ConfigError as err:
             raise ConfigError(f"finetune.extra_losses[{i}]: {err}") from None
     return losses
+
+
+@EXTRA_LOSSES.register("lrm")
+class LowRankMimicking(ExtraLoss):
+    """BinaryDM's low-rank representation mimicking: each matched block's output, projected on the
+    top principal components of its FP output over the channel axis (``channels // 4`` of them,
+    centred; computed by ``torch.pca_lowrank`` on the first teacher batch, then fixed), should match
+    the FP projection; the term is the MSE averaged over blocks."""
+
+    targets = "modules"
+
+    def __init__(self, modules: Mapping[str, nn.Module], weight: float) -> None:
+        super().__init__(modules, weight)
+        self.projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (mean [C], basis [C, q])
+
+    @staticmethod
+    def channels_last(t: torch.Tensor) -> torch.Tensor:
+        """``[rows, channels]``: NCHW maps with the channel axis last, token sequences as they are."""
+        x = t.float()
+        return (x.movedim(1, -1) if x.dim() == 4 else x).reshape(-1, x.shape[1] if x.dim() == 4 else x.shape[-1])
+
+    def projection(self, name: str, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's fixed (mean, basis), computed from its first teacher output."""
+        if name not in self.projections:
+            x = self.channels_last(teacher)
+            q = max(1, x.shape[1] // 4)
+            mean = x.mean(0)
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(0)  # pca_lowrank's random sketch: the same projection on every run and resume
+            _, _, v = torch.pca_lowrank(x - mean, q=q, center=False)
+            torch.random.set_rng_state(gen_state)
+            self.projections[name] = (mean.detach(), v.detach())
+        return self.projections[name]
+
+    def state(self) -> dict[str, torch.Tensor]:  # noqa: D102
+        return {f"{n}/{part}": t for n, pair in self.projections.items() for part, t in zip(("mean", "basis"), pair)}
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor]) -> None:  # noqa: D102
+        names = {k.rsplit("/", 1)[0] for k in tensors}
+        self.projections = {n: (tensors[f"{n}/mean"], tensors[f"{n}/basis"]) for n in names}
+
+    def term(self) -> torch.Tensor:
+        s, t = self.outputs["student"], self.outputs["teacher"]
+        terms = []
+        for n in s:
+            mean, v = self.projection(n, t[n])
+            terms.append(F.mse_loss((self.channels_last(s[n]) - mean) @ v, (self.channels_last(t[n]) - mean) @ v))
+        return torch.stack(terms).mean()

@@ -21,6 +21,7 @@ from diffq.finetune.losses import EXTRA_LOSSES, build_extra_losses
 from diffq.finetune.recipes import RECIPES, RecipeContext, Stage
 from diffq.finetune.select import select_trainable
 from diffq.finetune.sensitivity import activation_sensitivity
+from diffq.model_quant import partial_quant
 from diffq.models import Sampling, denoiser_of
 from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import LayerSpec
@@ -75,7 +76,7 @@ def plan_stages(denoiser: nn.Module, family: str, specs: Sequence[LayerSpec], ft
     attn_on = bool(attn.get("enabled"))
     static = attn_on and not TensorQuant.from_mapping(attn["qkv"], "quant.attn.qkv").dynamic
     names = list(attention_modules(denoiser)) if attn_on else []
-    ctx = RecipeContext(quantizable_layers(denoiser, family), specs, ft, names, static, measure)
+    ctx = RecipeContext(quantizable_layers(denoiser, family), specs, ft, names, static, measure, model=denoiser)
     return RECIPES.get(ft["recipe"])().stages(ctx), ctx.info
 
 
@@ -127,11 +128,13 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
         log.info("finetuning stage %s: %d parameters (%.2f%% of the denoiser) in %d layers: %s", stage.name,
                  summary["params"], 100 * summary["fraction"], summary["layers_trained"],
                  ", ".join(f"{k} {v}" for k, v in summary["params_by_kind"].items()))
-        extra = build_extra_losses(stage.settings["extra_losses"], quantizable_layers(denoiser, family), ROLES)
+        extra = build_extra_losses(stage.settings["extra_losses"], quantizable_layers(denoiser, family), ROLES,
+                                   denoiser)
         state_dir = root / stage.name if len(stages) > 1 else root
         try:
-            stats = train(denoiser, sel, data, stage.settings, extra=extra, device=device, dtype=dtype,
-                          state_dir=state_dir)
+            with partial_quant(denoiser, stage.quantized, stage.acts):
+                stats = train(denoiser, sel, data, stage.settings, extra=extra, device=device, dtype=dtype,
+                              state_dir=state_dir)
         finally:
             for e in extra:
                 e.remove()

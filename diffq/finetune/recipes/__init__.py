@@ -22,19 +22,24 @@ from diffq.spec import LayerSpec
 
 @dataclass
 class Stage:
-    """One finetuning stage: its name, what trains (``{layer or attention module: kinds}``) and the
-    finetuning settings it runs with (``steps``, ``optim``, ``extra_losses``... of ``finetune``)."""
+    """One finetuning stage: its name, what trains (``{layer or attention module: kinds}``), the
+    finetuning settings it runs with (``steps``, ``optim``, ``extra_losses``... of ``finetune``) and
+    which quantizers are on while it trains: the weights of ``quantized`` layers (None: all) and the
+    activations when ``acts`` (a progressive schedule turns them on stage by stage)."""
 
     name: str
     plan: dict[str, tuple[str, ...]]
     settings: dict[str, Any]
+    quantized: list[str] | None = None
+    acts: bool = True
 
 
 @dataclass
 class RecipeContext:
     """What a recipe may look at: the denoiser's layers ``{name: (role, module)}`` and specs, the
-    finetuning settings, the attention modules whose step sizes may train, and after PTQ a
-    ``measure(name, **options)`` callback of the quantized model (None before calibration)."""
+    finetuning settings, the attention modules whose step sizes may train, after PTQ a
+    ``measure(names, bits, calls)`` callback of the quantized model (None before calibration), and
+    the denoiser itself."""
 
     layers: Mapping[str, tuple[str, nn.Module]]
     specs: Sequence[LayerSpec]
@@ -43,6 +48,7 @@ class RecipeContext:
     attn_static: bool = False
     measure: Callable[..., Any] | None = None
     info: dict[str, Any] = field(default_factory=dict)  # what the recipe reports (metrics.json["finetune"])
+    model: nn.Module | None = None
 
 
 class Recipe(ABC):
