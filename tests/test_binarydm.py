@@ -17,7 +17,7 @@ from diffq.levels import high_resolution_layers, middle_out_groups, unet_levels
 from diffq.model_quant import partial_quant
 from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import LayerSpec, TensorQuant
-from tests.helpers import A8, KEEP_FP, denoiser, outputs, pipeline_and_calib, quantized_copy, rel_error
+from tests.helpers import A8, denoiser, outputs, pipeline_and_calib, quantized_copy, rel_error
 
 B1 = {"format": "binary", "bits": 1, "granularity": "channel"}
 NO_ATTN = {"enabled": False}

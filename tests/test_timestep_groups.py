@@ -12,7 +12,7 @@ from diffq.errors import CalibrationError, ConfigError
 from diffq.export import export_quantized, load_quantized
 from diffq.methods import rtn
 from diffq.methods.reconstruct import reconstruct
-from diffq.roles import ROLES, quantizable_layers
+from diffq.roles import ROLES
 from diffq.spec import resolve_spec
 from diffq.tensor_quant import TensorQuant
 from diffq.timestep_groups import TimestepGroupedQuantizer, grouped_quantizers, router_of, set_boundaries
