@@ -52,3 +52,28 @@ def test_methods_run_in_bfloat16(family, method, formats, recon):
     ref, out = _outputs(fp, calib), _outputs(model, calib)
     assert all(o.isfinite().all() for o in out)
     assert 0 < rel_error(ref, out) < 0.1
+
+
+def test_timestep_groups_and_binarydm_run_in_bfloat16():
+    fp, model, calib = _bf16("sd")
+    grouped = ({"format": "int", "bits": 8, "granularity": "channel"},
+               {"format": "int", "bits": 8, "symmetric": False, "timestep_groups": 2})
+    specs = resolve_spec(quantizable_layers(model, "sd"), *grouped, KEEP_FP, ROLES)
+    get_method("rtn")(model, specs, calib, {}, device=CPU, dtype=BF16)
+    assert reconstruct(model, calib, QUICK, "block", device=CPU, dtype=BF16)["recon_units"] > 0
+    ref = _outputs(fp, calib)
+    assert 0 < rel_error(ref, _outputs(model, calib)) < 0.1
+
+    binary = ({"format": "binary", "bits": 2, "granularity": "channel"},
+              {"format": "int", "bits": 8, "symmetric": True})
+    outs = {}
+    for dtype in (torch.float32, BF16):
+        pipe, calib = pipeline_and_calib("sd")
+        m = copy.deepcopy(denoiser(pipe)).to(dtype)
+        specs = resolve_spec(quantizable_layers(m, "sd"), *binary, KEEP_FP, ROLES)
+        stats = get_method("binarydm")(m, specs, calib, {}, device=CPU, dtype=dtype)
+        assert stats["binary_layers"] > 0
+        with torch.no_grad():
+            outs[dtype] = [m(**s.to(CPU, dtype), return_dict=False)[0].float() for s in calib]
+    assert all(o.isfinite().all() for o in outs[BF16])
+    assert rel_error(outs[torch.float32], outs[BF16]) < 0.05  # bf16 computes the same binarised model

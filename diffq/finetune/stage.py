@@ -114,7 +114,6 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
         return activation_sensitivity(denoiser, specs, names, bits, calib[:calls], device, dtype)
 
     stages, info = plan_stages(denoiser, family, specs, ft, attn, measure)
-    total = sum(p.numel() for p in denoiser.parameters())
     root = Path(cache_dir).expanduser() / "finetune" / cache_key(dict(state_key))
     teacher: dict = {}
     results, trained = [], {}
@@ -122,6 +121,7 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
         last = i == len(stages) - 1
         sel = select_trainable(denoiser, stage.plan, int(ft["lora"]["rank"]), float(ft["lora"]["alpha"]),
                                int(ft["seed"]), teacher=teacher)
+        total = sum(p.numel() for p in denoiser.parameters())  # learned step sizes are parameters now
         summary = sel.summary(total)
         kind_of = {id(p): kind for kind, ps in sel.groups.items() for p in ps}
         trained.update({n: (kind_of[id(p)], p.numel()) for n, p in sel.named_trainable().items()})
