@@ -59,9 +59,11 @@ class MasterWeights:
     (Adam's second moments underflow in float16, small updates vanish in bfloat16) and the model
     computes with their cast."""
 
-    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+    def __init__(self, params: Sequence[nn.Parameter], positive: Sequence[nn.Parameter] = ()) -> None:
         half = (torch.float16, torch.bfloat16)
         self.masters = {p: nn.Parameter(p.detach().float()) for p in params if p.dtype in half}
+        # step sizes and sigmas stay above 1% of their start: a sign flip or zero would divide by zero
+        self.floors = {self.of(p): 0.01 * p.detach().float().abs() for p in positive}
 
     def of(self, p: nn.Parameter) -> nn.Parameter:
         """What the optimiser updates for ``p``."""
@@ -72,6 +74,12 @@ class MasterWeights:
         for p, m in self.masters.items():
             m.grad = None if p.grad is None else p.grad.float()
             p.grad = None
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Keep every scale above its floor (projected gradient descent on positive parameters)."""
+        for m, floor in self.floors.items():
+            m.copy_(torch.maximum(m, floor.to(m.dtype)))
 
     @torch.no_grad()
     def write_back(self) -> None:
@@ -171,6 +179,7 @@ def train_step(student: nn.Module, model: nn.Module, sel: Selection, masters: Ma
     if cfg["optim"]["clip_grad"]:
         torch.nn.utils.clip_grad_norm_([masters.of(p) for p in sel.parameters], cfg["optim"]["clip_grad"])
     optimizer.step()
+    masters.project()
     masters.write_back()
     scheduler.step()
     return float(loss.detach())
@@ -188,7 +197,7 @@ def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str
     steps, every = int(cfg["steps"]), int(cfg["checkpoint_every"])
     state = process_state()
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + state.process_index)
-    masters = MasterWeights(sel.parameters)
+    masters = MasterWeights(sel.parameters, [p for k in ("act_scale", "weight_scale") for p in sel.groups.get(k, [])])
     optimizer = make_optimizer(sel, cfg["optim"], masters)
     o = cfg["optim"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
