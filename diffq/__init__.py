@@ -1,13 +1,29 @@
-"""diffq: quantize diffusion models to low bit-widths, evaluate them, export them."""
+"""diffq: quantize diffusion models to low bit-widths, evaluate them, export them.
+
+The Python API (:mod:`diffq.api`)::
+
+    import diffq
+    diffq.presets()                                        # {name: one line}
+    pipe = diffq.quantize(pipe, "w4a8", calib=prompts)     # in place; pipe.diffq_report
+    diffq.save_quantized(pipe, "out/w4a8")
+    pipe = diffq.load_pipeline("out/w4a8")                 # a runnable diffusers pipeline
+    diffq.evaluate(pipe, fp_pipe, prompts, metrics=["psnr", "ssim"])
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_quantized", "export_quantized"]
+_API = ("quantize", "save_quantized", "load_pipeline", "presets", "evaluate", "compose_config", "Report")
+_EXPORT = ("load_quantized", "export_quantized")
+__all__ = ["__version__", *_API, *_EXPORT]
 
 
 def __getattr__(name: str):
-    if name in ("load_quantized", "export_quantized"):
+    if name in _API:
+        from diffq import api
+
+        return getattr(api, name)
+    if name in _EXPORT:
         from diffq import export
 
         return getattr(export, name)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from diffq import calib as calibration
+from diffq.api import apply_quantization, plan_rules, resolve_layer_specs
 from diffq.cache import cache_key
 from diffq.calib.select import step_histogram
 from diffq.errors import ConfigError
@@ -31,7 +32,6 @@ from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.finetune.stage import check_finetune, finetune_denoiser, plan_stages
 from diffq.finetune.stage import enabled as finetune_enabled
 from diffq.methods import MethodContext, get_method, get_recon_mode
-from diffq.methods.reconstruct import reconstruct
 from diffq.models import (
     Sampling,
     denoiser_of,
@@ -42,8 +42,7 @@ from diffq.models import (
     sampling_of,
     unknown_words,
 )
-from diffq.roles import CAUSAL_TEXT_FAMILIES, ROLES, quantizable_layers
-from diffq.spec import LayerSpec, TensorQuant, format_spec_table, resolve_spec, validate_quant_args
+from diffq.spec import LayerSpec, TensorQuant, format_spec_table, validate_quant_args
 from diffq.testbed.prompts import evaluation_metadata
 
 log = logging.getLogger(__name__)
@@ -160,7 +159,7 @@ def check_config(cfg: DictConfig) -> None:
     check_attn(q.attn)
     check_eval(cfg.eval)
     check_finetune(ft_settings(cfg), load=bool(cfg.load), keep_fp_weights=q.keep_fp_weights, world=cfg.model.world)
-    plan_rules_of(q)
+    plan_rules(OmegaConf.to_container(q, resolve=True))
 
 
 def check_recon(cfg: DictConfig) -> None:
@@ -303,32 +302,7 @@ def layer_specs(cfg: DictConfig, denoiser: nn.Module, plan: Plan) -> list[LayerS
     the denoiser (ConfigError for an impossible rule)."""
     if plan.checkpoint is not None:
         return [LayerSpec.from_dict(d) for d in plan.checkpoint["specs"]]
-    q = cfg.quant
-    layers = quantizable_layers(denoiser, cfg.model.family)
-    method = get_method(q.method)
-    model_rules = getattr(method, "model_rules", None)  # a method's rules from the model (before the preset's)
-    first = model_rules(denoiser, OmegaConf.to_container(q, resolve=True)) if model_rules else []
-    rules = first + OmegaConf.to_container(q.rules, resolve=True) + plan_rules_of(q)
-    if any(r.get("bos") for r in rules) and cfg.model.family not in CAUSAL_TEXT_FAMILIES:
-        log.info("quant.rules bos: %s does not cross-attend to a causal CLIP sequence (its text tokens are T5's or a "
-                 "class label): BOS-aware K/V quantization does not apply and is off", cfg.model.family)
-        rules = [{**r, "bos": None} for r in rules]
-    specs = resolve_spec(layers, q.weight, q.act, rules, ROLES, strict=q.strict)
-    check = getattr(method, "check_specs", None)
-    if check is not None:
-        check(specs, OmegaConf.to_container(q, resolve=True))
-    return specs
-
-
-def plan_rules_of(q: DictConfig) -> list[dict[str, Any]]:
-    """The rules of a written bit plan (``quant.mixdq.plan``), appended to the preset's."""
-    path = q.mixdq.plan
-    if not path:
-        return []
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"quant.mixdq.plan {file} does not exist: point it at a run's mixdq_plan.yaml")
-    return list(OmegaConf.to_container(OmegaConf.load(file), resolve=True)["rules"])
+    return resolve_layer_specs(denoiser, cfg.model.family, OmegaConf.to_container(cfg.quant, resolve=True))
 
 
 def check_vocabulary(pipe: Any, prompts: list[str]) -> None:
@@ -440,14 +414,11 @@ def quantize(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictCo
             num_samples=cfg.calib.num_samples, edadm=OmegaConf.to_container(cfg.calib.edadm, resolve=True),
         )
     with timed(timings, "quantize_s"):
-        method = get_method(q.method)
         context = MethodContext(pipe, cfg.model.family, smp, calib_prompts, model_key(cfg), cfg.paths.cache_dir,
                                 cfg.seed, out_dir)
-        stats = method(denoiser, specs, samples, OmegaConf.to_container(q, resolve=True), device=device, dtype=dtype,
-                       context=context)
-        if q.recon != "none":
-            stats.update(reconstruct(denoiser, samples, OmegaConf.to_container(cfg.recon, resolve=True), q.recon,
-                                     device=device, dtype=dtype))
+        stats = apply_quantization(denoiser, specs, samples, OmegaConf.to_container(q, resolve=True),
+                                   OmegaConf.to_container(cfg.recon, resolve=True), context, device=device,
+                                   dtype=dtype)
     hist = step_histogram(samples, max(s.step for s in samples) + 1)
     log.info("calibration set (%s): denoiser input rows per sampler call: %s", cfg.calib.selection,
              " ".join(map(str, hist)))

@@ -17,22 +17,19 @@ import time
 
 import torch
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
+import diffq
 from diffq import calib as calibration
 from diffq.config import register_configs
 from diffq.formats import FPFormat
-from diffq.methods import get_method
 from diffq.models import denoiser_of, load_pipeline, model_key, sampling_of
-from diffq.roles import ROLES, quantizable_layers
-from diffq.spec import resolve_spec
 
 TARGETS = {"w8a16": 1.05, "w4a16": 1.05, "w8a8": 1.5, "w8a8_fp8": 1.5, "w4a16_nvfp4": 1.05,
            "fp_w8a8": 1.5, "fp_w4a8": 1.5, "fp_w4a16": 1.05}
 # bench name -> (preset, extra overrides); fp_w4a8 runs the same graph as its learned-rounding
 # variant (learned weights are frozen like RTN ones), so it is timed without reconstruction
-PRESETS = {"w8a16": ("w8a8", ["quant.act.format=none"]), "fp_w4a8": ("fp_w4a8_rtn", []),
-           "fp_w4a16": ("fp_w4a8_rtn", ["quant.act.format=none"])}
+PRESETS = {"w8a16": ("w8a8", {"quant.act.format": "none"}), "fp_w4a8": ("fp_w4a8_rtn", {}),
+           "fp_w4a16": ("fp_w4a8_rtn", {"quant.act.format": "none"})}
 # (tokens, in features, out features): the testbed's largest linear layers and FLUX.1's (3072 wide)
 MATMUL_SHAPES = {"testbed": (1024, 256, 1024), "flux_qkv": (4096, 3072, 3072), "flux_mlp": (4096, 3072, 12288)}
 
@@ -145,15 +142,10 @@ def main() -> None:
     print(f"model {cfg.model.name}: FP denoiser step {base * 1e3:.2f} ms, calibration capture {capture_s:.2f} s")
     print(f"{'config':<14}{'step ms':>9}{'ratio':>8}{'target':>8}{'calib s':>9}")
     for name, target in TARGETS.items():
-        with initialize_config_module("diffq.conf", version_base="1.3"):
-            preset, extra = PRESETS.get(name, (name, []))
-            qc = compose("config", overrides=[*args.overrides, f"quant={preset}", *extra]).quant
+        preset, extra = PRESETS.get(name, (name, {}))
         model = copy.deepcopy(fp)
-        specs = resolve_spec(quantizable_layers(model, cfg.model.family), qc.weight, qc.act,
-                             OmegaConf.to_container(qc.rules), ROLES)
         t0 = time.perf_counter()
-        get_method(qc.method)(model, specs, samples, OmegaConf.to_container(qc), device=torch.device("cpu"),
-                              dtype=torch.float32)
+        diffq.quantize(model, preset, calib=[s.kwargs for s in samples], overrides=extra, device="cpu")
         calib_s = time.perf_counter() - t0
         # paired, interleaved rounds so machine noise hits FP and quantized alike
         ratios = []
