@@ -390,7 +390,9 @@ class DiffqConfig:
     eval: EvalConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     export: bool = False  # write the quantized denoiser to <run dir>/model/
+    export_codec: Optional[str] = None  # a named export codec where it applies (base3: ternary at 1.6 bits)
     load: Optional[str] = None  # load an exported quantized denoiser instead of quantizing
+    packed: bool = False  # with load=: keep sub-byte weights packed in memory, unpacked per layer at forward
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     log_level: str = "INFO"

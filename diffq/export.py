@@ -58,6 +58,22 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return ((packed.view(-1, 1) >> shifts) & mask).reshape(-1)[:count]
 
 
+def pack_base3(codes: torch.Tensor) -> torch.Tensor:
+    """Pack trits (uint8 codes 0..2) five to a byte, ``sum_i c_i 3**i`` (1.6 bits a trit)."""
+    flat = codes.reshape(-1).to(torch.int16)
+    pad = (-flat.numel()) % 5
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)
+    return (flat.view(-1, 5) * powers).sum(dim=1).to(torch.uint8)
+
+
+def unpack_base3(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_base3`: the first ``count`` trits."""
+    powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)
+    return ((packed.to(torch.int16).view(-1, 1) // powers) % 3).to(torch.uint8).reshape(-1)[:count]
+
+
 @dataclass(frozen=True)
 class Codec:
     """How the uint8 codes of a format are stored in the safetensors file and read back."""
@@ -84,6 +100,13 @@ CODECS.register("packed")(Codec(
     decode=lambda stored, layout: unpack_bits(stored, int(layout["bits"]), math.prod(layout["shape"])).reshape(
         layout["shape"]),
 ))
+# chosen by name only (export_quantized(codec="base3")): 1.6 bits a ternary weight instead of 2, slower to unpack
+CODECS.register("base3")(Codec(
+    accepts=lambda fmt: fmt.name == "ternary",
+    encode=lambda codes, fmt: pack_base3(codes),
+    decode=lambda stored, layout: unpack_base3(stored, math.prod(layout["shape"])).reshape(layout["shape"]),
+))
+AUTO_CODECS = ("float8", "int8", "packed")  # tried in order when no codec is named
 
 
 @torch.no_grad()
@@ -105,12 +128,11 @@ def decode_tensor(q: Quantizer, codes: Tensor, params: Mapping[str, Tensor]) -> 
     return q.unview(q.fmt.decode(codes, values, q.layout.grouped_shape(shape)), shape)
 
 
-def _encode_codes(codes: Tensor, fmt: Format) -> tuple[Tensor, dict[str, Any]]:
+def _encode_codes(codes: Tensor, fmt: Format, codec: str | None = None) -> tuple[Tensor, dict[str, Any]]:
     layout = {"shape": list(codes.shape), "bits": fmt.storage_bits, "format": fmt.name}
-    for name in CODECS.names():
-        codec = CODECS.get(name)
-        if codec.accepts(fmt):
-            return codec.encode(codes, fmt), {**layout, "storage": name}
+    for name in ([codec] if codec and CODECS.get(codec).accepts(fmt) else []) + list(AUTO_CODECS):
+        if CODECS.get(name).accepts(fmt):
+            return CODECS.get(name).encode(codes, fmt), {**layout, "storage": name}
     raise CheckpointError(f"no export codec stores {fmt.name} codes of {fmt.storage_bits} bits; "
                           f"registered codecs: {', '.join(CODECS.names())}")
 
@@ -125,9 +147,13 @@ def _json_config(model: nn.Module) -> dict[str, Any]:
 
 def export_quantized(
     model: nn.Module, specs: list[LayerSpec], folder: str | os.PathLike, attn: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None, codec: str | None = None,
 ) -> Path:
-    """Write the quantized ``model`` (a diffusers denoiser) to ``folder``; returns the file path."""
+    """Write the quantized ``model`` (a diffusers denoiser) to ``folder``; returns the file path.
+    ``codec`` names a codec for the formats it accepts (``base3`` for ternary weights); the others
+    are stored by the first of :data:`AUTO_CODECS` that accepts them."""
+    if codec is not None:
+        CODECS.get(codec)
     layers = layer_table(model)
     tensors: dict[str, torch.Tensor] = {}
     packed: dict[str, Any] = {}
@@ -140,7 +166,7 @@ def export_quantized(
         codes, params = encode_tensor(wq, source.detach())
         params.pop("shape")
         half = wq.storage_dtype or half_of(layer.weight.dtype)
-        stored, layout = _encode_codes(codes, wq.fmt)
+        stored, layout = _encode_codes(codes, wq.fmt, codec)
         tensors[f"{name}.weight.codes"] = stored
         layout["params"] = sorted(params)
         layout["param_dtype"] = str(half).removeprefix("torch.")
@@ -227,9 +253,31 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
         raise CheckpointError(f"checkpoint tensor {key} has no place in the model: it was exported from another model")
 
 
+class PackedWeight(nn.Module):
+    """A layer's weight kept as its packed codes (the packed inference backend): unpacked at each
+    forward, so only the codes and the scales stay resident."""
+
+    def __init__(self, stored: Tensor, layout: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.register_buffer("stored", stored, persistent=False)
+        self.layout = dict(layout)
+        self.shape = tuple(layout["weight_shape"])
+        self.dtype = getattr(torch, layout["weight_dtype"])
+
+    def forward(self, q: Quantizer) -> Tensor:
+        """The weight, decoded with the quantizer's parameters (equal to the unpacked load)."""
+        codes = _decode_codes(self.stored, self.layout).to(self.stored.device)
+        w = decode_tensor(q, codes, {**q.params(), "shape": torch.tensor(self.shape)})
+        return w.to(self.dtype).contiguous()
+
+
 @torch.no_grad()
-def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild an exported quantized denoiser (into ``model`` when given, else from its config)."""
+def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, packed: bool = False) -> nn.Module:
+    """Rebuild an exported quantized denoiser (into ``model`` when given, else from its config).
+
+    ``packed``: weights stored by a sub-byte codec (2-bit, base-3, 4-bit packing) stay packed in
+    memory and are unpacked layer by layer at forward time (:class:`PackedWeight`); the model then
+    runs quantized only (no float mode, no re-export)."""
     file = _resolve(path)
     meta = read_metadata(file)
     if model is None:
@@ -251,11 +299,16 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None) -> n
     for name, layout in meta["packed"].items():
         if name not in layers:
             raise CheckpointError(f"checkpoint layer {name} is not a quantized layer of the model")
-        codes = _decode_codes(stored.pop(f"{name}.weight.codes"), layout)
+        raw = stored.pop(f"{name}.weight.codes")
         layer = layers[name]
         wq = layer.weight_quantizer
         params = wq.fmt.from_storage({k: stored.pop(f"{name}.weight.params.{k}") for k in layout["params"]})
         wq.set_params(**params)
+        if packed and layout["storage"] in ("packed", "base3"):
+            layer.packed = PackedWeight(raw, layout)
+            layer.weight = nn.Parameter(torch.empty(0, dtype=layer.packed.dtype), requires_grad=False)
+            continue
+        codes = _decode_codes(raw, layout)
         w = decode_tensor(wq, codes, {**params, "shape": torch.tensor(layout["weight_shape"])})
         w = w.to(getattr(torch, layout["weight_dtype"])).contiguous()
         layer.weight.data = w

@@ -23,12 +23,12 @@ from diffq.api import apply_quantization, plan_rules, resolve_layer_specs
 from diffq.cache import cache_key
 from diffq.calib.select import step_histogram
 from diffq.errors import ConfigError
-from diffq.eval.cost import activation_bits, layer_macs, operations, weight_bits
+from diffq.eval.cost import activation_bits, layer_macs, operations, resident_mb, weight_bits
 from diffq.eval.geneval import balanced_entries, load_metadata
 from diffq.eval.grids import image_grid
 from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
-from diffq.export import export_quantized, load_quantized, read_metadata
+from diffq.export import CODECS, export_quantized, load_quantized, read_metadata
 from diffq.finetune.stage import check_finetune, finetune_denoiser, plan_stages
 from diffq.finetune.stage import enabled as finetune_enabled
 from diffq.methods import MethodContext, get_method, get_recon_mode
@@ -105,7 +105,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         fp = fp_samples(pipe, cfg, evalset, setting, smp, shard)
     with timed(timings, "calibration_s"):
         if cfg.load:
-            calib_info, calib = load_export(cfg.load, denoiser), []
+            calib_info, calib = load_export(cfg.load, denoiser, cfg.packed), []
         else:
             calib_info, calib = quantize(pipe, denoiser, specs, cfg, calib_prompts, smp, device, timings, out_dir)
     finetuned = None
@@ -160,6 +160,10 @@ def check_config(cfg: DictConfig) -> None:
     check_eval(cfg.eval)
     check_finetune(ft_settings(cfg), load=bool(cfg.load), keep_fp_weights=q.keep_fp_weights, world=cfg.model.world)
     plan_rules(OmegaConf.to_container(q, resolve=True))
+    if cfg.export_codec:
+        CODECS.get(cfg.export_codec)
+    if cfg.packed and not cfg.load:
+        raise ConfigError("packed=true keeps a loaded export's weights packed: add load=<exported model folder>")
 
 
 def check_recon(cfg: DictConfig) -> None:
@@ -450,10 +454,11 @@ def finetune(pipe: Any, specs: list[LayerSpec], plan: Plan, cfg: DictConfig, cal
     return {"name": cfg.finetune.name, **stats}
 
 
-def load_export(path: str, denoiser: nn.Module) -> dict[str, Any]:
-    """Load an exported quantized checkpoint into the denoiser; returns where it came from."""
-    load_quantized(path, denoiser)
-    return {"loaded_from": str(path)}
+def load_export(path: str, denoiser: nn.Module, packed: bool = False) -> dict[str, Any]:
+    """Load an exported quantized checkpoint into the denoiser (``packed``: sub-byte weights stay
+    packed in memory); returns where it came from."""
+    load_quantized(path, denoiser, packed=packed)
+    return {"loaded_from": str(path), "packed": packed}
 
 
 # ----------------------------------------------------------------------------- results
@@ -488,6 +493,7 @@ def cost_of(denoiser: nn.Module, specs: list[LayerSpec], input_counts: dict[str,
     cost = weight_bits(denoiser)
     cost["effective_act_bits"] = activation_bits(denoiser, input_counts, specs)
     cost.update(operations(denoiser, macs, specs))
+    cost["resident_mb"] = resident_mb(denoiser)
     cost["layers_quantized"] = sum(s.quantized for s in specs)
     cost["layers_total"] = len(specs)
     return cost
@@ -502,7 +508,8 @@ def write_artifacts(cfg: DictConfig, out_dir: Path, plan: Plan, denoiser: nn.Mod
         image_grid([fp_images[:n], q_images[:n]], ["FP", label], evalset.prompts[:n]).save(out_dir / "grid.png")
     if cfg.export:
         path = export_quantized(denoiser, specs, out_dir / "model", plan.attn,
-                                extra={"model": cfg.model.name, "quant": plan.name, "method": plan.method})
+                                extra={"model": cfg.model.name, "quant": plan.name, "method": plan.method},
+                                codec=cfg.export_codec)
         metrics["export"] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 4)}
     write_metrics(out_dir, metrics)
 

@@ -32,6 +32,7 @@ class QuantMixin:
         self.adapter: nn.Module | None = None  # low-rank FP weight update, added before quantization (finetuning)
         self.quant_enabled = True  # False: compute in floating point (FP targets during reconstruction)
         self.learned_rounding = False  # weight_fq holds a learned rounding: export it, not RTN of weight
+        self.packed: nn.Module | None = None  # packed inference backend: the codes, unpacked at each forward
 
     @property
     def frozen(self) -> bool:
@@ -44,8 +45,15 @@ class QuantMixin:
             return self.weight
         return self.weight + self.adapter().to(self.weight.dtype)
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The weight's shape (also when it is held packed)."""
+        return self.packed.shape if self.packed is not None else tuple(self.weight.shape)
+
     def quantized_weight(self) -> torch.Tensor:
-        """The weight the layer computes with (frozen cache, live fake-quant, or FP)."""
+        """The weight the layer computes with (packed codes, frozen cache, live fake-quant, or FP)."""
+        if self.packed is not None:
+            return self.packed(self.weight_quantizer)
         if self.rounding is not None:
             return self.rounding(self.weight)
         if self.weight_fq is not None:
@@ -129,7 +137,7 @@ def dequantize_layer_(module: nn.Module) -> nn.Module:
     if not is_quant_layer(module):
         return module
     module._buffers.pop("bos_weight", None)
-    for attr in ("weight_quantizer", "input_quantizer", "adapter"):
+    for attr in ("weight_quantizer", "input_quantizer", "adapter", "packed"):
         if attr in module._modules:
             del module._modules[attr]
         module.__dict__.pop(attr, None)

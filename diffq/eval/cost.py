@@ -60,13 +60,15 @@ def weight_bits(model: nn.Module) -> dict[str, float]:
     parameter (FP layers, biases, norms, embeddings) counts FP_BITS. ``information_weight_bits``
     is added when the formats hold fewer bits of information than they store.
     """
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = sum(p.numel() for p in model.parameters()) + sum(
+        math.prod(m.packed.shape) for m in model.modules() if is_quant_layer(m) and m.packed is not None)
     counts = {"stored": 0.0, "information": 0.0}
     quant_params = layer_params = 0
     for m in model.modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             continue
-        n = m.weight.numel()
+        shape = m.weight_shape if is_quant_layer(m) else tuple(m.weight.shape)
+        n = math.prod(shape)
         layer_params += n
         q = m.weight_quantizer if is_quant_layer(m) else None
         if q is None:
@@ -74,8 +76,8 @@ def weight_bits(model: nn.Module) -> dict[str, float]:
                 counts[key] += FP_BITS * n
             continue
         quant_params += n
-        counts["stored"] += quantizer_bits(q, tuple(m.weight.shape)) * n
-        counts["information"] += quantizer_bits(q, tuple(m.weight.shape), stored=False) * n
+        counts["stored"] += quantizer_bits(q, shape) * n
+        counts["information"] += quantizer_bits(q, shape, stored=False) * n
     fp_bytes = total_params * FP_BITS / 8
     other_bits = (total_params - layer_params) * FP_BITS
     q_bytes = (counts["stored"] + other_bits) / 8
@@ -129,3 +131,9 @@ def operations(model: nn.Module, macs: Mapping[str, int], specs: Sequence[LayerS
         wb, ab = (None, None) if not s.quantized else (_format_bits(s.weight), _format_bits(s.act))
         quant += n * wb * ab / 64 if wb is not None and ab is not None else n
     return {"ops_fp_g": fp / 1e9, "ops_quant_g": quant / 1e9, "ops_ratio": fp / quant if quant else 1.0}
+
+
+def resident_mb(model: nn.Module) -> float:
+    """Memory the model's parameters and buffers occupy (MB): what inference keeps resident."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20

@@ -97,6 +97,14 @@ def build_extra_losses(entries: Sequence[Mapping[str, Any]], layers: Mapping[str
     return losses
 
 
+@EXTRA_LOSSES.register("feature_mse")
+class FeatureMSE(LayerOutputMSE):
+    """Intermediate-feature matching: the MSE between the student's and the FP outputs of modules
+    matched by name (e.g. every transformer block), averaged over them."""
+
+    targets = "modules"
+
+
 @EXTRA_LOSSES.register("lrm")
 class LowRankMimicking(ExtraLoss):
     """BinaryDM's low-rank representation mimicking: each matched block's output, projected on the
