@@ -6,13 +6,15 @@ Prints, on this machine: the throughput (elements/s) of the FP fake-quant fast p
 FP4 E2M1 ladder) against the generic ExMy formula; for the default model, the ratio of the
 quantized denoiser's step time to the FP one (targets: <= 1.05 weight-only, <= 1.5 with
 activations) and the calibration wall time; with CUDA, a real FP8 matmul (``torch._scaled_mm``)
-against bf16 for the testbed's and FLUX-sized shapes.
+against bf16 for the testbed's and FLUX-sized shapes; ternary packing throughput (2-bit and base-3)
+and the packed inference backend's step time and resident memory vs FP.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 
 import torch
@@ -21,6 +23,8 @@ from hydra import compose, initialize_config_module
 import diffq
 from diffq import calib as calibration
 from diffq.config import register_configs
+from diffq.eval.cost import resident_mb
+from diffq.export import export_quantized, load_quantized, pack_base3, pack_bits, unpack_base3, unpack_bits
 from diffq.formats import FPFormat
 from diffq.models import denoiser_of, load_pipeline, model_key, sampling_of
 
@@ -69,6 +73,34 @@ def fake_quant_paths(elements: int, repeats: int) -> None:
         assert torch.equal(fn(x), fmt.round_generic(x)), name
         fast, generic = throughput(fn, x, repeats), throughput(fmt.round_generic, x, repeats)
         print(f"{name:<26}{fast / 1e6:>10.1f}{generic / 1e6:>10.1f}{fast / generic:>10.2f}")
+
+
+def packing_paths(elements: int, repeats: int) -> None:
+    """Ternary codes packed 4 a byte (2 bits) and 5 a byte (base 3): pack and unpack throughput."""
+    codes = torch.randint(0, 3, (elements,), dtype=torch.uint8)
+    two, three = pack_bits(codes, 2), pack_base3(codes)
+    paths = (("pack 2-bit", lambda c: pack_bits(c, 2), codes),
+             ("unpack 2-bit", lambda p: unpack_bits(p, 2, elements), two),
+             ("pack base-3", pack_base3, codes), ("unpack base-3", lambda p: unpack_base3(p, elements), three))
+    print(f"{'ternary packing':<26}{'Mcodes/s':>10}")
+    for name, fn, x in paths:
+        per_s = throughput(fn, x, repeats) * (elements / x.numel())
+        print(f"{name:<26}{per_s / 1e6:>10.1f}")
+
+
+def packed_backend(fp: torch.nn.Module, samples: list, kwargs: dict, repeats: int) -> None:
+    """The packed inference backend (ternary weights unpacked layer by layer at forward) vs FP: step
+    time and resident memory, outputs checked equal to the fake-quant model's."""
+    model = copy.deepcopy(fp)
+    diffq.quantize(model, "ternary_w158", calib=[s.kwargs for s in samples], overrides={"finetune.steps": 0})
+    with tempfile.TemporaryDirectory() as folder:
+        export_quantized(model, model.__dict__["_diffq"]["specs"], folder)
+        packed = load_quantized(folder, copy.deepcopy(fp), packed=True)
+    with torch.no_grad():
+        assert torch.equal(model(**kwargs, return_dict=False)[0], packed(**kwargs, return_dict=False)[0])
+    ratios = [step_time(packed, kwargs, repeats) / step_time(fp, kwargs, repeats) for _ in range(3)]
+    print(f"packed ternary backend: step {statistics.median(ratios):.2f}x FP, resident "
+          f"{resident_mb(fp):.2f} MB (FP) -> {resident_mb(packed):.2f} MB (packed)")
 
 
 def scaled_mm_paths(repeats: int) -> None:
@@ -121,6 +153,7 @@ def main() -> None:
     parser.add_argument("--elements", type=int, default=2**22, help="tensor size of the fake-quant throughput runs")
     args = parser.parse_args()
     fake_quant_paths(args.elements, args.repeats)
+    packing_paths(args.elements, args.repeats)
     scaled_mm_paths(args.repeats)
     register_configs()
     with initialize_config_module("diffq.conf", version_base="1.3"):
@@ -154,6 +187,7 @@ def main() -> None:
             ratios.append(q_t / fp_t)
         ratio = statistics.median(ratios)
         print(f"{name:<14}{q_t * 1e3:>9.2f}{ratio:>8.3f}{target:>8.2f}{calib_s:>9.2f}")
+    packed_backend(fp, samples, kwargs, args.repeats)
 
 
 if __name__ == "__main__":
