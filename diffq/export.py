@@ -64,12 +64,11 @@ def pack_base3(codes: torch.Tensor) -> torch.Tensor:
     pad = (-flat.numel()) % 5
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    powers = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)
-    return (flat.view(-1, 5) * powers).sum(dim=1).to(torch.uint8)
+    return (flat.view(-1, 5) * _POWERS3).sum(dim=1).to(torch.uint8)
 
 
-_BASE3_DIGITS = ((torch.arange(256, dtype=torch.int16).view(-1, 1) // torch.tensor([1, 3, 9, 27, 81],
-                                                                                  dtype=torch.int16)) % 3).to(torch.uint8)
+_POWERS3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)
+_BASE3_DIGITS = ((torch.arange(256, dtype=torch.int16).view(-1, 1) // _POWERS3) % 3).to(torch.uint8)  # byte -> trits
 
 
 def unpack_base3(packed: torch.Tensor, count: int) -> torch.Tensor:
