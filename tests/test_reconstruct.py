@@ -119,8 +119,8 @@ def test_a_unit_learned_worse_than_rtn_keeps_its_rtn_weights(monkeypatch):
     rtn = {n: m.weight_fq.clone() for n, m in model.named_modules()
            if is_quant_layer(m) and m.weight_quantizer is not None}
 
-    def scramble(unit, *args, **kwargs):  # a rounding that lands on the opposite neighbour of RTN
-        for r in unit.roundings.values():
+    def scramble(model, trainee, *args, **kwargs):  # a rounding that lands on the opposite neighbour of RTN
+        for r in trainee.roundings.values():
             with torch.no_grad():
                 r.V.copy_(-r.V.sign())
         return 0.0
