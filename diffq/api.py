@@ -29,7 +29,7 @@ from diffq import calib as calibration
 from diffq.calib.capture import CalibSample, CallRecorder
 from diffq.config import QuantConfig, register_configs
 from diffq.errors import ConfigError
-from diffq.eval.cost import activation_bits, weight_bits
+from diffq.eval.cost import LayerCounter, activation_bits, operations, weight_bits
 from diffq.export import export_quantized, load_quantized, read_metadata
 from diffq.methods import MethodContext, get_method
 from diffq.methods.reconstruct import reconstruct
@@ -279,16 +279,13 @@ def quantize(target: Any, preset: str | Mapping[str, Any] | QuantConfig = "w8a8"
 @torch.no_grad()
 def _cost(denoiser: nn.Module, specs: Sequence[LayerSpec], sample: CalibSample, device: torch.device,
           dtype: torch.dtype) -> dict[str, Any]:
-    counts: dict[str, int] = {}
-    modules = dict(denoiser.named_modules())
-    hooks = [modules[s.name].register_forward_pre_hook(
-        lambda m, a, n=s.name: counts.__setitem__(n, counts.get(n, 0) + a[0].numel())) for s in specs]
+    counter = LayerCounter(denoiser, [s.name for s in specs])
     try:
         denoiser(**sample.to(device, dtype), return_dict=False)
     finally:
-        for h in hooks:
-            h.remove()
-    return {**weight_bits(denoiser), "effective_act_bits": activation_bits(denoiser, counts, specs)}
+        counter.remove()
+    return {**weight_bits(denoiser), "effective_act_bits": activation_bits(denoiser, counter.counts, specs),
+            **operations(denoiser, counter.macs, specs)}
 
 
 def save_quantized(pipe: Any, folder: str | Path) -> Path:

@@ -23,7 +23,7 @@ from diffq.api import apply_quantization, plan_rules, resolve_layer_specs
 from diffq.cache import cache_key
 from diffq.calib.select import step_histogram
 from diffq.errors import ConfigError
-from diffq.eval.cost import activation_bits, layer_macs, operations, resident_mb, weight_bits
+from diffq.eval.cost import LayerCounter, activation_bits, operations, resident_mb, weight_bits
 from diffq.eval.geneval import balanced_entries, load_metadata
 from diffq.eval.grids import image_grid
 from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
@@ -351,35 +351,12 @@ def fp_samples(pipe: Any, cfg: DictConfig, evalset: EvalSet, setting: dict[str, 
     return make_samples(pipe, cfg, folder, evalset.seeds, smp, shard, "FP samples")
 
 
-class InputElementCounter:
-    """Counts the input elements and multiply-accumulates of each named layer in the denoiser's first call."""
-
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        self.counts: dict[str, int] = {}
-        self.macs: dict[str, int] = {}
-        modules = dict(model.named_modules())
-        self._hooks = [modules[n].register_forward_hook(self._count(n)) for n in names]
-        self._hooks.append(model.register_forward_hook(lambda *_: self.remove()))
-
-    def _count(self, name: str):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            self.counts[name] = self.counts.get(name, 0) + args[0].numel()
-            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, out)
-        return hook
-
-    def remove(self) -> None:
-        """Detach all hooks (called after the first denoiser call)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
-
 def quantized_samples(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictConfig, plan: Plan,
                       evalset: EvalSet, setting: dict[str, Any], smp: Sampling, shard: Shard, out_dir: Path,
-                      timings: dict[str, float]) -> tuple[Samples, InputElementCounter]:
+                      timings: dict[str, float]) -> tuple[Samples, LayerCounter]:
     """The quantized model's evaluation images (``<out_dir>/samples``) and the input elements and
     multiply-accumulates of each layer in one denoiser call (for the activation-bits and OPs cost)."""
-    counter = InputElementCounter(denoiser, [s.name for s in specs])
+    counter = LayerCounter(denoiser, [s.name for s in specs])
     q_setting = {**setting, "quant": OmegaConf.to_container(cfg.quant, resolve=True), "load": cfg.load,
                  "calib": OmegaConf.to_container(cfg.calib, resolve=True),
                  **({"finetune": ft_settings(cfg)} if finetunes(cfg) else {})}

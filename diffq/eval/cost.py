@@ -137,3 +137,26 @@ def resident_mb(model: nn.Module) -> float:
     """Memory the model's parameters and buffers occupy (MB): what inference keeps resident."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
+
+
+class LayerCounter:
+    """Counts the input elements and multiply-accumulates of each named layer in the denoiser's first call."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.counts: dict[str, int] = {}
+        self.macs: dict[str, int] = {}
+        modules = dict(model.named_modules())
+        self._hooks = [modules[n].register_forward_hook(self._count(n)) for n in names]
+        self._hooks.append(model.register_forward_hook(lambda *_: self.remove()))
+
+    def _count(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            self.counts[name] = self.counts.get(name, 0) + args[0].numel()
+            self.macs[name] = self.macs.get(name, 0) + layer_macs(module, out)
+        return hook
+
+    def remove(self) -> None:
+        """Detach all hooks (called after the first denoiser call)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

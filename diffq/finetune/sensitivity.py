@@ -17,14 +17,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
+from diffq.methods.mixdq import sqnr
 from diffq.model_quant import float_mode
 from diffq.spec import LayerSpec
-
-
-def _sqnr(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> float:
-    signal = sum(float(r.double().square().sum()) for r in ref)
-    noise = sum(float((o.double() - r.double()).square().sum()) for r, o in zip(ref, out))
-    return float(10 * np.log10(signal / max(noise, 1e-30)))
 
 
 @torch.no_grad()
@@ -59,7 +54,7 @@ def activation_sensitivity(model: nn.Module, specs: Sequence[LayerSpec], names: 
                     q.enabled = False
                 for n, q in tqdm(quantizers.items(), desc=f"activation sensitivity ({b} bit)", unit="layer"):
                     q.enabled = True
-                    scores[n][int(b)] = _sqnr(ref, run())
+                    scores[n][int(b)] = sqnr(ref, run())
                     q.enabled = False
             finally:
                 for h in hooks:
