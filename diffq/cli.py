@@ -16,6 +16,8 @@ from diffq.config import register_configs
 from diffq.errors import DiffqError
 from diffq.eval.geneval_stats import geneval_summary
 from diffq.job import run, write_metrics
+from diffq.sweep import main as report_main
+from diffq.sweep.rows import objective_values
 
 log = logging.getLogger("diffq")
 
@@ -59,6 +61,17 @@ def task(cfg: DictConfig) -> dict | None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://diffq.conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    """Entry point of ``python -m diffq`` and the ``diffq`` console script."""
-    task(cfg)
+def app(cfg: DictConfig) -> list[float] | None:
+    """The Hydra app: one job; returns the ``sweep.objectives`` values to a sweeper that optimises them."""
+    metrics = task(cfg)
+    if metrics is None or not cfg.sweep.objectives:
+        return None
+    return objective_values(metrics, list(cfg.sweep.objectives))
+
+
+def main() -> None:
+    """Entry point of ``python -m diffq`` and the ``diffq`` console script; ``diffq report <sweep_dir>``
+    rebuilds a sweep's report instead."""
+    if len(sys.argv) > 1 and sys.argv[1] == "report":
+        sys.exit(report_main(sys.argv[2:]))
+    app()

@@ -50,6 +50,7 @@ class RuleConfig:
 
     roles: List[str] = field(default_factory=list)  # layer roles this rule matches (empty: any)
     names: List[str] = field(default_factory=list)  # globs on module names, or "re:<regex>"
+    kinds: List[str] = field(default_factory=list)  # layer types this rule matches: linear, conv2d (empty: any)
     weight: Optional[Dict[str, Any]] = None  # partial TensorQuant for weights
     act: Optional[Dict[str, Any]] = None  # partial TensorQuant for input activations
     skip: Optional[bool] = None  # true: keep the layer floating point
@@ -378,6 +379,17 @@ class PathsConfig:
 
 
 @dataclass
+class SweepConfig:
+    """What a sweep's jobs return to the sweeper, and free values sweep presets interpolate."""
+
+    # summary columns (diffq.sweep.rows: psnr, ssim, geneval, fid_to_fp, w_bits, a_bits, ...) a job
+    # returns, in order, for a sweeper that optimises them (hydra/sweeper=optuna: experiment=optuna_bits)
+    objectives: List[str] = field(default_factory=list)
+    # values the experiment's rules refer to as ${sweep.bits.<name>} (e.g. per-role weight bits)
+    bits: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class DiffqConfig:
     """The whole job: load -> calibrate -> quantize (-> reconstruct -> finetune) -> evaluate -> save."""
 
@@ -389,6 +401,7 @@ class DiffqConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     export: bool = False  # write the quantized denoiser to <run dir>/model/
     export_codec: Optional[str] = None  # a named export codec where it applies (base3: ternary at 1.6 bits)
     load: Optional[str] = None  # load an exported quantized denoiser instead of quantizing

@@ -39,6 +39,7 @@ class Quantizer(nn.Module):
         self.learnable, self.enabled = False, True
         self.set_params(**{key: torch.empty(0) for key in self._calibrated_keys()})
         self._calibrating = False
+        self._scalar_cache: tuple[tuple[Tensor, ...], tuple[tuple[int, int], ...], tuple[float, ...]] | None = None
         self.last_shape: tuple[int, ...] | None = None  # shape of the last tensor seen (for bit accounting)
         if learnable:
             self.make_learnable()
@@ -175,6 +176,9 @@ class Quantizer(nn.Module):
         self.last_shape = tuple(x.shape)
         if not self.enabled:
             return x
+        fast = self._fast_fake_quant(x)
+        if fast is not None:
+            return fast.to(x.dtype)
         if self.kind == "act" and self.granularity == "tensor" and not (self.dynamic or self.learnable):
             # static per-tensor activations: scalar params, no view (a view of NCHW would copy twice)
             params = {k: t.reshape(()) for k, t in self.qparams(x).items()}
@@ -188,6 +192,39 @@ class Quantizer(nn.Module):
         out = self.unview(self.fmt.fake_quant(v, params), tuple(x.shape)).to(x.dtype)
         # keep the input's layout: a moved-axis view would send the next conv down another kernel
         return out.contiguous() if x.is_contiguous() else out
+
+    def _fast_fake_quant(self, x: Tensor) -> Tensor | None:
+        """The format's fast path for static per-tensor activations (scalar parameters, fewer passes), bit-exact
+        with the generic one; None where it does not apply: a gradient is needed, the quantizer is not calibrated
+        or is not static per-tensor, the format has no fast path."""
+        if self.kind != "act" or self.granularity != "tensor" or self.dynamic or self.storage_dtype is not None:
+            return None
+        if self.learnable and not x.is_contiguous():  # the generic path would return another memory layout
+            return None
+        scalars = self._scalars()
+        if scalars is None or (torch.is_grad_enabled() and (x.requires_grad or self._params_need_grad())):
+            return None
+        return self.fmt.fast_fake_quant(x, *scalars)
+
+    def _params_need_grad(self) -> bool:
+        return any(getattr(self, k).requires_grad for k in self._calibrated_keys())
+
+    def _scalars(self) -> tuple[float, float, float | None] | None:
+        """``(scale, float32 1/scale, zero point or None)`` as Python floats, cached until a parameter changes
+        (a new tensor, a new storage or an in-place write: its version); None unless every parameter is a
+        calibrated scalar ``scale`` / ``zero_point``."""
+        keys = self._calibrated_keys()
+        tensors = tuple(getattr(self, k) for k in keys)
+        stamp = tuple((t.data_ptr(), t._version) for t in tensors)
+        cache = self._scalar_cache
+        if cache is not None and stamp == cache[1] and all(a is b for a, b in zip(cache[0], tensors)):
+            return cache[2]  # type: ignore[return-value]
+        if keys not in (("scale",), ("scale", "zero_point")) or any(t.numel() != 1 for t in tensors):
+            return None
+        scale = tensors[0].detach().reshape(())
+        values = (float(scale), float(1.0 / scale), float(tensors[1]) if len(tensors) > 1 else None)
+        self._scalar_cache = (tensors, stamp, values)
+        return values
 
     def extra_repr(self) -> str:
         parts = [self.fmt.name, str(self.layout.granularity), "sym" if self.symmetric else "asym", self.observer_name]

@@ -1,7 +1,8 @@
 """The bit-config grammar: default formats plus ordered rules, resolved per layer.
 
-A rule matches a layer when its ``roles`` (if any) contain the layer's role AND one of its
-``names`` (if any) matches the layer name (shell glob, or a regex with the ``re:`` prefix).
+A rule matches a layer when its ``roles`` (if any) contain the layer's role, its ``kinds`` (if any)
+the layer's type (``linear``, ``conv2d``) AND one of its ``names`` (if any) matches the layer name
+(shell glob, or a regex with the ``re:`` prefix).
 Rules apply in order; for every field the last matching rule wins.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffq.tensor_quant import TensorQuant
 log = logging.getLogger(__name__)
 
 BOS_ROLES = ("cross_attn_kv",)  # layers whose input is the text encoder's sequence
+KINDS = ("linear", "conv2d")  # layer types a rule's ``kinds`` matches
 
 
 @dataclass(frozen=True)
@@ -30,14 +32,17 @@ class Rule:
     index: int
     roles: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
     weight: Mapping[str, Any] | None = None
     act: Mapping[str, Any] | None = None
     skip: bool | None = None
     bos: bool | None = None
 
-    def matches(self, name: str, role: str) -> bool:
-        """Whether this rule applies to the layer ``name`` with role ``role``."""
+    def matches(self, name: str, role: str, kind: str | None = None) -> bool:
+        """Whether this rule applies to the layer ``name`` with role ``role`` (and type ``kind``)."""
         if self.roles and role not in self.roles:
+            return False
+        if self.kinds and kind not in self.kinds:
             return False
         if not self.names:
             return True
@@ -109,6 +114,10 @@ def parse_rules(rules: Iterable[Mapping[str, Any]], valid_roles: Sequence[str]) 
         bad = [x for x in roles if x not in valid_roles]
         if bad:
             raise ConfigError(f"quant.rules[{i}]: unknown role(s) {bad}; valid roles are {list(valid_roles)}")
+        kinds = tuple(r.get("kinds") or ())
+        bad = [x for x in kinds if x not in KINDS]
+        if bad:
+            raise ConfigError(f"quant.rules[{i}]: unknown kind(s) {bad}; valid kinds are {list(KINDS)}")
         names = tuple(r.get("names") or ())
         for pattern in names:
             if pattern.startswith("re:"):
@@ -118,7 +127,7 @@ def parse_rules(rules: Iterable[Mapping[str, Any]], valid_roles: Sequence[str]) 
                     raise ConfigError(f"quant.rules[{i}]: bad regex {pattern!r} ({e}); fix the pattern") from e
         weight = TensorQuant.check_partial(r.get("weight"), f"quant.rules[{i}].weight")
         act = TensorQuant.check_partial(r.get("act"), f"quant.rules[{i}].act")
-        parsed.append(Rule(index=i, roles=roles, names=names, weight=weight, act=act, skip=r.get("skip"),
+        parsed.append(Rule(index=i, roles=roles, names=names, kinds=kinds, weight=weight, act=act, skip=r.get("skip"),
                            bos=r.get("bos")))
     return parsed
 
@@ -181,8 +190,9 @@ def resolve_spec(
     specs = []
     for name, (role, module) in layers.items():
         wq, aq, skip, bos, matched = base_w, base_a, False, False, []
+        kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
         for rule in parsed:
-            if not rule.matches(name, role):
+            if not rule.matches(name, role, kind):
                 continue
             hits[rule.index] += 1
             matched.append(rule.index)
@@ -202,14 +212,14 @@ def resolve_spec(
                 check_tensor(w_out, "weight", _feature_size(module, "weight"), f"weight of {name}{where}")
             if a_out is not None:
                 check_tensor(a_out, "act", _feature_size(module, "act"), f"input activation of {name}{where}")
-        kind = "linear" if isinstance(module, nn.Linear) else "conv2d"
         specs.append(
             LayerSpec(name, role, kind, w_out, a_out, skip, params=int(module.weight.numel()), rules=matched, bos=bos)
         )
     for rule in parsed:
         if hits[rule.index] == 0:
             msg = (
-                f"quant.rules[{rule.index}] (roles={list(rule.roles)}, names={list(rule.names)}) matches no layer; "
+                f"quant.rules[{rule.index}] (roles={list(rule.roles)}, kinds={list(rule.kinds)}, "
+                f"names={list(rule.names)}) matches no layer; "
                 "check the role/name spelling (see spec.txt for the real names and roles)"
             )
             if strict:

@@ -81,7 +81,7 @@ def test_sweep_records_failures_and_writes_summary(tmp_path):
     assert "group size 7" in rows[1]["error"] and "granularity=group:7" in rows[1]["overrides"]
     assert float(rows[0]["psnr"]) > 20
     assert (tmp_path / "sweep" / "summary.md").read_text().count("\n") == 4
-    assert (tmp_path / "sweep" / "summary.png").exists()
+    assert (tmp_path / "sweep" / "pareto.png").exists() and (tmp_path / "sweep" / "comparison.png").exists()
 
 
 def test_bad_input_exits_with_one_clear_message(tmp_path):

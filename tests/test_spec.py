@@ -56,6 +56,13 @@ def test_regex_names_and_unskip(layers):
     assert not specs["up_blocks.0.resnets.0.conv1"].skip
 
 
+def test_kinds_match_the_layer_type(layers):
+    rules = [KEEP_FP, {"kinds": ["conv2d"], "act": {"format": "none"}}]
+    specs = [s for s in resolve_spec(layers, W8, A8, rules, ROLES) if not s.skip]
+    assert {s.kind for s in specs} == {"linear", "conv2d"} and all(s.weight is not None for s in specs)
+    assert all((s.act is None) == (s.kind == "conv2d") for s in specs)
+
+
 def test_format_none_keeps_tensor_fp(layers):
     specs = resolve_spec(layers, W8, {"format": "int", "bits": 16}, [], ROLES)
     assert all(s.act is None and s.weight is not None for s in specs)
@@ -81,6 +88,7 @@ def test_rule_matching_nothing_warns_or_fails_when_strict(layers, caplog):
         ({**W8, "granularity": "group:7"}, A8, [], "does not divide"),
         ({**W8, "granularity": "token"}, A8, [], "activations"),
         (W8, A8, [{"names": ["re:(unclosed"], "skip": True}], "bad regex"),
+        (W8, A8, [{"kinds": ["conv"], "skip": True}], "unknown kind"),
     ],
 )
 def test_bad_configs_fail_with_a_message(layers, weight, act, rules, message):

@@ -18,6 +18,11 @@ def ceil_to(v: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(r.float() < v, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
 
 
+def scaled_copy(x: Tensor, inv: float) -> Tensor:
+    """``x.float() * inv`` in a new float32 buffer (one pass when ``x`` is float32), the start of the fast paths."""
+    return x * inv if x.dtype == torch.float32 else x.float().mul_(inv)
+
+
 def container(bits: int) -> int:
     """Smallest packing width in (1, 2, 4, 8) that holds ``bits``-bit codes."""
     return next(w for w in (1, 2, 4, 8) if w >= bits)
@@ -136,6 +141,11 @@ class Format(ABC):
     def fake_quant(self, v: Tensor, params: dict[str, Tensor]) -> Tensor:
         """Quantize-dequantize the grouped view ``v``."""
         return self.dequant(self.to_grid(v, params), params)
+
+    def fast_fake_quant(self, x: Tensor, scale: float, inv: float, zero_point: float | None) -> Tensor | None:
+        """:meth:`fake_quant` of ``x`` with per-tensor parameters (``inv``: the float32 ``1 / scale``) and no
+        gradient, bit-exact with it and in fewer passes, as float32; None where the format has no fast path."""
+        return None
 
     def encode(self, v: Tensor, params: dict[str, Tensor]) -> Tensor:
         """uint8 codes of the grouped view ``v``, shaped ``[rows, features]``."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from diffq.errors import ConfigError
-from diffq.formats.base import Format, container
+from diffq.formats.base import Format, container, scaled_copy
 from diffq.formats.registry import FORMATS, FormatKind
 
 FP_DEFAULTS = {8: (4, 3), 6: (2, 3), 5: (2, 2), 4: (2, 1), 3: (1, 1)}  # (exp, man) of fp<bits> without a layout
@@ -78,14 +78,20 @@ class FPFormat(Format):
         negative = y < 0
         return torch.where(negative, -a_up, a_down), torch.where(negative, -a_down, a_up)
 
-    def round(self, y: Tensor) -> Tensor:
-        """Nearest grid value, bit-exact with :meth:`round_generic`: a float8 cast for E5M2 (and for
-        E4M3 on GPUs; on CPUs the cast is slower than :meth:`round_bits`), else :meth:`round_bits`."""
-        y = y.float()
-        if (self.exp, self.man) == (4, 3) and y.is_cuda:
-            return y.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
+    def cast_dtype(self, y: Tensor) -> torch.dtype | None:
+        """The float8 type whose cast rounds ``y`` exactly as the formula, where :meth:`round` uses it: E5M2,
+        and E4M3 on GPUs (on CPUs the E4M3 cast is slower than :meth:`round_bits`)."""
         if (self.exp, self.man) == (5, 2):
-            return y.clamp(-57344.0, 57344.0).to(torch.float8_e5m2).float()
+            return torch.float8_e5m2
+        return torch.float8_e4m3fn if (self.exp, self.man) == (4, 3) and y.is_cuda else None
+
+    def round(self, y: Tensor) -> Tensor:
+        """Nearest grid value, bit-exact with :meth:`round_generic`: a float8 cast where :meth:`cast_dtype`
+        names one, else :meth:`round_bits`."""
+        y = y.float()
+        cast = self.cast_dtype(y)
+        if cast is not None:
+            return y.clamp(-self.maxval, self.maxval).to(cast).float()
         return self.round_bits(y)
 
     def round_bits(self, y: Tensor) -> Tensor:
@@ -93,13 +99,22 @@ class FPFormat(Format):
         each value's exponent bits ``e`` (floored at the smallest normal exponent, which gives the
         subnormal step) has an ulp equal to the value's grid step, so ``(y + c) - c`` is ``y``
         rounded to the grid, ties to even as the formula (M=0: up). ``copysign`` keeps -0."""
-        y = y.float().clamp(-self.maxval, self.maxval)
+        return self.round_bits_(y.float().clamp(-self.maxval, self.maxval), y)
+
+    def round_bits_(self, y: Tensor, sign: Tensor) -> Tensor:
+        """:meth:`round_bits` in place on the float32 buffer ``y``, already clamped to +-maxval; ``sign``: a
+        tensor with ``y``'s signs (what ``y`` was clamped or scaled from)."""
         c = y.view(torch.int32) & 0x7F800000
-        c.clamp_min_((128 - self.bias) << 23)
-        c += (23 - self.man) << 23
-        c |= 0x00400000
-        c = c.view(torch.float32)
-        return (y + c).sub_(c).copysign_(y)
+        step = c.clamp_min_((128 - self.bias) << 23).view(torch.float32)  # 2^max(e, 1 - bias)
+        magic = 1.5 * 2.0 ** (23 - self.man)  # c = magic * step, exact
+        return y.add_(step, alpha=magic).sub_(step, alpha=magic).copysign_(sign)
+
+    def fast_fake_quant(self, x: Tensor, scale: float, inv: float, zero_point: float | None) -> Tensor | None:
+        """Scale, clamp, round (in place, or the float8 cast) and rescale."""
+        y = scaled_copy(x, inv).clamp_(-self.maxval, self.maxval)
+        cast = self.cast_dtype(y)
+        y = y.to(cast).float() if cast is not None else self.round_bits_(y, x)
+        return y.mul_(scale)
 
     def to_codes(self, q: Tensor) -> Tensor:
         q = q.float()

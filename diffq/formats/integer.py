@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from diffq.errors import ConfigError
-from diffq.formats.base import EPS, Format, container
+from diffq.formats.base import EPS, Format, container, scaled_copy
 from diffq.formats.registry import FORMATS, FormatKind
 
 
@@ -104,6 +104,15 @@ class IntFormat(Format):
         if "zero_point" in params:
             q.sub_(params["zero_point"])
         return q.mul_(params["scale"])
+
+    def fast_fake_quant(self, x: Tensor, scale: float, inv: float, zero_point: float | None) -> Tensor | None:
+        """Round, clamp, rescale in place on one buffer. With a zero point the clamp takes the shifted range
+        (``round(y) + z`` clamped, minus ``z``, is ``round(y)`` clamped to ``[qmin - z, qmax - z]``), and adding
+        0.0 turns a rounded negative's -0.0 into the +0.0 that subtracting the zero point gives."""
+        q = scaled_copy(x, inv).round_()
+        if zero_point is None:
+            return q.clamp_(self.qmin, self.qmax).mul_(scale)
+        return q.clamp_(self.qmin - zero_point, self.qmax - zero_point).mul_(scale).add_(0.0)
 
 
 def _build(bits: int, exp: int | None, man: int | None, symmetric: bool) -> IntFormat:
