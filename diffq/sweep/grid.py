@@ -15,7 +15,7 @@ from diffq.eval.grids import image_grid
 
 def _image(path: Path) -> torch.Tensor:
     with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).float().div_(255)
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float().div_(255)
 
 
 def comparison_grid(sweep_dir: Path, rows: list[dict[str, Any]], path: Path, columns: int = 8) -> bool:
