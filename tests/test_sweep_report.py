@@ -150,3 +150,21 @@ def test_launchers_run_a_two_job_sweep(tmp_path, launcher):
     psnr = {bits[r["job"]]: float(r["psnr"]) for r in rows}
     assert psnr["quant.weight.bits=8"] > psnr["quant.weight.bits=3"] + 3
     assert torch.tensor([float(r["w_bits"]) for r in rows]).max() > 7
+
+
+def test_optuna_bits_search_returns_objectives_and_reports_its_front(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "sweep"
+    res = subprocess.run([sys.executable, "-m", "diffq", "-m", "experiment=optuna_bits", f"hydra.sweep.dir={out}",
+                          "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.population_size=3", *TINY],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    results = OmegaConf.load(out / "optimization_results.yaml")
+    best = [list(t["values"]) for t in results.solutions]  # the sweeper's Pareto set
+    # Optuna's best trials are the values the jobs returned: (PSNR, effective weight bits) of rows
+    values = {(round(float(r["psnr"]), 2), round(float(r["w_bits"]), 2)) for r in rows}
+    assert best and all((round(p, 2), round(w, 2)) in values for p, w in best)
+    assert any("psnr" in r["pareto"] for r in rows)

@@ -20,6 +20,7 @@ def _train(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # about 90 s: every stage of the training script, tiny
 def test_all_stages_write_loadable_models_and_skip_when_done(tmp_path):
     from diffusers import FluxPipeline, StableDiffusionPipeline
 
