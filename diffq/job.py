@@ -122,7 +122,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         return {"status": "worker", "shard": shard.rank}
     fp_images, q_images = fp.folder.load(), quant.folder.load()
     cost = cost_of(denoiser, specs, counter.counts, counter.macs)
-    suite = evaluate(cfg.eval, fp_images, q_images, evalset.prompts, evalset.geneval, cfg.paths.cache_dir, device)
+    suite = evaluate(cfg.eval, fp_images, q_images, evalset.prompts, evalset.geneval, cfg.paths.cache_dir, device,
+                     fp_key=cache_key(setting))
     metrics: dict[str, Any] = {
         "status": "ok",
         "model": cfg.model.name,

@@ -1,6 +1,8 @@
 """The evaluation suite: CLIP score (transformers 5 adapter), LPIPS offline, config checks, job wiring."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,28 @@ def test_testbed_job_fid_against_world_and_fp(compose, tmp_path):
     assert m["fid"]["settings"]["reference"] == "shapes" and m["fid"]["settings"]["n_reference"] == 64
     assert 0 < m["fid"]["fp"]["fid"] < 400 and 0 < m["fid"]["quant"]["fid"] < 400
     assert 0 <= m["fid_fp"]["quant"]["fid"] < m["fid"]["quant"]["fid"]  # W8A8 stays closer to FP than to real images
+
+
+def test_fp_inception_features_are_cached_across_jobs_of_a_sweep(compose, tmp_path, monkeypatch):
+    from diffq.eval import fid as fid_mod
+    from diffq.eval.suite import evaluate
+
+    ev = compose("model=tiny_sd15", "eval.metrics=[fid_fp]").eval
+    fp, _ = _renders(8)
+    quant = (fp.float() + 12 * torch.randn(fp.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 255)
+    fp, quant = fp.float() / 255, quant / 255
+    sides = []
+    extract = fid_mod.extract_features
+    monkeypatch.setattr(fid_mod, "extract_features", lambda images, *a, **k: sides.append(k["desc"]) or
+                        extract(images, *a, **k))
+    # a cheap stand-in for the 2048-d FID (seconds of sqrtm): the distance of the feature means
+    monkeypatch.setattr(fid_mod, "fid_kid", lambda real, fake, *a: SimpleNamespace(
+        fid=float((real.double().mean(0) - fake.double().mean(0)).pow(2).sum()), kid_mean=0.0, kid_std=0.0,
+        n_real=len(real)))
+    first = evaluate(ev, fp, quant, [], None, str(tmp_path), fp_key="fp-setting")["fid_fp"]
+    second = evaluate(ev, fp, quant, [], None, str(tmp_path), fp_key="fp-setting")["fid_fp"]
+    assert sides == ["inception features (fp)", "inception features (quant)", "inception features (quant)"]
+    assert not first["settings"]["fp_features_cache_hit"] and second["settings"]["fp_features_cache_hit"]
+    assert second["quant"] == first["quant"] and first["quant"]["fid"] > 0
+    evaluate(ev, fp, quant, [], None, str(tmp_path), fp_key="other FP images")  # another key: computed again
+    assert sides.count("inception features (fp)") == 2

@@ -16,16 +16,19 @@ wall ``seconds`` it took. Metrics:
   prompts; :mod:`diffq.eval.geneval_stats`).
 
 The Inception features of the FP and quantized images are computed once per job, so the first
-FID metric's ``seconds`` include them.
+FID metric's ``seconds`` include them; given ``fp_key`` (what determines the FP images), the FP
+features are cached under ``<cache_dir>/fp_features/`` and every later job of a sweep reuses them.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
 
+from diffq.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.errors import ConfigError
 from diffq.eval.fidelity import fidelity_metrics
 
@@ -90,13 +93,14 @@ def check_geneval_classes(ev: DictConfig, entries: list[dict[str, Any]] | None) 
 
 def evaluate(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[str],
              entries: list[dict[str, Any]] | None, cache_dir: str,
-             device: str | torch.device = "cpu") -> dict[str, Any]:
+             device: str | torch.device = "cpu", fp_key: str | None = None) -> dict[str, Any]:
     """Every metric named in ``ev.metrics`` (plus GenEval when the prompts come from GenEval
-    metadata), for FP and quantized images in [0, 1] ``[N, 3, H, W]``."""
+    metadata), for FP and quantized images in [0, 1] ``[N, 3, H, W]``; ``fp_key`` names the FP
+    images (their sample folder's key) so that their Inception features are cached."""
     names = list(ev.metrics)
     if ev.geneval.metadata and "geneval" not in names:
         names.append("geneval")
-    inception = _InceptionSides(ev, fp, quant)
+    inception = _InceptionSides(ev, fp, quant, cache_dir if fp_key else None, fp_key)
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "psnr": lambda: _fidelity(fp, quant, "psnr"),
         "ssim": lambda: _fidelity(fp, quant, "ssim"),
@@ -139,10 +143,13 @@ def _lpips(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor) -> dict[str, A
 
 class _InceptionSides:
     """The Inception network and the FP / quantized images' features, each computed once for
-    every FID metric of the job."""
+    every FID metric of the job; the FP side's are cached across jobs when ``fp_key`` is given."""
 
-    def __init__(self, ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor):
+    def __init__(self, ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, cache_dir: str | None = None,
+                 fp_key: str | None = None):
         self.ev, self.images, self.features = ev, {"fp": fp, "quant": quant}, {}
+        self.cache_dir, self.fp_key = cache_dir, fp_key
+        self.fp_cache_hit = False
         self._extractor = None
 
     @property
@@ -153,12 +160,25 @@ class _InceptionSides:
             self._extractor = InceptionFeatures(self.ev.fid.resize, self.ev.fid.weights)
         return self._extractor
 
+    def _fp_cache(self) -> Path | None:
+        if self.cache_dir is None or self.fp_key is None:
+            return None
+        key = cache_key({"fp_images": self.fp_key, "n": len(self.images["fp"]), "resize": self.extractor.resize,
+                         "weights": self.extractor.source})
+        return cache_path(self.cache_dir, "fp_features", key)
+
     def __getitem__(self, side: str) -> torch.Tensor:
         from diffq.eval.fid import extract_features
 
-        if side not in self.features:
-            self.features[side] = extract_features(self.images[side], self.extractor,
-                                                   desc=f"inception features ({side})")
+        if side in self.features:
+            return self.features[side]
+        path = self._fp_cache() if side == "fp" else None
+        if path is not None and (hit := load_tensors(path)) is not None:
+            self.features[side], self.fp_cache_hit = hit[0]["features"], True
+            return self.features[side]
+        self.features[side] = extract_features(self.images[side], self.extractor, desc=f"inception features ({side})")
+        if path is not None:
+            save_tensors(path, {"features": self.features[side]}, {"fp_images": self.fp_key})
         return self.features[side]
 
 
@@ -173,7 +193,7 @@ def _fid_vs_reference(ev: DictConfig, inception: _InceptionSides, cache_dir: str
         out[side] = {"fid": r.fid, "kid": r.kid_mean, "kid_std": r.kid_std}
     out["settings"] = {"reference": ev.fid.reference, "n_reference": len(real), "n_generated": len(inception["fp"]),
                        "backend": ev.fid.backend, "resize": ev.fid.resize, "weights": extractor.source,
-                       "reference_cache_hit": hit}
+                       "reference_cache_hit": hit, "fp_features_cache_hit": inception.fp_cache_hit}
     return out
 
 
@@ -183,7 +203,8 @@ def _fid_to_fp(ev: DictConfig, inception: _InceptionSides) -> dict[str, Any]:
     r = fid_kid(inception["fp"], inception["quant"], inception.extractor, ev.fid.backend, ev.fid.kid_subset_size)
     return {"quant": {"fid": r.fid, "kid": r.kid_mean, "kid_std": r.kid_std},
             "settings": {"reference": "fp images, same seeds", "n": r.n_real, "backend": ev.fid.backend,
-                         "resize": ev.fid.resize, "weights": inception.extractor.source}}
+                         "resize": ev.fid.resize, "weights": inception.extractor.source,
+                         "fp_features_cache_hit": inception.fp_cache_hit}}
 
 
 def _clip(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
