@@ -2,18 +2,22 @@
 
 Each entry is one safetensors file named by the hash of the JSON key that produced it, with
 its structure (non-tensor values, nesting) in the header metadata. Writes are atomic.
-:func:`cache_key` also names the cached FP sample folders and calibration pools.
+:func:`cache_key` also names the cached FP sample folders and calibration pools;
+:func:`cache_lock` makes parallel jobs of a sweep (joblib, submitit) compute an entry once: the
+others wait for it and read it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -24,6 +28,23 @@ def cache_key(payload: Mapping[str, Any]) -> str:
     """Stable short hash of a JSON-serialisable key."""
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold ``<path>.lock`` while computing the cache entry ``path`` (``what``, for the log): a process
+    that finds it held waits until the holder is done, then reads the holder's entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process computing %s (%s.lock)", what, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def cache_path(cache_dir: str | os.PathLike, kind: str, key: str) -> Path:

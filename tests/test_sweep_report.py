@@ -128,7 +128,7 @@ def test_diffq_report_command_rebuilds_an_interrupted_sweep(sweep):
 
 
 def _sweep_cli(tmp_path: Path, launcher: list[str]) -> list[dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DIFFQ_CACHE_DIR": str(tmp_path / "cache")}  # nothing cached yet
     out = tmp_path / "sweep"
     res = subprocess.run([sys.executable, "-m", "diffq", "-m", f"hydra.sweep.dir={out}", *launcher, *TINY,
                           "quant.weight.bits=8,3", "quant.weight.granularity=channel"],
@@ -150,6 +150,11 @@ def test_launchers_run_a_two_job_sweep(tmp_path, launcher):
     psnr = {bits[r["job"]]: float(r["psnr"]) for r in rows}
     assert psnr["quant.weight.bits=8"] > psnr["quant.weight.bits=3"] + 3
     assert torch.tensor([float(r["w_bits"]) for r in rows]).max() > 7
+    # jobs running side by side compute the shared FP images and calibration set once (a file lock):
+    # the other job waits and reads them
+    calib = [json.loads((tmp_path / "sweep" / r["job"] / "metrics.json").read_text())["calib"] for r in rows]
+    assert sorted(c["fp_images_cache_hit"] for c in calib) == [False, True]
+    assert sorted(c["cache_hit"] for c in calib) == [False, True]
 
 
 def test_optuna_bits_search_returns_objectives_and_reports_its_front(tmp_path):

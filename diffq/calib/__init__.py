@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from diffq.cache import cache_key, cache_path, load_tensors, save_tensors
+from diffq.cache import cache_key, cache_lock, cache_path, load_tensors, save_tensors
 from diffq.calib.capture import CalibSample, capture_trajectories, flatten_samples, unflatten_samples, uniform_steps
 from diffq.calib.select import SELECTIONS, assemble, capture_pool, edadm_counts, select_items, trajectory_count
 from diffq.errors import ConfigError
@@ -74,23 +74,24 @@ def load_or_capture(
     choice = {"keep": keep_steps} if selection == "uniform" else {"selection": selection, "n": n, "batch": batch_size,
                                                                    **({"edadm": edadm} if selection == "edadm" else {})}
     path = cache_path(cache_dir, "calib", cache_key({**base, **choice})) if cache_dir else None
-    if path is not None and (hit := load_tensors(path)) is not None:
-        tensors, meta = hit
-        log.info("calibration set loaded from cache %s", path)
-        return unflatten_samples(tensors, meta["layout"]), True
-    if selection == "uniform":
-        samples = capture_trajectories(
-            pipe, family, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution,
-            keep_steps=keep_steps, batch_size=batch_size, call_kwargs=call_kwargs,
-        )
-    else:
-        samples = _select_from_pool(pipe, family, prompts, seeds, base, cache_dir, selection, n, seed, edadm,
-                                    steps=steps, guidance=guidance, resolution=resolution, batch_size=batch_size,
-                                    call_kwargs=call_kwargs)
-    if path is not None:
-        tensors, layout = flatten_samples(samples)
-        save_tensors(path, tensors, {"layout": layout})
-        log.info("calibration set cached at %s", path)
+    with cache_lock(path, "this calibration set") if path is not None else contextlib.nullcontext():
+        if path is not None and (hit := load_tensors(path)) is not None:
+            tensors, meta = hit
+            log.info("calibration set loaded from cache %s", path)
+            return unflatten_samples(tensors, meta["layout"]), True
+        if selection == "uniform":
+            samples = capture_trajectories(
+                pipe, family, prompts, seeds, steps=steps, guidance=guidance, resolution=resolution,
+                keep_steps=keep_steps, batch_size=batch_size, call_kwargs=call_kwargs,
+            )
+        else:
+            samples = _select_from_pool(pipe, family, prompts, seeds, base, cache_dir, selection, n, seed, edadm,
+                                        steps=steps, guidance=guidance, resolution=resolution,
+                                        batch_size=batch_size, call_kwargs=call_kwargs)
+        if path is not None:
+            tensors, layout = flatten_samples(samples)
+            save_tensors(path, tensors, {"layout": layout})
+            log.info("calibration set cached at %s", path)
     return samples, False
 
 
