@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.resources
 import inspect
 import json
@@ -241,6 +242,7 @@ def quantize(target: Any, preset: str | Mapping[str, Any] | QuantConfig = "w8a8"
     specs = resolve_layer_specs(denoiser, family, q)
     if enabled(ft):
         plan_stages(denoiser, family, specs, ft, q["attn"])
+        fp_key = {"api": type(denoiser).__name__, "weights": _fingerprint(denoiser)}  # before anything changes it
     smp = Sampling(steps, guidance, resolution or (_resolution(pipe) if pipe is not None else 0), 4, {})
     prompts: list[str] = []
     if callable(calib):
@@ -264,16 +266,25 @@ def quantize(target: Any, preset: str | Mapping[str, Any] | QuantConfig = "w8a8"
     stats = apply_quantization(denoiser, specs, samples, q, OmegaConf.to_container(cfg.recon, resolve=True), context,
                                device=device, dtype=dtype)
     if enabled(ft):
-        state_key = {"api": type(denoiser).__name__, "quant": q, "finetune": ft, "seed": seed,
-                     "params": [float(p.detach().double().sum()) for p in list(denoiser.parameters())[:8]]}
+        state_key = {**fp_key, "quant": q, "finetune": ft, "seed": seed}
         stats["finetune"] = finetune_denoiser(
             pipe, family, specs, ft, q["attn"], calib=samples, calib_prompts=prompts or list(cfg.calib.prompts),
-            smp=smp, model_key=state_key, cache_dir=str(cfg.paths.cache_dir), state_key=state_key, device=device)
+            smp=smp, model_key=fp_key, cache_dir=str(cfg.paths.cache_dir), state_key=state_key, device=device)
     report = Report(str(cfg.quant.name), specs, _cost(denoiser, specs, samples[0], device, dtype), stats)
     denoiser.__dict__["_diffq"] = {"specs": specs, "attn": q["attn"], "quant": str(cfg.quant.name),
                                    "method": q["method"]}
     target.diffq_report = report
     return target
+
+
+@torch.no_grad()
+def _fingerprint(model: nn.Module) -> str:
+    """A digest of every parameter's name, shape and value (what the FP model's cache entries are keyed by)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:20]
 
 
 @torch.no_grad()

@@ -174,6 +174,9 @@ class LoraConfig:
 
     rank: int = 4
     alpha: float = 4.0
+    # merge (added to the latent weight before quantization, folded into it at the end: no capacity at
+    # inference) | side (a branch x -> B A x beside the quantized weight, kept at inference in the model dtype)
+    mode: str = "merge"
 
 
 @dataclass
@@ -183,9 +186,13 @@ class FinetuneDataConfig:
     # trajectory (the teacher's own calls, on-policy) | noised (its final latents noised afresh at the
     # sampler's timesteps) | images (the world's images through the VAE, diffusion loss; testbed only)
     source: str = "trajectory"
-    prompts: str = "calib"  # calib (the calibration prompts) | world (the world's training captions) | file
+    # calib (the calibration prompts) | world (the world's training captions) | file | auto (world on a
+    # model with a world, else prompts_file when set, else calib)
+    prompts: str = "calib"
     prompts_file: Optional[str] = None
     num_prompts: int = 16
+    val_prompts: int = 8  # held-out prompts (and seeds) whose teacher calls give the validation loss
+    val_seed: int = 8765  # seed of the held-out trajectories (training: `seed`)
     steps: Optional[int] = None  # sampler steps of the trajectories (default: the model's)
     batch_size: int = 4  # prompts per sampler batch when capturing the trajectories
     seed: int = 4321
@@ -260,6 +267,11 @@ class FinetuneConfig:
     data_weight: float = 0.0  # MSE to the diffusion target (data.source=images)
     extra_losses: List[ExtraLossConfig] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # what a selected weight_scale does: learn (LSQ step size) | follow (recomputed from the latent weight
+    # at every forward, no gradient: BitNet b1.58's gamma = mean|W|; binary sigmas are always learned)
+    weight_scale: str = "learn"
+    eval_every: Optional[int] = None  # steps between validation losses (null: steps / 10; 0: no validation)
+    keep: str = "best"  # best (the state with the lowest validation loss) | last
     checkpoint_every: int = 50  # steps between checkpoints (in the cache; a rerun resumes)
     resume: bool = True
     autocast: bool = True  # bfloat16 autocast of the student on CUDA

@@ -432,7 +432,8 @@ def finetune(pipe: Any, specs: list[LayerSpec], plan: Plan, cfg: DictConfig, cal
                  "finetune": {k: v for k, v in ft_settings(cfg).items() if k not in ("checkpoint_every", "resume")}}
     stats = finetune_denoiser(pipe, cfg.model.family, specs, ft_settings(cfg), plan.attn, calib=calib,
                               calib_prompts=calib_prompts, smp=smp, model_key=model_key(cfg),
-                              cache_dir=cfg.paths.cache_dir, state_key=state_key, device=device)
+                              cache_dir=cfg.paths.cache_dir, state_key=state_key, device=device,
+                              world=cfg.model.world)
     return {"name": cfg.finetune.name, **stats}
 
 

@@ -37,6 +37,7 @@ class Quantizer(nn.Module):
         self.observer = make_observer(observer, self.layout, symmetric, dynamic=self.dynamic, **observer_options)
         self.observer_name = observer
         self.learnable, self.enabled = False, True
+        self.follows = False  # weights: the scale is recomputed from the tensor at every forward (follow_weight)
         self.set_params(**{key: torch.empty(0) for key in self._calibrated_keys()})
         self._calibrating = False
         self._scalar_cache: tuple[tuple[Tensor, ...], tuple[tuple[int, int], ...], tuple[float, ...]] | None = None
@@ -74,6 +75,8 @@ class Quantizer(nn.Module):
                    else "begin_calibration(), forward, end_calibration()")
             raise CalibrationError(f"quantizer of layer {self.name or '<unnamed>'} ({self.extra_repr()}) is used "
                                    f"before calibration; fix: run {fix} or load a calibrated state_dict")
+        if self.follows:
+            return self.storable_params(v.detach())
         stored = {n: getattr(self, n) for n in calibrated}
         if self.dynamic:
             return self.observer.params(self.fmt, *self.observer.batch_range(v), given=stored)
@@ -98,6 +101,23 @@ class Quantizer(nn.Module):
                 setattr(self, key, nn.Parameter(value.detach().clone()))
             else:
                 self._buffers[key] = value.detach()
+
+    def storable_params(self, v: Tensor) -> dict[str, Tensor]:
+        """The static parameters calibrating on the grouped view ``v`` alone would store (what
+        :meth:`calibrate_weight` sets for that tensor)."""
+        params = self.fmt.params_from_tensor(v) or self.observer.params(self.fmt, *self.observer.batch_range(v))
+        params = {k: params[k] for k in self.fmt.param_names(self.symmetric)}
+        return self.fmt.storable(params, self.storage_dtype) if self.storage_dtype is not None else params
+
+    def follow_weight(self, on: bool = True) -> None:
+        """Recompute the scale from the weight at every forward, with no gradient to it (BitNet b1.58's
+        ``gamma = mean|W|`` on the latent weight), instead of using the stored one (store the final
+        scale with :meth:`calibrate_weight` before turning it off)."""
+        if on and (self.kind != "weight" or self.dynamic or self.fmt.block_size
+                   or self.fmt.param_names(self.symmetric)[0] != "scale"):
+            raise ConfigError(f"a scale that follows the weight needs a static scaled weight format; "
+                              f"{self.extra_repr()} has none")
+        self.follows = on
 
     def set_format(self, fmt: Format) -> None:
         """Use another format with the same parameters' layout (a searched FP layout, say)."""
@@ -228,7 +248,7 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [self.fmt.name, str(self.layout.granularity), "sym" if self.symmetric else "asym", self.observer_name]
-        parts += ["dynamic"] * self.dynamic + ["learnable"] * self.learnable
+        parts += ["dynamic"] * self.dynamic + ["learnable"] * self.learnable + ["follows"] * self.follows
         return " ".join(parts)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]

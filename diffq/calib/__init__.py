@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["CalibSample", "calibration_prompts", "check_selection", "load_or_capture", "training_pool", "uniform_steps"]
 
-_CACHE_VERSION = 2  # 2: pool shards hold the final latents and noise coefficients
+_CACHE_VERSION = 3  # 2: pool shards hold the final latents and noise coefficients; 3: training pools from the FP model
 
 
 def calibration_prompts(prompts: Sequence[str], prompts_file: str | None, count: int) -> list[str]:
@@ -112,7 +112,8 @@ def training_pool(pipe: Any, family: str, *, model_key: dict[str, Any], prompts:
                   steps: int, guidance: float, resolution: int, batch_size: int, call_kwargs: dict[str, Any],
                   cache_dir: str) -> Path:
     """The pool of FP trajectories over ``prompts`` (captured where missing, shared with calibration
-    selections over the same prompts); returns its folder."""
+    selections over the same prompts); returns its folder. ``pipe`` must run its FP model (a
+    quantized denoiser in :func:`~diffq.model_quant.float_mode`): the key names the FP model only."""
     base = pool_base(model_key, prompts, sample_seeds(seed, len(prompts)), steps, guidance, resolution, call_kwargs)
     folder = pool_folder(cache_dir, base, "auto", batch_size)
     capture_pool(pipe, family, prompts, sample_seeds(seed, len(prompts)), folder, hook="auto", steps=steps,

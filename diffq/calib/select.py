@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffq.cache import load_meta, load_tensors, save_tensors
+from diffq.cache import cache_lock, load_meta, load_tensors, save_tensors
 from diffq.calib.capture import CalibSample, CallRecorder, check_finite, flatten_samples, unflatten_samples
 from diffq.calib.schedule import StepRecorder
 from diffq.errors import CalibrationError, ConfigError
@@ -69,8 +69,15 @@ def capture_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: Sequence
     """Write every denoiser call of every trajectory to ``folder`` (one shard per prompt batch, with
     the batch's final latents and each step's noise coefficients, see :mod:`diffq.calib.schedule`)
     and the first batch's features at ``hook`` (``features.safetensors``)."""
+    with cache_lock(folder / "pool", "this trajectory pool"):
+        _capture_pool(pipe, family, prompts, seeds, folder, hook=hook, steps=steps, guidance=guidance,
+                      resolution=resolution, batch_size=batch_size, call_kwargs=call_kwargs)
+
+
+def _capture_pool(pipe: Any, family: str, prompts: Sequence[str], seeds: Sequence[int], folder: Path, *,
+                  hook: str, steps: int, guidance: float, resolution: int, batch_size: int,
+                  call_kwargs: dict[str, Any]) -> None:
     _, denoiser = denoiser_of(pipe)
-    folder.mkdir(parents=True, exist_ok=True)
     starts = list(range(0, len(prompts), batch_size))
     todo = [b for b, _ in enumerate(starts) if not (folder / f"batch_{b:04d}.safetensors").exists()]
     if len(todo) < len(starts):

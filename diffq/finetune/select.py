@@ -6,7 +6,9 @@ rule matches a layer when its roles (if any) contain the layer's role and one of
 
 - ``weight`` / ``bias``: the layer's FP weight (trained through the quantizer's straight-through
   estimator) and bias;
-- ``weight_scale``: the weight quantizer's scale (LSQ), or a binary format's sigma;
+- ``weight_scale``: the weight quantizer's scale, learned (LSQ) or, with ``weight_scale="follow"``,
+  recomputed from the latent weight at every forward (BitNet b1.58); a binary format's sigma is
+  always learned;
 - ``act_scale``: the input quantizer's step size (LSQ); on attention modules (matched by name)
   the q/k/v/softmax quantizers' step sizes;
 - ``lora``: a low-rank FP adapter added to the weight before quantization.
@@ -34,6 +36,7 @@ from diffq.spec import LayerSpec, Rule, parse_rules
 from diffq.tensor_quant import TensorQuant
 
 KINDS = ("weight", "bias", "weight_scale", "act_scale", "lora")
+WEIGHT_SCALE_MODES = ("learn", "follow")
 
 
 def parse_train_rules(rules: Sequence[Mapping[str, Any]], valid_roles: Sequence[str]) -> list[tuple[Rule, tuple]]:
@@ -117,6 +120,7 @@ class Selection:
     groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)
     teacher: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
     converted: list[nn.Module] = field(default_factory=list)  # FP layers wrapped to carry an adapter
+    following: list[nn.Module] = field(default_factory=list)  # layers whose weight scale follows the weight
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -159,6 +163,9 @@ class Selection:
         for m in self.model.modules():
             if is_quant_layer(m):
                 merge_adapter(m)
+                if m in self.following:  # store the scale the last forward computed
+                    m.weight_quantizer.calibrate_weight(m.latent_weight())
+                    m.weight_quantizer.follow_weight(False)
                 if m.weight_quantizer is not None and not m.frozen:
                     m.freeze(keep_original=True)
         for m in self.converted:
@@ -191,9 +198,13 @@ def _add(sel: Selection, kind: str, params: Sequence[nn.Parameter]) -> None:
 
 def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora_rank: int = 4,
                      lora_alpha: float = 4.0, seed: int = 0,
-                     teacher: dict[nn.Parameter, torch.Tensor] | None = None) -> Selection:
+                     teacher: dict[nn.Parameter, torch.Tensor] | None = None,
+                     weight_scale: str = "learn") -> Selection:
     """Set the model up to train what ``plan`` selects (see :func:`plan_selection`); all else frozen.
-    ``teacher``: the FP copies an earlier stage kept (its trained tensors' original values), shared."""
+    ``teacher``: the FP copies an earlier stage kept (its trained tensors' original values), shared;
+    ``weight_scale``: ``learn`` or ``follow`` (see the module's docstring)."""
+    if weight_scale not in WEIGHT_SCALE_MODES:
+        raise ConfigError(f"unknown finetune.weight_scale {weight_scale!r}: use one of {', '.join(WEIGHT_SCALE_MODES)}")
     model.requires_grad_(False)
     sel = Selection(model, dict(plan), teacher=teacher if teacher is not None else {})
     modules = dict(model.named_modules())
@@ -216,7 +227,12 @@ def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora
             _keep_teacher(sel, module.bias)
             _add(sel, "bias", [module.bias])
         if "weight_scale" in kinds:
-            _add(sel, "weight_scale", _learn(module.weight_quantizer))
+            q = module.weight_quantizer
+            if weight_scale == "follow" and "scale" in q.fmt.param_names(q.symmetric):
+                q.follow_weight()
+                sel.following.append(module)
+            else:
+                _add(sel, "weight_scale", _learn(q))
         if "act_scale" in kinds:
             _add(sel, "act_scale", [p for q in act_parts(module.input_quantizer) for p in _learn(q)])
         if "lora" in kinds:
@@ -239,4 +255,4 @@ def _attention_scales(attn: nn.Module) -> list[nn.Parameter]:
     return [p for q in quantizers for leaf in act_parts(q) for p in _learn(leaf)]
 
 
-__all__ = ["KINDS", "Selection", "parse_train_rules", "plan_selection", "select_trainable"]
+__all__ = ["KINDS", "WEIGHT_SCALE_MODES", "Selection", "parse_train_rules", "plan_selection", "select_trainable"]

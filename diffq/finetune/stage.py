@@ -19,9 +19,9 @@ from diffq.finetune.data import DATA_SOURCES, Pool, image_data_inputs, world_exa
 from diffq.finetune.engine import check_optim, train
 from diffq.finetune.losses import EXTRA_LOSSES, build_extra_losses
 from diffq.finetune.recipes import RECIPES, RecipeContext, Stage
-from diffq.finetune.select import select_trainable
+from diffq.finetune.select import WEIGHT_SCALE_MODES, select_trainable
 from diffq.finetune.sensitivity import activation_sensitivity
-from diffq.model_quant import partial_quant
+from diffq.model_quant import float_mode, partial_quant
 from diffq.models import Sampling, denoiser_of
 from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import LayerSpec
@@ -29,7 +29,7 @@ from diffq.tensor_quant import TensorQuant
 
 log = logging.getLogger(__name__)
 
-PROMPT_SOURCES = ("calib", "world", "file")
+PROMPT_SOURCES = ("calib", "world", "file", "auto")
 
 
 def enabled(ft: Mapping[str, Any]) -> bool:
@@ -52,6 +52,9 @@ def check_finetune(ft: Mapping[str, Any], *, load: bool, keep_fp_weights: bool, 
         raise ConfigError(f"unknown finetune.data.prompts {d['prompts']!r}: use one of {', '.join(PROMPT_SOURCES)}")
     if d["prompts"] == "file" and not d["prompts_file"]:
         raise ConfigError("finetune.data.prompts=file needs finetune.data.prompts_file")
+    if ft["weight_scale"] not in WEIGHT_SCALE_MODES:
+        raise ConfigError(f"unknown finetune.weight_scale {ft['weight_scale']!r}: use one of "
+                          f"{', '.join(WEIGHT_SCALE_MODES)}")
     if (d["source"] == "images" or d["prompts"] == "world") and world != "shapes":
         raise ConfigError("finetune.data: the world's captions and images exist for the testbed models only "
                           "(model.world=shapes); use finetune.data.prompts=calib or file and a data-free source")
@@ -80,29 +83,39 @@ def plan_stages(denoiser: nn.Module, family: str, specs: Sequence[LayerSpec], ft
     return RECIPES.get(ft["recipe"])().stages(ctx), ctx.info
 
 
-def training_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str]) -> tuple[list[str], Any]:
+def prompt_source(d: Mapping[str, Any], world: str | None) -> str:
+    """Where the training prompts come from: ``finetune.data.prompts``, with ``auto`` resolved (the
+    world's captions on a model with a world, else the prompt file when set, else the calibration prompts)."""
+    if d["prompts"] != "auto":
+        return str(d["prompts"])
+    return "world" if world == "shapes" else "file" if d["prompts_file"] else "calib"
+
+
+def training_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str], world: str | None = None
+                     ) -> tuple[list[str], Any]:
     """The prompts whose teacher trajectories make the training data (and the world's images for
     them with ``prompts=world``)."""
     d = ft["data"]
     n = int(d["num_prompts"])
-    if d["prompts"] == "world" or d["source"] == "images":
+    source = prompt_source(d, world)
+    if source == "world" or d["source"] == "images":
         return world_examples(n, int(d["seed"]))
-    source = list(calib_prompts) if d["prompts"] == "calib" else None
-    return calibration.calibration_prompts(source or [], d["prompts_file"] if source is None else None, n), None
+    given = list(calib_prompts) if source == "calib" else None
+    return calibration.calibration_prompts(given or [], d["prompts_file"] if given is None else None, n), None
 
 
 def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Mapping[str, Any],
                       attn: Mapping[str, Any], *, calib: Sequence[CalibSample], calib_prompts: Sequence[str],
                       smp: Sampling, model_key: dict[str, Any], cache_dir: str, state_key: Mapping[str, Any],
-                      device: torch.device) -> dict[str, Any]:
+                      device: torch.device, world: str | None = None) -> dict[str, Any]:
     """Train the quantized denoiser of ``pipe`` against its FP self as ``ft`` says, stage by stage
     (``calib`` feeds recipes that measure the quantized model); returns the facts for metrics.json
     (what trained, the loss curve, time, memory), the stages' summed and each one's."""
     _, denoiser = denoiser_of(pipe)
     dtype = next(denoiser.parameters()).dtype
     d = ft["data"]
-    prompts, images = training_prompts(ft, calib_prompts)
-    with torch.no_grad():
+    prompts, images = training_prompts(ft, calib_prompts, world)
+    with torch.no_grad(), float_mode(denoiser):  # the teacher's data: the FP model's own trajectories
         folder = calibration.training_pool(
             pipe, family, model_key=model_key, prompts=prompts, seed=int(d["seed"]),
             steps=int(d["steps"] or smp.steps), guidance=smp.guidance, resolution=smp.resolution,
@@ -120,7 +133,7 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
     for i, stage in enumerate(stages):
         last = i == len(stages) - 1
         sel = select_trainable(denoiser, stage.plan, int(ft["lora"]["rank"]), float(ft["lora"]["alpha"]),
-                               int(ft["seed"]), teacher=teacher)
+                               int(ft["seed"]), teacher=teacher, weight_scale=stage.settings["weight_scale"])
         total = sum(p.numel() for p in denoiser.parameters())  # learned step sizes are parameters now
         summary = sel.summary(total)
         kind_of = {id(p): kind for kind, ps in sel.groups.items() for p in ps}
