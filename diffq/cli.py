@@ -71,8 +71,8 @@ def app(cfg: DictConfig) -> list[float] | None:
 
 
 def main() -> None:
-    """Entry point of ``python -m diffq`` and the ``diffq`` console script; ``diffq report <sweep_dir>``
-    rebuilds a sweep's report instead."""
+    """Entry point of ``python -m diffq`` and the ``diffq`` console script; ``diffq report <sweep_dir> ...``
+    rebuilds (or merges) sweep reports instead (``--markdown``: the README table)."""
     if len(sys.argv) > 1 and sys.argv[1] == "report":
         sys.exit(report_main(sys.argv[2:]))
     app()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, SI, OmegaConf
 
 from diffq.tensor_quant import TensorQuant
 from diffq.testbed.assets import asset_path
@@ -156,7 +156,7 @@ class ReconConfig:
     scale_aware: bool = False  # FP4DiT: rounding variable V' = s*V with s each weight's FP step
     unit: str = "block"  # block (whole UNet blocks) | pair (BRECQ's ResNet + Transformer pairs); block/fbr modes
     batch_size: Optional[int] = None  # rows per step drawn across calibration calls (null: one call's rows)
-    seed: int = 0
+    seed: int = SI("${seed}")
 
 
 @dataclass
@@ -192,10 +192,10 @@ class FinetuneDataConfig:
     prompts_file: Optional[str] = None
     num_prompts: int = 16
     val_prompts: int = 8  # held-out prompts (and seeds) whose teacher calls give the validation loss
-    val_seed: int = 8765  # seed of the held-out trajectories (training: `seed`)
+    val_seed: int = SI("${add:8765,${seed}}")  # seed of the held-out trajectories (training: `seed`)
     steps: Optional[int] = None  # sampler steps of the trajectories (default: the model's)
     batch_size: int = 4  # prompts per sampler batch when capturing the trajectories
-    seed: int = 4321
+    seed: int = SI("${add:4321,${seed}}")
 
 
 @dataclass
@@ -276,7 +276,7 @@ class FinetuneConfig:
     resume: bool = True
     autocast: bool = True  # bfloat16 autocast of the student on CUDA
     grad_checkpointing: bool = False  # diffusers gradient checkpointing (memory for compute)
-    seed: int = 0
+    seed: int = SI("${seed}")
 
 
 @dataclass
@@ -305,7 +305,7 @@ class CalibConfig:
     num_steps: int = 4  # sampler steps kept per trajectory, evenly spaced
     steps: Optional[int] = None  # sampler steps of the calibration run (default: model.steps)
     batch_size: int = 4
-    seed: int = 1234
+    seed: int = SI("${add:1234,${seed}}")
     cache: bool = True
 
 
@@ -371,7 +371,7 @@ class EvalConfig:
     name: str = "quick"
     prompts: List[str] = field(default_factory=list)
     images_per_prompt: int = 1
-    seed: int = 0
+    seed: int = SI("${seed}")
     # psnr, ssim, lpips, fid, fid_fp, clip_score, geneval (see diffq/eval/suite.py); geneval is
     # added by itself when eval.geneval.metadata is set
     metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim"])
@@ -419,6 +419,8 @@ class DiffqConfig:
     load: Optional[str] = None  # load an exported quantized denoiser instead of quantizing
     packed: bool = False  # with load=: keep sub-byte weights packed in memory, unpacked per layer at forward
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # one knob for the run's randomness: the training, calibration, reconstruction and sampling seeds
+    # default to offsets of it (calib.seed = 1234 + seed, eval.seed = seed, ...), each settable on its own
     seed: int = 0
     log_level: str = "INFO"
 
@@ -427,6 +429,8 @@ def register_configs() -> None:
     """Register the schemas so YAML files are validated against them at compose time."""
     if not OmegaConf.has_resolver("testbed_asset"):
         OmegaConf.register_new_resolver("testbed_asset", asset_path)
+    if not OmegaConf.has_resolver("add"):  # ${add:1234,${seed}}: a seed offset from the top-level seed
+        OmegaConf.register_new_resolver("add", lambda *xs: sum(xs))
     cs = ConfigStore.instance()
     cs.store(name="diffq_schema", node=DiffqConfig)
     cs.store(group="model", name="schema", node=ModelConfig)

@@ -3,9 +3,10 @@
 Quantized weights are stored as integer codes really packed to their storage width (int8 as
 ``int8``, FP8 as ``float8`` tensors, 4-bit codes two per byte, 2-bit codes four per byte,
 1-bit codes eight per byte) next to the scales needed to decode them. Everything else
-(biases, norms, FP layers, activation-quantizer ranges) is stored as is. The JSON header holds
-the model class and config, the per-layer spec and the layout of every packed tensor, so
-:func:`load_quantized` rebuilds the quantized model without pickle and bit-exactly.
+(biases, norms, FP layers, activation-quantizer ranges, side branches' ``A`` and ``B`` in their
+dtype) is stored as is. The JSON header holds the model class and config, the per-layer spec, the
+layout of every packed tensor and each side branch's rank and scale, so :func:`load_quantized`
+rebuilds the quantized model without pickle and bit-exactly.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from diffq.errors import CheckpointError
 from diffq.formats import Format
-from diffq.layers import half_of, layer_table
+from diffq.layers import add_side_branch, half_of, layer_table, side_branches
 from diffq.model_quant import input_splits, prepare
 from diffq.quantizer import Quantizer
 from diffq.registry import Registry
@@ -190,6 +191,7 @@ def export_quantized(
         "attn": None if attn is None else json.loads(json.dumps(attn, default=str)),
         "packed": packed,
         "splits": input_splits(model),
+        "side": {n: {"rank": b.rank, "scale": b.scale} for n, b in side_branches(model).items()},
         "extra": dict(extra or {}),
     }
     folder = Path(folder)
@@ -292,6 +294,8 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, pack
         _check_matches(model, meta)
     specs = [LayerSpec.from_dict(d) for d in meta["specs"]]
     prepare(model, specs, meta["attn"], meta.get("splits", {}))
+    for name, side in meta.get("side", {}).items():  # zero branches; A and B are read below
+        add_side_branch(model.get_submodule(name), int(side["rank"]), float(side["scale"]))
     try:
         with safe_open(str(file), framework="pt") as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}

@@ -29,6 +29,7 @@ from diffq.eval.grids import image_grid
 from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
 from diffq.export import CODECS, export_quantized, load_quantized, read_metadata
+from diffq.finetune.lora import describe_side_branches
 from diffq.finetune.stage import check_finetune, finetune_denoiser, plan_stages
 from diffq.finetune.stage import enabled as finetune_enabled
 from diffq.methods import MethodContext, get_method, get_recon_mode
@@ -113,9 +114,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         with timed(timings, "finetune_s"):
             finetuned = finetune(pipe, specs, plan, cfg, calib, calib_prompts, smp, device)
     if shard.is_main:
-        (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn, finetuned))
+        (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn, finetuned) + describe_side_branches(denoiser))
         if finetuned is not None:
-            loss_plot(finetuned["loss_curve"], out_dir / "finetune_loss.png")
+            loss_plot(finetuned, out_dir / "finetune_loss.png")
     quant, counter = quantized_samples(pipe, denoiser, specs, cfg, plan, evalset, setting, smp, shard, out_dir,
                                             timings)
     if not shard.is_main:
@@ -461,9 +462,20 @@ def spec_text(specs: list[LayerSpec], attn: Mapping[str, Any], finetuned: Mappin
             if finetuned["stages"]:
                 text += (f" stage {stage['name']}: {stage['steps']} steps, lr {stage['lr']:g}, step-size lr "
                          f"{stage['act_scale_lr']:g}, {stage['params']} parameters\n")
+            text += f"  {_validation_note(stage)}\n"
             width = max(len(n) for n in stage["layers"])
             text += "".join(f"  {n.ljust(width)}  {' '.join(k)}\n" for n, k in stage["layers"].items())
     return text
+
+
+def _validation_note(stage: Mapping[str, Any]) -> str:
+    """A stage's validation in one line: the best step and loss and which state was kept."""
+    if not stage["val_curve"]:
+        return "validation: off (the last state kept)"
+    steps = {s for s, _ in stage["val_curve"]}
+    kept = "kept" if stage["keep"] == "best" else f"the last state kept, val loss {stage['val_curve'][-1][1]:.4g}"
+    return (f"validation: best val loss {stage['best_val_loss']:.4g} at step {stage['best_step']} of {stage['steps']} "
+            f"({kept}; {len(steps)} validations on {stage['val_items']} held-out items)")
 
 
 def _describe(args: Mapping[str, Any]) -> str:
@@ -497,19 +509,42 @@ def write_artifacts(cfg: DictConfig, out_dir: Path, plan: Plan, denoiser: nn.Mod
     write_metrics(out_dir, metrics)
 
 
-def loss_plot(losses: list[float], path: Path) -> None:
-    """finetune_loss.png: the finetuning loss per step (log scale)."""
+def loss_plot(finetuned: Mapping[str, Any], path: Path) -> Any:
+    """finetune_loss.png: the training loss per step (log scale; step i's loss is the model's after
+    i updates), the validation loss at its steps, each stage's kept best state (a vertical line), the
+    stage boundaries and the weights' learning rate (right axis); returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses, lw=0.8)
+    stages = finetuned["stages"] or [finetuned]
+    offsets = [sum(s["steps"] for s in stages[:i]) for i in range(len(stages))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    losses = finetuned["loss_curve"]
+    ax.plot(range(len(losses)), losses, lw=0.8, color="C0", alpha=0.8, label="training loss")
+    if finetuned["val_curve"]:
+        steps, values = zip(*finetuned["val_curve"])
+        ax.plot(steps, values, "o-", ms=3.5, lw=1.2, color="C1", label="validation loss")
+    for stage, offset in zip(stages, offsets):
+        if offset:
+            ax.axvline(offset, color="0.6", lw=0.8, ls=":")
+        if stage["keep"] == "best":
+            step = offset + stage["best_step"]
+            ax.axvline(step, color="C2", lw=1.2, ls="--", label=f"kept: step {step}")
+            ax.annotate(f"best {stage['best_val_loss']:.3g}", (step, stage["best_val_loss"]), xytext=(4, 6),
+                        textcoords="offset points", fontsize=8, color="C2")
     ax.set(xlabel="step", ylabel="loss", yscale="log", title="finetuning loss")
+    lr = ax.twinx()
+    lr.plot(range(len(finetuned["lr_curve"])), finetuned["lr_curve"], lw=0.8, color="C3", alpha=0.6,
+            label="learning rate")
+    lr.set_ylabel("learning rate", color="C3")
+    handles = [h for a in (ax, lr) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return fig
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:

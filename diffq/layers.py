@@ -17,6 +17,29 @@ from diffq.quantizer import Quantizer
 from diffq.spec import LayerSpec
 
 
+class SideBranch(nn.Module):
+    """A low-rank FP branch ``scale * B (A x)`` beside a layer of weight shape ``[out, *fan_in]``
+    (1.58-bit FLUX's LoRA kept at inference): ``A [rank, *fan_in]`` (a Conv2d's A is a convolution
+    with the layer's kernel, stride, padding and groups), ``B [out, rank]`` (1x1 for a Conv2d).
+    Both start at zero (see :func:`diffq.finetune.lora.attach_side`); rank x (fan_in + out) parameters."""
+
+    def __init__(self, weight_shape: Sequence[int], rank: int, scale: float, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        out, *fan_in = weight_shape
+        self.scale = float(scale)
+        self.A = nn.Parameter(torch.zeros(rank, *fan_in, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(out, rank, *[1] * (len(fan_in) - 1), dtype=dtype, device=device))
+
+    @property
+    def rank(self) -> int:
+        """The branch's rank."""
+        return self.A.shape[0]
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}, dtype={str(self.A.dtype).removeprefix('torch.')}"
+
+
 class QuantMixin:
     """Behaviour shared by quantized Linear and Conv2d layers."""
 
@@ -30,6 +53,7 @@ class QuantMixin:
         self.register_buffer("bos_weight", None)  # FP weight of token 0 (BOS-aware K/V projections)
         self.rounding: nn.Module | None = None  # learned rounding being trained (reconstruction)
         self.adapter: nn.Module | None = None  # low-rank FP weight update, added before quantization (finetuning)
+        self.side: SideBranch | None = None  # low-rank FP branch beside the quantized weight, kept at inference
         self.quant_enabled = True  # False: compute in floating point (FP targets during reconstruction)
         self.learned_rounding = False  # weight_fq holds a learned rounding: export it, not RTN of weight
         self.packed: nn.Module | None = None  # packed inference backend: the codes, unpacked at each forward
@@ -86,6 +110,15 @@ class QuantMixin:
             return x, self.weight
         return self._quant_input(x), self.quantized_weight()
 
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output for ``x``; with a side branch (quantized mode only) plus
+        ``scale * B (A xq)`` on the input the weight sees, in the branch's dtype."""
+        xq, w = self._operands(x)
+        y = self._base_forward(xq, w)
+        if self.side is None or not self.quant_enabled:
+            return y
+        return y + self._branch(xq.to(self.side.A.dtype)).to(y.dtype)
+
 
 class QuantLinearMixin(QuantMixin):
     """Forward of a quantized nn.Linear; with a ``bos_weight`` (MixDQ's BOS-aware K/V projection of
@@ -95,15 +128,27 @@ class QuantLinearMixin(QuantMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.bos_weight is not None and self.quant_enabled and x.dim() == 3 and x.shape[1] > 1:
             head = F.linear(x[:, :1], self.bos_weight.to(x.dtype), self.bias)
-            return torch.cat([head, F.linear(*self._operands(x[:, 1:]), self.bias)], dim=1)
-        return F.linear(*self._operands(x), self.bias)
+            return torch.cat([head, self._compute(x[:, 1:])], dim=1)  # the side branch on tokens 1.. only
+        return self._compute(x)
+
+    def _base_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, self.bias)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.side.A) * self.side.scale, self.side.B)
 
 
 class QuantConv2dMixin(QuantMixin):
     """Forward of a quantized nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return self._conv_forward(*self._operands(x), self.bias)
+        return self._compute(x)
+
+    def _base_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, w, self.bias)
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:  # A: the layer's own kernel, stride, padding, groups
+        return F.conv2d(self._conv_forward(x, self.side.A, None) * self.side.scale, self.side.B)
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,7 +182,7 @@ def dequantize_layer_(module: nn.Module) -> nn.Module:
     if not is_quant_layer(module):
         return module
     module._buffers.pop("bos_weight", None)
-    for attr in ("weight_quantizer", "input_quantizer", "adapter", "packed"):
+    for attr in ("weight_quantizer", "input_quantizer", "adapter", "side", "packed"):
         if attr in module._modules:
             del module._modules[attr]
         module.__dict__.pop(attr, None)
@@ -187,3 +232,19 @@ def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
 def layer_table(model: nn.Module) -> Mapping[str, nn.Module]:
     """Quantized layers of ``model`` by name."""
     return {name: m for name, m in model.named_modules() if is_quant_layer(m)}
+
+
+def side_branches(model: nn.Module) -> dict[str, SideBranch]:
+    """The side branches of ``model``'s layers, by layer name."""
+    return {name: m.side for name, m in model.named_modules() if is_quant_layer(m) and m.side is not None}
+
+
+def add_side_branch(module: nn.Module, rank: int, scale: float, dtype: torch.dtype | None = None) -> SideBranch:
+    """Give a Linear / Conv2d a zero side branch (an FP layer is converted, with no quantizers, to carry it)."""
+    if not is_quant_layer(module):
+        quantize_layer_(module, None, None)
+    if rank % getattr(module, "groups", 1):
+        raise ValueError(f"a side branch's rank ({rank}) must be a multiple of the convolution's groups "
+                         f"({module.groups})")
+    module.side = SideBranch(module.weight_shape, rank, scale, dtype or module.weight.dtype, module.weight.device)
+    return module.side

@@ -5,7 +5,10 @@ Weights are counted as the export stores them: codes at their packed width plus 
 their storage types (16-bit scales, uint8 zero points, E4M3 NVFP4 block factors with an fp32
 tensor scale, E8M0 MXFP4 exponents); where a format's information content is less than what is
 stored (ternary: log2(3) in 2 bits; 6-bit FP in 8), the information bits are reported beside.
-Dynamic activation scales count 16 bits each; static activation scales are free.
+Dynamic activation scales count 16 bits each; static activation scales are free. Side branches
+(LoRA kept at inference, :class:`~diffq.layers.SideBranch`) are not part of the FP model: their
+parameters count at their dtype's width in the quantized model's bits and size only, and their
+multiply-accumulates as FP operations of the quantized model.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from torch import nn
 
 from diffq.errors import CalibrationError
 from diffq.formats import IntFormat
-from diffq.layers import is_quant_layer
+from diffq.layers import is_quant_layer, iter_quantizers, side_branches
 from diffq.quantizer import Quantizer
 from diffq.spec import LayerSpec
 
@@ -56,13 +59,21 @@ parts share the format).
 def weight_bits(model: nn.Module) -> dict[str, float]:
     """Effective weight bits over the quantizable layers and the model size FP vs quantized.
 
-    Quantized layers count their format's stored bits per element including scales; every other
-    parameter (FP layers, biases, norms, embeddings) counts FP_BITS. ``information_weight_bits``
-    is added when the formats hold fewer bits of information than they store.
+    Quantized layers count their format's stored bits per element including scales (learned ones
+    too, once); every other parameter (FP layers, biases, norms, embeddings) counts FP_BITS. Side branches add their
+    parameters at their dtype's width to the quantized bits (``effective_weight_bits`` stays per
+    quantizable-layer weight, so it rises by the branches' bits / those weights) and nothing to the
+    FP model's size. ``information_weight_bits`` is added when the formats hold fewer bits of
+    information than they store.
     """
-    total_params = sum(p.numel() for p in model.parameters()) + sum(
+    side = [p for b in side_branches(model).values() for p in b.parameters()]
+    side_params = sum(p.numel() for p in side)
+    side_bits = sum(p.numel() * p.element_size() * 8 for p in side)
+    # learned scales are parameters of their quantizers, already counted by quantizer_bits (or free)
+    apart = {id(p) for p in side} | {id(p) for _, q in iter_quantizers(model) for p in q.parameters()}
+    total_params = sum(p.numel() for p in model.parameters() if id(p) not in apart) + sum(
         math.prod(m.packed.shape) for m in model.modules() if is_quant_layer(m) and m.packed is not None)
-    counts = {"stored": 0.0, "information": 0.0}
+    counts = {"stored": float(side_bits), "information": float(side_bits)}
     quant_params = layer_params = 0
     for m in model.modules():
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -88,6 +99,8 @@ def weight_bits(model: nn.Module) -> dict[str, float]:
         "size_quant_mb": q_bytes / 2**20,
         "compression": fp_bytes / max(q_bytes, 1),
         "storage_ratio_fp32": total_params * 4 / max(q_bytes, 1),  # the binarisation papers' storage ratio
+        "side_branch_params": side_params,
+        "side_branch_mb": side_bits / 8 / 2**20,
     }
     if counts["information"] < counts["stored"]:
         out["information_weight_bits"] = counts["information"] / max(layer_params, 1)
@@ -123,14 +136,22 @@ def _format_bits(tq: Any) -> float | None:
 def operations(model: nn.Module, macs: Mapping[str, int], specs: Sequence[LayerSpec]) -> dict[str, float]:
     """Operations of one denoiser call as the binarisation papers count them (BiBench, BinaryDM):
     a layer with quantized weights *and* inputs costs ``MACs * w_bits * a_bits / 64`` (BOPs / 64),
-    any other layer its MACs in floating point. ``ops_ratio`` = FP operations / these."""
-    fp = quant = 0.0
+    any other layer its MACs in floating point; a side branch adds its MACs in floating point to
+    the quantized model's (``ops_side_g``): the layer's MACs x branch parameters / weight elements,
+    since both run over the same output positions. ``ops_ratio`` = FP operations / these."""
+    sides = side_branches(model)
+    modules = dict(model.named_modules())
+    fp = quant = side = 0.0
     for s in specs:
         n = float(macs.get(s.name, 0))
         fp += n
         wb, ab = (None, None) if not s.quantized else (_format_bits(s.weight), _format_bits(s.act))
         quant += n * wb * ab / 64 if wb is not None and ab is not None else n
-    return {"ops_fp_g": fp / 1e9, "ops_quant_g": quant / 1e9, "ops_ratio": fp / quant if quant else 1.0}
+        if s.name in sides:
+            side += n * sum(p.numel() for p in sides[s.name].parameters()) / math.prod(modules[s.name].weight_shape)
+    quant += side
+    return {"ops_fp_g": fp / 1e9, "ops_quant_g": quant / 1e9, "ops_ratio": fp / quant if quant else 1.0,
+            "ops_side_g": side / 1e9}
 
 
 def resident_mb(model: nn.Module) -> float:

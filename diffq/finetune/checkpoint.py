@@ -1,6 +1,7 @@
 """Training checkpoints as one safetensors file with JSON metadata (no pickle): the trainable
-tensors, the optimiser state, the learning-rate schedule, the RNG states and the loss curve, so a
-rerun continues exactly where the last checkpoint left off."""
+tensors, the optimiser state, the learning-rate schedule, the RNG states, the loss curve, the
+validation record and the best state so far, so a rerun continues exactly where the last checkpoint
+left off."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,11 +17,15 @@ STATE_FILE = "state.safetensors"
 
 def save_checkpoint(folder: Path, *, step: int, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler: Any, generator: torch.Generator, losses: list[float], complete: bool,
+                    record: Mapping[str, Any], best: Mapping[str, Mapping[str, torch.Tensor]],
                     extra: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the training state after ``step`` steps (atomically: a crash keeps the previous one);
-    ``extra``: the extra losses' own state (e.g. fixed projections)."""
+    ``extra``: the extra losses' own state (e.g. fixed projections); ``record``: JSON-able curves
+    (validation, learning rate, best step); ``best``: the best state's ``params`` and ``extra`` tensors."""
     tensors = {f"param/{n}": p.detach() for n, p in params.items()}
     tensors.update({f"extra/{k}": v.detach() for k, v in (extra or {}).items()})
+    tensors.update({f"best/{n}": v.detach() for n, v in best["params"].items()})
+    tensors.update({f"best_extra/{k}": v.detach() for k, v in best["extra"].items()})
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
         for key, value in state.items():
@@ -30,7 +35,7 @@ def save_checkpoint(folder: Path, *, step: int, params: Mapping[str, torch.Tenso
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng/cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     meta = {"step": step, "complete": complete, "names": list(params), "param_groups": opt["param_groups"],
-            "scheduler": scheduler.state_dict(), "losses": losses}
+            "scheduler": scheduler.state_dict(), "losses": losses, "record": dict(record)}
     path = folder / STATE_FILE
     save_tensors(path, tensors, meta)
     return path
@@ -39,8 +44,8 @@ def save_checkpoint(folder: Path, *, step: int, params: Mapping[str, torch.Tenso
 def load_checkpoint(folder: Path, *, params: Mapping[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler: Any, generator: torch.Generator) -> dict[str, Any] | None:
     """Restore a state written by :func:`save_checkpoint` into the given objects; returns its
-    metadata (``step``, ``losses``, ``complete``, and ``extra``: the extra losses' tensors), or None
-    when there is none."""
+    metadata (``step``, ``losses``, ``complete``, ``record``, ``extra``: the extra losses' tensors, and
+    ``best``: the best state's ``params`` and ``extra`` tensors), or None when there is none."""
     path = folder / STATE_FILE
     if not path.exists():
         return None
@@ -65,4 +70,7 @@ def load_checkpoint(folder: Path, *, params: Mapping[str, torch.Tensor], optimiz
     generator.set_state(tensors["rng/data"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(list(tensors["rng/cuda"]))
-    return {**meta, "extra": {k.removeprefix("extra/"): v for k, v in tensors.items() if k.startswith("extra/")}}
+    def under(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+    return {**meta, "extra": under("extra/"), "best": {"params": under("best/"), "extra": under("best_extra/")}}

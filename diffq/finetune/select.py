@@ -11,7 +11,10 @@ rule matches a layer when its roles (if any) contain the layer's role and one of
   always learned;
 - ``act_scale``: the input quantizer's step size (LSQ); on attention modules (matched by name)
   the q/k/v/softmax quantizers' step sizes;
-- ``lora``: a low-rank FP adapter added to the weight before quantization.
+- ``lora``: a low-rank FP adapter, with ``lora_mode="merge"`` added to the weight before
+  quantization and merged into it by :meth:`Selection.finish`, with ``lora_mode="side"`` a branch
+  beside the quantized weight that :meth:`Selection.finish` keeps, cast to the layer's dtype
+  (see :mod:`diffq.finetune.lora`).
 
 Everything else has ``requires_grad=False``. The FP teacher is the same model in
 :func:`~diffq.model_quant.float_mode`; only tensors whose value training changes (trained weights
@@ -29,7 +32,7 @@ from torch import nn
 
 from diffq.attention import attention_modules
 from diffq.errors import ConfigError
-from diffq.finetune.lora import attach_adapter, merge_adapter
+from diffq.finetune.lora import attach_adapter, attach_side, check_lora, merge_adapter
 from diffq.layers import dequantize_layer_, is_quant_layer, iter_quantizers, quantize_layer_
 from diffq.model_quant import act_parts, float_mode
 from diffq.spec import LayerSpec, Rule, parse_rules
@@ -119,7 +122,7 @@ class Selection:
     plan: dict[str, tuple[str, ...]]
     groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)
     teacher: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
-    converted: list[nn.Module] = field(default_factory=list)  # FP layers wrapped to carry an adapter
+    converted: list[nn.Module] = field(default_factory=list)  # FP layers wrapped to carry an adapter or branch
     following: list[nn.Module] = field(default_factory=list)  # layers whose weight scale follows the weight
 
     @property
@@ -154,8 +157,9 @@ class Selection:
 
     @torch.no_grad()
     def finish(self, release_teacher: bool = True) -> None:
-        """Merge adapters, stop training, and cache the quantized weights again; the teacher's FP copies
-        are kept for a later stage with ``release_teacher=False``."""
+        """Merge adapters (side branches stay, in their layer's dtype), stop training, and cache the
+        quantized weights again; the teacher's FP copies are kept for a later stage with
+        ``release_teacher=False``."""
         for _, q in iter_quantizers(self.model):
             if q.learnable or "sigma" in q.fmt.param_names(q.symmetric):
                 q.set_params(**q.params())  # trained values rounded to what an export stores
@@ -163,13 +167,16 @@ class Selection:
         for m in self.model.modules():
             if is_quant_layer(m):
                 merge_adapter(m)
+                if m.side is not None:
+                    m.side.to(m.weight.dtype)
                 if m in self.following:  # store the scale the last forward computed
                     m.weight_quantizer.calibrate_weight(m.latent_weight())
                     m.weight_quantizer.follow_weight(False)
                 if m.weight_quantizer is not None and not m.frozen:
                     m.freeze(keep_original=True)
         for m in self.converted:
-            dequantize_layer_(m)
+            if m.side is None:  # a layer with a side branch stays wrapped (with no quantizers) to keep it
+                dequantize_layer_(m)
         if release_teacher:
             self.teacher.clear()
 
@@ -199,12 +206,15 @@ def _add(sel: Selection, kind: str, params: Sequence[nn.Parameter]) -> None:
 def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora_rank: int = 4,
                      lora_alpha: float = 4.0, seed: int = 0,
                      teacher: dict[nn.Parameter, torch.Tensor] | None = None,
-                     weight_scale: str = "learn") -> Selection:
+                     weight_scale: str = "learn", lora_mode: str = "merge") -> Selection:
     """Set the model up to train what ``plan`` selects (see :func:`plan_selection`); all else frozen.
     ``teacher``: the FP copies an earlier stage kept (its trained tensors' original values), shared;
-    ``weight_scale``: ``learn`` or ``follow`` (see the module's docstring)."""
+    ``weight_scale``: ``learn`` or ``follow``; ``lora_mode``: ``merge`` or ``side`` (see the module's docstring)."""
     if weight_scale not in WEIGHT_SCALE_MODES:
         raise ConfigError(f"unknown finetune.weight_scale {weight_scale!r}: use one of {', '.join(WEIGHT_SCALE_MODES)}")
+    check_lora({"mode": lora_mode})
+    live = {"weight", "weight_scale"} | ({"lora"} if lora_mode == "merge" else set())  # kinds that change Q(W)
+    attach = attach_side if lora_mode == "side" else attach_adapter
     model.requires_grad_(False)
     sel = Selection(model, dict(plan), teacher=teacher if teacher is not None else {})
     modules = dict(model.named_modules())
@@ -218,7 +228,7 @@ def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora
         if "lora" in kinds and not is_quant_layer(module):
             quantize_layer_(module, None, None)
             sel.converted.append(module)
-        if is_quant_layer(module) and {"weight", "weight_scale", "lora"} & set(kinds):
+        if is_quant_layer(module) and live & set(kinds):
             _make_live(sel, module)
         if "weight" in kinds:
             _keep_teacher(sel, module.weight)
@@ -236,7 +246,7 @@ def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora
         if "act_scale" in kinds:
             _add(sel, "act_scale", [p for q in act_parts(module.input_quantizer) for p in _learn(q)])
         if "lora" in kinds:
-            _add(sel, "lora", list(attach_adapter(module, lora_rank, lora_alpha, gen).parameters()))
+            _add(sel, "lora", list(attach(module, lora_rank, lora_alpha, gen).parameters()))
     return sel
 
 

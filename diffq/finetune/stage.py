@@ -1,6 +1,7 @@
-"""Finetuning as a stage of a job: check the settings early, build the data, run the recipe's stages
-(each: select what trains, train resuming from the cache, undo the training set-up) so the model
-evaluates and exports like any quantized model."""
+"""Finetuning as a stage of a job: check the settings early, build the data (training trajectories
+and held-out validation ones), run the recipe's stages (each: select what trains, train resuming from
+the cache and keep its best or last state, undo the training set-up) so the model evaluates and
+exports like any quantized model."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +17,8 @@ from diffq.cache import cache_key
 from diffq.calib import CalibSample
 from diffq.errors import ConfigError
 from diffq.finetune.data import DATA_SOURCES, Pool, image_data_inputs, world_examples
-from diffq.finetune.engine import check_optim, train
+from diffq.finetune.engine import KEEP, check_optim, eval_interval, train
+from diffq.finetune.lora import check_lora
 from diffq.finetune.losses import EXTRA_LOSSES, build_extra_losses
 from diffq.finetune.recipes import RECIPES, RecipeContext, Stage
 from diffq.finetune.select import WEIGHT_SCALE_MODES, select_trainable
@@ -68,7 +70,28 @@ def check_finetune(ft: Mapping[str, Any], *, load: bool, keep_fp_weights: bool, 
             raise ConfigError(f"finetune.extra_losses[{i}]: unknown loss {e['name']!r}; "
                               f"registered: {', '.join(EXTRA_LOSSES.names())}")
     check_optim(ft["optim"])
+    check_lora(ft["lora"])
+    check_validation(ft)
     RECIPES.get(ft["recipe"])().check(ft)
+
+
+def check_validation(ft: Mapping[str, Any]) -> None:
+    """ConfigError for validation settings that cannot work (``eval_every``, ``keep``, ``data.val_prompts``)."""
+    every, steps = ft["eval_every"], int(ft["steps"])
+    if ft["keep"] not in KEEP:
+        raise ConfigError(f"unknown finetune.keep {ft['keep']!r}: use best (the lowest validation loss) or last")
+    if every is not None and every < 0:
+        raise ConfigError(f"finetune.eval_every must be >= 0 (got {every}): 0 turns validation off, null validates "
+                          "every steps/10 steps")
+    if every is not None and every > steps:
+        raise ConfigError(f"finetune.eval_every={every} is more than finetune.steps={steps}: lower it (or null: "
+                          "every steps/10 steps)")
+    if ft["keep"] == "best" and every == 0:
+        raise ConfigError("finetune.keep=best picks the state with the lowest validation loss, but eval_every=0 "
+                          "turns validation off: set keep=last or eval_every>0")
+    if every != 0 and ft["data"]["val_prompts"] < 1:
+        raise ConfigError(f"finetune.data.val_prompts must be at least 1 while validating (got "
+                          f"{ft['data']['val_prompts']}): raise it, or set eval_every=0 and keep=last")
 
 
 def plan_stages(denoiser: nn.Module, family: str, specs: Sequence[LayerSpec], ft: Mapping[str, Any],
@@ -104,22 +127,52 @@ def training_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str], world:
     return calibration.calibration_prompts(given or [], d["prompts_file"] if given is None else None, n), None
 
 
+def validation_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str], train: Sequence[str],
+                       world: str | None = None) -> list[str]:
+    """The held-out prompts of the validation trajectories (``finetune.data.val_prompts`` of them):
+    the world's captions drawn with ``val_seed``, those that are training captions dropped (unless
+    none would be left); else the prompt list cycled on past the training prompts (a short list
+    repeats them: then only the seeds are held out)."""
+    d = ft["data"]
+    n = int(d["val_prompts"])
+    if prompt_source(d, world) == "world" or d["source"] == "images":
+        captions, _ = world_examples(n, int(d["val_seed"]))
+        seen = set(train)
+        return [c for c in captions if c not in seen] or captions
+    given = list(calib_prompts) if prompt_source(d, world) == "calib" else None
+    cycled = calibration.calibration_prompts(given or [], d["prompts_file"] if given is None else None,
+                                             int(d["num_prompts"]) + n)
+    return cycled[-n:]
+
+
 def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Mapping[str, Any],
                       attn: Mapping[str, Any], *, calib: Sequence[CalibSample], calib_prompts: Sequence[str],
                       smp: Sampling, model_key: dict[str, Any], cache_dir: str, state_key: Mapping[str, Any],
                       device: torch.device, world: str | None = None) -> dict[str, Any]:
     """Train the quantized denoiser of ``pipe`` against its FP self as ``ft`` says, stage by stage
     (``calib`` feeds recipes that measure the quantized model); returns the facts for metrics.json
-    (what trained, the loss curve, time, memory), the stages' summed and each one's."""
+    (what trained, the loss and validation curves, the best states, time, memory), the stages' summed
+    and each one's; step numbers at the top level count from the first stage's start."""
     _, denoiser = denoiser_of(pipe)
     dtype = next(denoiser.parameters()).dtype
     d = ft["data"]
     prompts, images = training_prompts(ft, calib_prompts, world)
-    with torch.no_grad(), float_mode(denoiser):  # the teacher's data: the FP model's own trajectories
-        folder = calibration.training_pool(
-            pipe, family, model_key=model_key, prompts=prompts, seed=int(d["seed"]),
-            steps=int(d["steps"] or smp.steps), guidance=smp.guidance, resolution=smp.resolution,
-            batch_size=int(d["batch_size"]), call_kwargs=smp.call_kwargs, cache_dir=cache_dir)
+    validating = eval_interval(ft["eval_every"], int(ft["steps"])) > 0
+    val_prompts = validation_prompts(ft, calib_prompts, prompts, world) if validating else []
+
+    def pool(texts: Sequence[str], seed: int) -> Path:
+        with torch.no_grad(), float_mode(denoiser):  # the teacher's data: the FP model's own trajectories
+            return calibration.training_pool(
+                pipe, family, model_key=model_key, prompts=texts, seed=seed, steps=int(d["steps"] or smp.steps),
+                guidance=smp.guidance, resolution=smp.resolution, batch_size=int(d["batch_size"]),
+                call_kwargs=smp.call_kwargs, cache_dir=cache_dir)
+
+    folder = pool(prompts, int(d["seed"]))
+    val_folder = pool(val_prompts, int(d["val_seed"])) if validating else None
+    val = Pool(val_folder) if val_folder is not None else None
+    if val is not None:
+        log.info("finetuning validation: %d held-out prompts (seed %d), %d teacher calls in %s", len(val_prompts),
+                 int(d["val_seed"]), len(val.items), val_folder)
     extra_inputs = image_data_inputs(pipe, family, images) if d["source"] == "images" else {}
     data = DATA_SOURCES.get(d["source"])(Pool(folder), **extra_inputs)
 
@@ -133,7 +186,8 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
     for i, stage in enumerate(stages):
         last = i == len(stages) - 1
         sel = select_trainable(denoiser, stage.plan, int(ft["lora"]["rank"]), float(ft["lora"]["alpha"]),
-                               int(ft["seed"]), teacher=teacher, weight_scale=stage.settings["weight_scale"])
+                               int(ft["seed"]), teacher=teacher, weight_scale=stage.settings["weight_scale"],
+                               lora_mode=ft["lora"]["mode"])
         total = sum(p.numel() for p in denoiser.parameters())  # learned step sizes are parameters now
         summary = sel.summary(total)
         kind_of = {id(p): kind for kind, ps in sel.groups.items() for p in ps}
@@ -147,11 +201,15 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
         try:
             with partial_quant(denoiser, stage.quantized, stage.acts):
                 stats = train(denoiser, sel, data, stage.settings, extra=extra, device=device, dtype=dtype,
-                              state_dir=state_dir)
+                              state_dir=state_dir, val=val)
         finally:
             for e in extra:
                 e.remove()
             sel.finish(release_teacher=last)
+        if stats["best_step"] is not None:
+            kept = "kept" if stats["keep"] == "best" else f"the last state kept: {stats['val_curve'][-1][1]:.6g}"
+            log.info("finetuning stage %s: best validation loss %.6g at step %d of %d (%s)", stage.name,
+                     stats["best_val_loss"], stats["best_step"], stats["steps"], kept)
         results.append({"name": stage.name, **summary, **stats, "lr": stage.settings["optim"]["lr"],
                         "act_scale_lr": stage.settings["optim"]["act_scale_lr"],
                         "extra_losses": stage.settings["extra_losses"]})
@@ -161,6 +219,8 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
             layers.setdefault(n, [])
             layers[n] += [k for k in kinds if k not in layers[n]]
     params = sum(n for _, n in trained.values())
+    offsets = [sum(r["steps"] for r in results[:i]) for i in range(len(results))]
+    final = results[-1]
     merged = {
         "recipe": ft["recipe"], "layers": layers, "layers_trained": len(layers), "params": params,
         "params_by_kind": {k: sum(n for kind, n in trained.values() if kind == k)
@@ -172,6 +232,14 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
         "train_state_mb": max(r["train_state_mb"] for r in results),
         "loss_start": results[0]["loss_start"], "loss_end": results[-1]["loss_end"],
         "loss_curve": [x for r in results for x in r["loss_curve"]],
+        "lr_curve": [x for r in results for x in r["lr_curve"]],
+        "val_curve": [[o + s, v] for r, o in zip(results, offsets) for s, v in r["val_curve"]],
+        "probes": [{**p, "step": o + p["step"]} for r, o in zip(results, offsets) for p in r["probes"]],
+        "best_step": None if final["best_step"] is None else offsets[-1] + final["best_step"],
+        "best_val_loss": final["best_val_loss"], "keep": final["keep"], "eval_every": final["eval_every"],
+        "val_items": final["val_items"], "val_s": round(sum(r["val_s"] for r in results), 2),
     }
     return {**merged, **info, "stages": results if len(stages) > 1 else None,
-            "data": {"source": d["source"], "prompts": len(prompts), "pool": str(folder)}, "checkpoint": str(root)}
+            "data": {"source": d["source"], "prompts": len(prompts), "pool": str(folder),
+                     "val_prompts": len(val_prompts), "val_pool": None if val_folder is None else str(val_folder)},
+            "checkpoint": str(root)}

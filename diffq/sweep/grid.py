@@ -1,8 +1,10 @@
-"""The sweep's comparison grid: FP on top, then one row per finished job, the same prompts and
-seeds in every column (every job of a sweep samples the same evaluation set)."""
+"""The sweep's comparison grid: FP on top, then one row per finished job that sampled the first
+one's evaluation set (same prompts and seeds: with a seed sweep, the jobs of the first seed), each
+labelled with its configuration."""
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,12 @@ def _image(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float().div_(255)
 
 
-def comparison_grid(sweep_dir: Path, rows: list[dict[str, Any]], path: Path, columns: int = 8) -> bool:
-    """Write ``path`` from the jobs' sample folders; False when no finished job has samples. Only
-    jobs that share the first job's FP images (same prompts and seeds) get a row."""
+def comparison_grid(rows: list[dict[str, Any]], path: Path, columns: int = 8) -> bool:
+    """Write ``path`` from the sample folders of the job rows ``rows`` (in their order); False when no
+    finished job has samples. Only jobs that share the first job's FP images get a row."""
     jobs = []
     for r in rows:
-        m_path = sweep_dir / r["job"] / "metrics.json"
+        m_path = r["_dir"] / "metrics.json"
         if r["status"] != "ok" or not m_path.exists():
             continue
         m = json.loads(m_path.read_text())
@@ -42,6 +44,6 @@ def comparison_grid(sweep_dir: Path, rows: list[dict[str, Any]], path: Path, col
         if m["samples"]["fp"] != str(fp_root):
             continue
         images.append(side(Path(m["samples"]["quant"])))
-        labels.append(f"{r['job']}: {r['quant']}"[:14])
+        labels.append("\n".join(textwrap.wrap(r["label"], 14)[:4]))  # the label column is 14 characters wide
     image_grid(images, labels, [prompts[i] for i in ids]).save(path)
     return True

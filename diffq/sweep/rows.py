@@ -1,6 +1,7 @@
-"""One summary row per job folder of a sweep: its status (ok, failed, unfinished), method, bits,
-quality metrics, cost and wall times, read from the folder's ``config.yaml``, ``metrics.json``,
-``.hydra/overrides.yaml`` and log, so a row exists for every job that started."""
+"""One row per job folder of a sweep: its status (ok, failed, unfinished), method, bits, seed,
+configuration (overrides minus seed keys), quality metrics, cost and wall times, read from the
+folder's ``config.yaml``, ``metrics.json``, ``.hydra/overrides.yaml`` and log, so a row exists for
+every job that started."""
 from __future__ import annotations
 
 import json
@@ -9,21 +10,56 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from diffq.errors import ConfigError
 from diffq.eval.geneval_stats import format_delta, format_score
+from diffq.formats import make_format
 
-COLUMNS = [
-    "job", "method", "quant", "status", "overrides", "w_bits", "a_bits", "psnr", "ssim", "lpips", "geneval",
-    "geneval_fp", "geneval_quant", "geneval_delta", "fid_fp", "fid_quant", "fid_to_fp", "clip_fp", "clip_quant",
-    "size_quant_mb", "compression", "calibration_s", "finetune_s", "sampling_quant_s", "pareto", "error",
-]
+# numeric columns: averaged over seeds with a 95% interval in the summary
+NUMERIC = ["w_bits", "a_bits", "psnr", "ssim", "lpips", "geneval", "fid_fp", "fid_quant", "fid_to_fp", "clip_fp",
+           "clip_quant", "size_quant_mb", "compression", "calibration_s", "finetune_s", "sampling_quant_s"]
+GENEVAL_TEXT = ["geneval_fp", "geneval_quant", "geneval_delta"]  # one job's GenEval scores with their errors
+COLUMNS = ["job", "label", "method", "quant", "status", "seed", "overrides", *NUMERIC, *GENEVAL_TEXT, "error"]
 # quality columns a sweep is judged on, with whether higher is better
 QUALITY = {"psnr": True, "ssim": True, "lpips": False, "geneval": True, "fid_to_fp": False, "fid_quant": False,
            "clip_quant": True}
+# overrides the W/A bits of a label already show
+BITS_KEYS = {"quant.weight.bits", "quant.act.bits", "quant.mixdq.weight_bits", "quant.mixdq.act_bits"}
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job folders of a sweep (Hydra's numbered subfolders), in job order."""
     return sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def is_seed_key(key: str) -> bool:
+    """Whether an override key only reseeds a job (``seed``, ``calib.seed``, ``finetune.data.val_seed``)."""
+    last = key.rsplit(".", 1)[-1]
+    return last == "seed" or last.endswith("_seed")
+
+
+def override_items(overrides: list[str]) -> dict[str, str]:
+    """``{key: value}`` of Hydra overrides (``+``/``~`` prefixes dropped), in their order."""
+    items = {}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        items[key.lstrip("+~")] = value
+    return items
+
+
+def bits_label(quant: dict[str, Any]) -> str:
+    """``W4A8``: the formats' bits per element (MixDQ: its target averages); a floating-point side reads 16."""
+    if quant.get("method") == "mixdq":
+        w, a = float(quant["mixdq"]["weight_bits"]), float(quant["mixdq"]["act_bits"])
+    else:
+        w, a = (element_bits(quant[side]) for side in ("weight", "act"))
+    return f"W{w:.3g}A{a:.3g}"
+
+
+def element_bits(tq: dict[str, Any]) -> float:
+    """Bits per element of a tensor's format (16 when it stays floating point)."""
+    fmt = make_format(tq["format"], tq["bits"], exp=tq.get("exp"), man=tq.get("man"),
+                      symmetric=tq.get("symmetric", True))
+    return 16.0 if fmt is None else fmt.element_bits
 
 
 def method_label(cfg: dict[str, Any]) -> str:
@@ -42,17 +78,32 @@ def method_label(cfg: dict[str, Any]) -> str:
     return "+".join(dict.fromkeys(parts))  # a recipe named like its method appears once
 
 
-def job_row(job_dir: Path) -> dict[str, Any]:
-    """Summary row of one job folder: ``ok``; ``failed`` (the error it recorded, or the last error line
-    of its log); ``unfinished`` (started, no result yet: running, interrupted or killed)."""
+def job_row(job_dir: Path, name: str | None = None) -> dict[str, Any]:
+    """Row of one job folder (``job``: ``name``, default the folder's): ``ok``; ``failed`` (the error it
+    recorded, or the last error line of its log); ``unfinished`` (started, no result yet: running,
+    interrupted or killed). Private keys: ``_config`` (the non-seed overrides, ``{key: value}``),
+    ``_bits`` (``W4A8``, "" without a readable config) and ``_dir`` (the folder); :func:`set_labels`
+    fills ``label``."""
     row: dict[str, Any] = {c: "" for c in COLUMNS}
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
-    overrides = OmegaConf.to_container(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
-    row.update(job=job_dir.name, overrides=" ".join(o.replace("\\", "") for o in overrides))
+    overrides = [o.replace("\\", "") for o in OmegaConf.to_container(OmegaConf.load(overrides_file))] \
+        if overrides_file.exists() else []
+    items = override_items(overrides)
+    seeds = {k: v for k, v in items.items() if is_seed_key(k)}
+    row.update(job=name or job_dir.name, overrides=" ".join(overrides), _dir=job_dir, _bits="",
+               _config={k: v for k, v in items.items() if not is_seed_key(k)})
     config_file = job_dir / "config.yaml"
     if config_file.exists():
         cfg = OmegaConf.to_container(OmegaConf.load(config_file))
-        row.update(method=method_label(cfg), quant=cfg.get("quant", {}).get("name", ""))
+        quant = cfg.get("quant", {})
+        row.update(method=method_label(cfg), quant=quant.get("name", ""))
+        try:
+            row["_bits"] = bits_label(quant)
+        except (ConfigError, KeyError, TypeError):  # a config from another version: no bits in the label
+            pass
+        if "seed" in cfg:
+            seeds.setdefault("seed", str(cfg["seed"]))
+    row["seed"] = " ".join(f"{k}={v}" for k, v in sorted(seeds.items()))
     path = job_dir / "metrics.json"
     if not path.exists():
         error = last_error(job_dir)
@@ -77,6 +128,29 @@ def job_row(job_dir: Path) -> dict[str, Any]:
         sampling_quant_s=t.get("sampling_quant_s", ""),
     )
     return row
+
+
+def set_labels(rows: list[dict[str, Any]]) -> None:
+    """Each row's ``label``: method, W/A bits and the non-seed overrides that vary across ``rows`` (bit
+    widths the W/A bits show left out, and the preset ``quant=`` while the labels stay distinct
+    without it); different configurations always get different labels."""
+    configs: dict[tuple, dict[str, Any]] = {}  # one row per configuration, one with a readable config first
+    for r in sorted(rows, key=lambda r: not r["_bits"]):
+        configs.setdefault(tuple(sorted(r["_config"].items())), r)
+    keys = list(dict.fromkeys(k for r in rows for k in r["_config"]))
+    varying = [k for k in keys if len({r["_config"].get(k) for r in configs.values()}) > 1]
+
+    def label(r: dict[str, Any], shown: list[str], hide_bits: bool = True) -> str:
+        parts = [r["method"], r["_bits"], *(f"{k}={r['_config'][k]}" for k in shown if k in r["_config"]
+                                             and not (hide_bits and r["_bits"] and k in BITS_KEYS))]
+        return " ".join(p for p in parts if p) or f"job {r['job']}"
+
+    for shown, hide in (([k for k in varying if k != "quant"], True), (varying, True), (keys, False)):
+        labels = {c: label(r, shown, hide) for c, r in configs.items()}
+        if len(set(labels.values())) == len(labels):
+            break
+    for r in rows:
+        r["label"] = labels[tuple(sorted(r["_config"].items()))]
 
 
 def last_error(job_dir: Path) -> str:
@@ -110,15 +184,6 @@ def geneval_columns(block: dict[str, Any]) -> dict[str, str]:
     return {"geneval_fp": format_score(block["fp"]["overall"], block["fp"]["overall_se"]),
             "geneval_quant": format_score(block["quant"]["overall"], block["quant"]["overall_se"]),
             "geneval_delta": format_delta(block["delta"])}
-
-
-def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows grouped by method (methods in order of first appearance), most bits first within a
-    method; failed and unfinished jobs last, in job order."""
-    ok = [r for r in rows if r["status"] == "ok"]
-    order = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in ok))}
-    ok.sort(key=lambda r: (order[r["method"]], -float(r["w_bits"]), -float(r["a_bits"]), int(r["job"])))
-    return ok + [r for r in rows if r["status"] != "ok"]
 
 
 def objective_values(metrics: dict[str, Any], names: list[str]) -> list[float]:
