@@ -155,6 +155,18 @@ def test_probes_are_the_quantized_weights_statistics(runs):
     assert probes[0]["zero_fraction"] != probes[-1]["zero_fraction"]  # the weights moved
 
 
+def test_ternary_probes_start_at_the_absmean_scale(compose):
+    q = OmegaConf.to_container(compose("quant=ternary_w158").quant, resolve=True)
+    pipe, calib = pipeline_and_calib("dit")
+    model = copy.deepcopy(denoiser(pipe))
+    specs = resolve_spec(quantizable_layers(model, "dit"), q["weight"], q["act"], q["rules"], ROLES)
+    rtn.apply(model, specs, calib, q, device=CPU, dtype=torch.float32)
+    sel = select_trainable(model, plan_selection(quantizable_layers(model, "dit"), specs, RULES, ROLES))
+    stats = engine.weight_stats(sel)
+    assert stats["latent_to_scale"] == pytest.approx(1.0, abs=0.01)  # BitNet's scale is mean|W|
+    assert 0.1 < stats["zero_fraction"] < 0.5  # |W| below half the scale rounds to 0
+
+
 def test_resume_with_validation_ends_bit_identical(pools, tmp_path, monkeypatch):
     train_pool, val_pool = pools
     cfg = _cfg(8, MID_LR, checkpoint_every=3)
