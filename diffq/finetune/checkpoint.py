@@ -53,6 +53,9 @@ def load_checkpoint(folder: Path, *, params: Mapping[str, torch.Tensor], optimiz
     if hit is None:
         raise CheckpointError(f"finetuning checkpoint {path} is unreadable: delete it to train from the start")
     tensors, meta = hit
+    if "record" not in meta:
+        raise CheckpointError(f"finetuning checkpoint {path} was written by an older diffq (no validation record): "
+                              "delete it to train from the start")
     if meta.get("names") != list(params):
         raise CheckpointError(f"finetuning checkpoint {path} holds other parameters than this selection trains: "
                               "delete it to train from the start")
