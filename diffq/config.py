@@ -170,7 +170,8 @@ class TrainRuleConfig:
 
 @dataclass
 class LoraConfig:
-    """Low-rank FP adapters (kind ``lora``): the layer quantizes ``W + alpha/rank * B A``."""
+    """Low-rank FP adapters (kind ``lora``): merged (the layer quantizes ``W + alpha/rank * B A``) or a
+    side branch kept at inference (``Q(W) x + alpha/rank * B A x``)."""
 
     rank: int = 4
     alpha: float = 4.0

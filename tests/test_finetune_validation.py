@@ -9,8 +9,10 @@ from omegaconf import OmegaConf
 
 from diffq import calib as calibration
 from diffq import job
-from diffq.errors import ConfigError
+from diffq.cache import save_tensors
+from diffq.errors import CheckpointError, ConfigError
 from diffq.finetune import engine
+from diffq.finetune.checkpoint import STATE_FILE, load_checkpoint
 from diffq.finetune.data import Pool, TrajectoryData, collate, world_examples
 from diffq.finetune.select import plan_selection, select_trainable
 from diffq.finetune.stage import check_finetune, finetune_denoiser, validation_prompts
@@ -288,3 +290,13 @@ def test_the_plot_draws_the_validation_curve_the_kept_step_and_the_learning_rate
     assert list(lr.get_ydata()) == stats["lr_curve"]
     last = job.loss_plot({**runs("high_last")["stats"], "stages": None}, tmp_path / "last.png")
     assert not [line for line in last.axes[0].get_lines() if line.get_label().startswith("kept")]
+
+
+def test_a_checkpoint_without_a_validation_record_is_one_clear_error(tmp_path):
+    p = torch.nn.Parameter(torch.zeros(2))
+    save_tensors(tmp_path / STATE_FILE, {"param/p": torch.ones(2)}, {"step": 3, "names": ["p"], "losses": [1.0]})
+    opt = torch.optim.Adam([p])
+    with pytest.raises(CheckpointError, match="older diffq"):
+        load_checkpoint(tmp_path, params={"p": p}, optimizer=opt,
+                        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), generator=torch.Generator())
+    assert torch.equal(p.detach(), torch.zeros(2))  # nothing was loaded
