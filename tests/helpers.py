@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 from functools import lru_cache
 
+import pytest
 import torch
 
 from diffq.calib.capture import capture_trajectories
@@ -56,3 +57,21 @@ def rel_error(ref, test) -> float:
     num = sum((a - b).pow(2).sum() for a, b in zip(ref, test))
     den = sum(a.pow(2).sum() for a in ref)
     return float((num / den).sqrt())
+
+
+def interrupt_training(monkeypatch, engine, run, folder, before_step: int) -> None:
+    """Run ``run(folder)`` with the engine's step ``before_step`` (0-based) raising KeyboardInterrupt,
+    as a killed job would, then restore the engine's step."""
+    real_step = engine.train_step
+
+    def interrupted(*args):
+        if args[-1] == before_step:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(engine, "train_step", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(folder)
+    finally:
+        monkeypatch.setattr(engine, "train_step", real_step)

@@ -19,7 +19,7 @@ from diffq.finetune.lora import attach_adapter, merge_adapter
 from diffq.finetune.select import plan_selection, select_trainable
 from diffq.layers import is_quant_layer
 from diffq.roles import ROLES, quantizable_layers
-from tests.helpers import A8, KEEP_FP, pipeline_and_calib, quantized_copy
+from tests.helpers import A8, KEEP_FP, interrupt_training, pipeline_and_calib, quantized_copy
 
 W4 = {"format": "int", "bits": 4, "granularity": "channel", "symmetric": True}
 OPTIM = {"name": "adam", "lr": 1e-4, "act_scale_lr": 1e-3, "weight_scale_lr": 1e-4, "lora_lr": 1e-3,
@@ -111,17 +111,8 @@ def test_resume_after_an_interruption_ends_bit_identical(pool, tmp_path, monkeyp
         return _snapshot(model), stats
 
     whole, whole_stats = run(tmp_path / "whole")
-    real_step = engine.train_step
-
-    def interrupted(*args):
-        if args[-1] == 6:  # after the checkpoint at step 4, before step 7
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(engine, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed")
-    monkeypatch.setattr(engine, "train_step", real_step)
+    # killed after the checkpoint at step 4, before step 7
+    interrupt_training(monkeypatch, engine, run, tmp_path / "resumed", 6)
     resumed, stats = run(tmp_path / "resumed")
     assert stats["resumed_from"] == 4
     assert stats["loss_curve"] == whole_stats["loss_curve"]

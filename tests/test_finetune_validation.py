@@ -21,7 +21,7 @@ from diffq.methods import rtn
 from diffq.models import Sampling
 from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import resolve_spec
-from tests.helpers import A8, KEEP_FP, denoiser, pipeline_and_calib
+from tests.helpers import A8, KEEP_FP, denoiser, interrupt_training, pipeline_and_calib
 
 W4 = {"format": "int", "bits": 4, "granularity": "channel", "symmetric": True}
 CPU = torch.device("cpu")
@@ -181,17 +181,8 @@ def test_resume_with_validation_ends_bit_identical(pools, tmp_path, monkeypatch)
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, stats
 
     whole, whole_stats = run(tmp_path / "whole")
-    real_step = engine.train_step
-
-    def interrupted(*args):
-        if args[-1] == 4:  # after the checkpoint at step 3 (validated at 0 and 2), before step 5
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(engine, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed")
-    monkeypatch.setattr(engine, "train_step", real_step)
+    # killed after the checkpoint at step 3 (validated at 0 and 2), before step 5
+    interrupt_training(monkeypatch, engine, run, tmp_path / "resumed", 4)
     resumed, stats = run(tmp_path / "resumed")
     assert stats["resumed_from"] == 3 and whole_stats["best_step"] not in (None, 8)
     for key in ("loss_curve", "val_curve", "probes", "lr_curve", "best_step", "best_val_loss"):
