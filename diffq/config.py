@@ -245,8 +245,8 @@ class QuestConfig:
 class BinaryDMTrainConfig:
     """BinaryDM's progressive initialisation (``finetune.recipe: binarydm``)."""
 
-    progressive: bool = True  # binarise group by group from the middle outwards, then turn the activations on
-    progressive_steps: int = 5  # steps per group (the code's warm-up)
+    progressive: bool = True  # binarise group by group from the middle outwards (inputs quantized with their layer)
+    progressive_steps: int = 1  # steps per group (the released code: one training step per group)
 
 
 @dataclass

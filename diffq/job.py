@@ -45,6 +45,7 @@ from diffq.models import (
 )
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table, validate_quant_args
 from diffq.testbed.prompts import evaluation_metadata
+from diffq.timestep_groups import MIN_CALLS_PER_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ def check_config(cfg: DictConfig) -> None:
     get_method(q.method)
     check_recon(cfg)
     calibration.check_selection(cfg.calib.selection)
+    check_timestep_coverage(cfg)
     check_attn(q.attn)
     check_eval(cfg.eval)
     check_finetune(ft_settings(cfg), load=bool(cfg.load), keep_fp_weights=q.keep_fp_weights, world=cfg.model.world)
@@ -166,6 +168,20 @@ def check_config(cfg: DictConfig) -> None:
         CODECS.get(cfg.export_codec)
     if cfg.packed and not cfg.load:
         raise ConfigError("packed=true keeps a loaded export's weights packed: add load=<exported model folder>")
+
+
+def check_timestep_coverage(cfg: DictConfig) -> None:
+    """ConfigError when ``calib=uniform`` keeps too few steps for ``quant.act``'s timestep groups: each
+    group calibrated on its own needs MIN_CALLS_PER_GROUP distinct steps, shared groups one each."""
+    act, calib = cfg.quant.act, cfg.calib
+    groups = int(act.timestep_groups)
+    if groups < 2 or calib.selection != "uniform":
+        return
+    need = groups * (1 if act.timestep_init == "shared" else MIN_CALLS_PER_GROUP)
+    if int(calib.num_steps) < need:
+        raise ConfigError(f"quant.act.timestep_groups={groups} (timestep_init={act.timestep_init}) needs calibration "
+                          f"calls at {need} or more sampler steps, but calib.num_steps={calib.num_steps}; fix: set "
+                          f"calib.num_steps={need} (at most the sampler's steps) or lower timestep_groups")
 
 
 def check_recon(cfg: DictConfig) -> None:

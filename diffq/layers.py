@@ -51,7 +51,7 @@ class QuantMixin:
         self.input_quantizer = input_q
         self.register_buffer("weight_fq", None, persistent=False)
         self.register_buffer("bos_weight", None)  # FP weight of token 0 (BOS-aware K/V projections)
-        self.rounding: nn.Module | None = None  # learned rounding being trained (reconstruction)
+        self.rounding: nn.Module | None = None  # learned rounding being trained (reconstruction) or held (finetuning)
         self.adapter: nn.Module | None = None  # low-rank FP weight update, added before quantization (finetuning)
         self.side: SideBranch | None = None  # low-rank FP branch beside the quantized weight, kept at inference
         self.quant_enabled = True  # False: compute in floating point (FP targets during reconstruction)
@@ -79,7 +79,7 @@ class QuantMixin:
         if self.packed is not None:
             return self.packed(self.weight_quantizer)
         if self.rounding is not None:
-            return self.rounding(self.weight)
+            return self.rounding(self.latent_weight())
         if self.weight_fq is not None:
             return self.weight_fq
         if self.weight_quantizer is not None:

@@ -1,7 +1,8 @@
 """Where each layer of a denoiser sits: its UNet resolution level, or its transformer block.
 
 BinaryDM gives high-resolution layers two sign bases and binarises the model progressively from
-the middle outwards; both need the layers grouped by position:
+the middle outwards (the middle block, then level by level from the lowest); both need the layers
+grouped by position:
 
 - UNets (``down_blocks`` / ``mid_block`` / ``up_blocks``): level ``i`` of ``down_blocks.i`` works at
   ``1 / 2**i`` of the input resolution (its downsampler reads level ``i`` too), ``up_blocks.j`` at
@@ -77,11 +78,14 @@ def high_resolution_layers(model: nn.Module, min_resolution: float = 0.5, edge_b
 
 
 def middle_out_groups(model: nn.Module) -> list[list[str]]:
-    """The quantizable layers in groups from the middle of the network outwards (UNet: the lowest
-    resolution level first; transformer: the middle blocks first); layers outside the blocks join
-    the last (outermost) group."""
+    """The quantizable layers in groups from the middle of the network outwards (UNet: the middle
+    block, then each resolution level's down and up blocks from the lowest, as BinaryDM's code groups
+    its UNet; transformer: the middle blocks first); layers outside the blocks join the last
+    (outermost) group."""
     if is_unet(model):
-        depth = {n: None if lv is None else len(model.down_blocks) - 1 - lv for n, lv in unet_levels(model).items()}
+        lowest = len(model.down_blocks) - 1
+        depth = {n: None if lv is None else 0 if n.startswith("mid_block.") else lowest - lv + 1
+                 for n, lv in unet_levels(model).items()}
     else:
         pos = block_positions(model)
         edge = {n: None if p is None else min(p[0], p[1] - 1 - p[0]) for n, p in pos.items()}

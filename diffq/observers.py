@@ -146,6 +146,19 @@ class TWN(AbsMean):
         return (a * kept).sum(1) / kept.sum(1).clamp_min(1)
 
 
+class LSQ(AbsMean):
+    """LSQ's step-size initialisation ``2 * mean|x| / sqrt(Qp)``, ``Qp`` the format's largest level
+    (7 for int4, 127 for int8), as BinaryDM's activation quantizer (``_ActQ``) sets its step; symmetric
+    only. Static: ``mean|x|`` of each calibration batch (one denoiser call), averaged over the batches,
+    so the step is the mean of the steps the batches give one by one (the released ``_ActQ`` re-sets
+    its step from every batch it sees, its ``init_scale`` flag never being set, so there is no single
+    first-batch value to copy). Dynamic (``dynamic: true``): each call's own step, with no gradient
+    through the statistic (the released code copies it into the step's ``.data``)."""
+
+    def params(self, fmt: Format, lo: Tensor, hi: Tensor, given: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        return {"scale": (2.0 * hi.detach() / math.sqrt(fmt.maxval)).clamp_min(EPS)}
+
+
 class MSE(Observer):
     """Min-max range, then per kept group the ``alpha`` in [0.1, 1.2] (and 1.0) of it minimising the
     fake-quant squared error on the observed data (weights: the tensor; activations: a uniform
@@ -196,6 +209,7 @@ OBSERVERS.register("mse")(MSE)
 OBSERVERS.register("absmean")(AbsMean)
 OBSERVERS.register("absmedian")(AbsMedian)
 OBSERVERS.register("twn")(TWN)
+OBSERVERS.register("lsq")(LSQ)
 
 
 def make_observer(name: str, layout: Layout, symmetric: bool, dynamic: bool = False, **options: object) -> Observer:

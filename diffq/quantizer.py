@@ -19,7 +19,7 @@ __all__ = ["Quantizer"]
 
 class Quantizer(nn.Module):
     """Fake-quantizer of one tensor: ``format`` x ``granularity`` (tensor, channel, token, group:g,
-    block) x ``observer`` (minmax, percentile, mse, absmean, absmedian; ``percentile`` and
+    block) x ``observer`` (minmax, percentile, mse, absmean, absmedian, twn, lsq; ``percentile`` and
     ``momentum`` are observer options). Token, group and block activation quantizers are dynamic.
     """
 
@@ -49,6 +49,11 @@ class Quantizer(nn.Module):
     def granularity(self) -> str:
         """Granularity kind: tensor, channel, token, group or block."""
         return self.layout.granularity.kind
+
+    @property
+    def calibrating(self) -> bool:
+        """True between :meth:`begin_calibration` and :meth:`end_calibration`."""
+        return self._calibrating
 
     @property
     def needs_calibration(self) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 
 from diffq.errors import ConfigError
 from diffq.layout import Granularity, Layout
+from diffq.observers import make_observer
 from diffq.tensor_quant import TensorQuant
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,10 @@ def check_tensor(tq: TensorQuant, kind: str, size: int, where: str) -> None:
         fmt = tq.build_format()
         gran = Granularity.parse(tq.granularity)
         if fmt is not None:
-            Layout(kind, gran)  # the quantizer's own checks of kind and granularity
+            layout = Layout(kind, gran)  # the quantizer's own checks of kind, granularity and observer
             fmt.check_usage(kind=kind, granularity=gran.kind, symmetric=tq.symmetric, observer=tq.observer)
+            dynamic = tq.dynamic or (kind == "act" and gran.kind in ("token", "group", "block"))
+            make_observer(tq.observer, layout, tq.symmetric, dynamic, percentile=tq.percentile, momentum=tq.momentum)
             tq.check_timestep_groups(kind)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None

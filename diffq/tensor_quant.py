@@ -18,7 +18,7 @@ from torch import nn
 from diffq.errors import ConfigError
 from diffq.formats import Format, IntFormat, make_format
 from diffq.quantizer import Quantizer
-from diffq.timestep_groups import TimestepGroupedQuantizer
+from diffq.timestep_groups import TIMESTEP_INITS, TimestepGroupedQuantizer
 
 __all__ = ["TensorQuant"]
 
@@ -33,7 +33,7 @@ class TensorQuant:
     man: Optional[int] = None  # fp mantissa bits
     granularity: str = "tensor"  # tensor | channel | token | group:<g> | block
     symmetric: bool = True
-    observer: str = "minmax"  # minmax | percentile | mse | absmean | absmedian | twn
+    observer: str = "minmax"  # minmax | percentile | mse | absmean | absmedian | twn | lsq (2 mean|x| / sqrt(Qp))
     percentile: float = 99.99  # percentile observer
     momentum: Optional[float] = None  # minmax observer: EMA across calibration batches (None: global)
     dynamic: bool = False  # compute the range at run time from the tensor itself
@@ -41,6 +41,10 @@ class TensorQuant:
     # static activations: one calibrated range per group of sampler steps, switched by the denoiser's
     # timestep (QuEST's code; diffq/timestep_groups.py); 1 = one range for all steps
     timestep_groups: int = 1
+    # how the groups start: own (each calibrated on its own steps' calibration calls, at least
+    # MIN_CALLS_PER_GROUP distinct timesteps each) | shared (all from one calibration over every call,
+    # separated by training: QuEST's code, with one group per calibration timestep)
+    timestep_init: str = "own"
 
     @staticmethod
     def check_partial(values: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
@@ -90,12 +94,15 @@ class TensorQuant:
 
         if self.timestep_groups == 1:
             return one(name)
-        return TimestepGroupedQuantizer([one(f"{name}@t{g}") for g in range(self.timestep_groups)])
+        parts = [one(f"{name}@t{g}") for g in range(self.timestep_groups)]
+        return TimestepGroupedQuantizer(parts, shared_init=self.timestep_init == "shared")
 
     def check_timestep_groups(self, kind: str) -> None:
         """ConfigError unless ``timestep_groups`` is 1, or > 1 on a static activation quantizer."""
         if self.timestep_groups < 1:
             raise ConfigError(f"timestep_groups must be at least 1 (got {self.timestep_groups})")
+        if self.timestep_init not in TIMESTEP_INITS:
+            raise ConfigError(f"unknown timestep_init {self.timestep_init!r}: use one of {', '.join(TIMESTEP_INITS)}")
         if self.timestep_groups == 1:
             return
         dynamic = self.dynamic or self.granularity.split(":")[0] in ("token", "group", "block")
@@ -111,7 +118,8 @@ class TensorQuant:
             return "float"
         sym = ("/sym" if self.symmetric else "/asym") if isinstance(fmt, IntFormat) else ""
         dyn = "/dyn" if self.dynamic else ""
-        groups = f"/t{self.timestep_groups}" if self.timestep_groups > 1 else ""
+        shared = "s" if self.timestep_init == "shared" else ""
+        groups = f"/t{self.timestep_groups}{shared}" if self.timestep_groups > 1 else ""
         return f"{fmt.name}/{self.granularity}{sym}{dyn}{groups}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,12 @@ group's parameters. The boundaries are set from the calibration set's timesteps
 (:func:`set_boundaries`: its distinct timesteps, in sampling order, split into ``G`` contiguous
 groups of equal count, a boundary halfway between neighbouring groups) and are buffers, so an
 export carries them and a reloaded model switches groups exactly as the quantized one did.
+
+Two ways to start the groups (``timestep_init``): ``own`` calibrates each group on its own steps'
+calls and needs :data:`MIN_CALLS_PER_GROUP` distinct timesteps in each (one step's range is a poor
+range for the neighbouring steps the group also covers); ``shared`` (QuEST's code) gives every group
+the range of the whole calibration set, so the groups differ only once training has separated them,
+and is meant for one group per calibration timestep (``calib.num_steps`` = the sampler's steps).
 """
 from __future__ import annotations
 
@@ -26,8 +32,13 @@ from torch import nn
 from diffq.errors import CalibrationError
 from diffq.quantizer import Quantizer
 
-__all__ = ["TimestepGroupedQuantizer", "TimestepRouter", "grouped_quantizers", "install_router", "router_of",
+__all__ = ["MIN_CALLS_PER_GROUP", "TIMESTEP_INITS", "TimestepGroupedQuantizer", "TimestepRouter", "grouped_quantizers",
+           "install_router", "router_of",
            "set_boundaries", "call_timesteps"]
+
+
+TIMESTEP_INITS = ("own", "shared")
+MIN_CALLS_PER_GROUP = 2  # distinct calibration timesteps each group needs with timestep_init=own
 
 
 class TimestepGroupedQuantizer(nn.Module):
@@ -36,9 +47,10 @@ class TimestepGroupedQuantizer(nn.Module):
 
     kind = "act"
 
-    def __init__(self, parts: Sequence[Quantizer]) -> None:
+    def __init__(self, parts: Sequence[Quantizer], shared_init: bool = False) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
+        self.shared_init = shared_init  # calibration: every group observes every call
         self.register_buffer("boundaries", torch.empty(0))
         self.timesteps: torch.Tensor | None = None  # per-row timesteps of the current call (set by the router)
 
@@ -70,6 +82,10 @@ class TimestepGroupedQuantizer(nn.Module):
         if self.timesteps is None:
             raise CalibrationError(f"{self.parts[0].name or 'a timestep-grouped quantizer'} ran outside a denoiser "
                                    "call: its group comes from the denoiser's timestep (install_router(denoiser))")
+        if self.shared_init and self.parts[0].calibrating:
+            for part in self.parts:
+                part(x)
+            return x
         index = self.group_of(self.timesteps)
         groups = index.unique()
         if groups.numel() == 1:
@@ -161,6 +177,13 @@ def set_boundaries(model: nn.Module, timesteps: Iterator[torch.Tensor] | Sequenc
                                    f"calibration set has {len(values)}; fix: raise calib.num_steps (or "
                                    "calib.num_samples) to at least the number of groups, or lower timestep_groups")
         chunks = np.array_split(values, g)
+        own = [q for q in quantizers if q.groups == g and not q.shared_init]
+        if own and min(len(c) for c in chunks) < MIN_CALLS_PER_GROUP:
+            raise CalibrationError(f"{g} timestep groups calibrated on their own steps need {MIN_CALLS_PER_GROUP} or "
+                                   f"more distinct calibration timesteps each, but the calibration set has "
+                                   f"{len(values)} in all; fix: raise calib.num_steps to at least "
+                                   f"{MIN_CALLS_PER_GROUP * g}, or start every group from one calibration "
+                                   "(quant.act.timestep_init=shared)")
         bounds = torch.tensor([(a[-1] + b[0]) / 2 for a, b in zip(chunks[:-1], chunks[1:])], dtype=torch.float32)
         for q in quantizers:
             if q.groups == g:

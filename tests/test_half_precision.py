@@ -57,7 +57,8 @@ def test_methods_run_in_bfloat16(family, method, formats, recon):
 def test_timestep_groups_and_binarydm_run_in_bfloat16():
     fp, model, calib = _bf16("sd")
     grouped = ({"format": "int", "bits": 8, "granularity": "channel"},
-               {"format": "int", "bits": 8, "symmetric": False, "timestep_groups": 2})
+               {"format": "int", "bits": 8, "symmetric": False, "timestep_groups": 2,
+                "timestep_init": "shared"})
     specs = resolve_spec(quantizable_layers(model, "sd"), *grouped, KEEP_FP, ROLES)
     get_method("rtn")(model, specs, calib, {}, device=CPU, dtype=BF16)
     assert reconstruct(model, calib, QUICK, "block", device=CPU, dtype=BF16)["recon_units"] > 0

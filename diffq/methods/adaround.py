@@ -22,6 +22,16 @@ from diffq.quantizer import Quantizer
 ZETA, GAMMA = 1.1, -0.1
 
 
+def clamp_grid(fmt: IntFormat | FPFormat, grid: Tensor, params: dict[str, Tensor]) -> Tensor:
+    """Grid values (in units of the scale) clamped to what ``fmt`` represents (with its zero point)."""
+    if isinstance(fmt, IntFormat):
+        zero = params.get("zero_point")
+        q = grid if zero is None else grid + zero
+        q = q.clamp(fmt.qmin, fmt.qmax)
+        return q if zero is None else q - zero
+    return grid.clamp(-fmt.maxval, fmt.maxval)
+
+
 class AdaRound(nn.Module):
     """Learnable rounding of one weight tensor under a calibrated (static) weight quantizer."""
 
@@ -64,15 +74,8 @@ class AdaRound(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
     def _dequant(self, grid: Tensor) -> Tensor:
-        fmt, params = self.quantizer.fmt, self.params
-        if isinstance(fmt, IntFormat):
-            zero = params.get("zero_point")
-            q = grid if zero is None else grid + zero
-            q = q.clamp(fmt.qmin, fmt.qmax)
-            q = q if zero is None else q - zero
-        else:
-            q = grid.clamp(-fmt.maxval, fmt.maxval)
-        return self.quantizer.unview(q * params["scale"], self.shape)
+        return self.quantizer.unview(clamp_grid(self.quantizer.fmt, grid, self.params) * self.params["scale"],
+                                     self.shape)
 
     def forward(self, weight: Tensor | None = None) -> Tensor:
         """The soft-rounded fake-quant weight (``weight`` is ignored: the grid neighbours are fixed)."""
@@ -82,6 +85,40 @@ class AdaRound(nn.Module):
     def hard(self) -> Tensor:
         """The final weight: up where ``V >= 0``, else down; every value on the grid."""
         return self._dequant(self.down + (self.logits() >= 0).float() * self.step)
+
+
+class HeldRounding(nn.Module):
+    """A learned rounding kept while the FP weight trains again (QuEST's code: the latent weight with
+    the AdaRound bit frozen): ``Q(W) = s * clamp(down(W/s) + b * (up - down))`` with ``b`` each weight's
+    learned up/down bit, straight-through to ``W`` and to the quantizer's parameters. At the weight it
+    was learned on it gives the learned rounding exactly; once ``W`` moves past a grid point its code
+    moves with it (``down`` changes, ``b`` stays), so finetuning after a reconstruction can change codes."""
+
+    def __init__(self, quantizer: Quantizer, weight: Tensor, rounded: Tensor) -> None:
+        super().__init__()
+        if not isinstance(quantizer.fmt, (IntFormat, FPFormat)) or quantizer.dynamic:
+            raise ConfigError(f"a held rounding needs a static int or fp weight quantizer, not "
+                              f"{quantizer.extra_repr()}")
+        self.quantizer = quantizer
+        with torch.no_grad():
+            params = quantizer.qparams(quantizer.view(weight))
+            down, up = quantizer.fmt.grid_neighbors(quantizer.view(weight) * (1.0 / params["scale"]))
+            grid = quantizer.view(rounded) * (1.0 / params["scale"])
+            step = up - down
+            bit = torch.where(step > 0, (grid - down) / step.clamp_min(1e-12), torch.zeros_like(step))
+        self.register_buffer("bit", bit.round().clamp(0, 1))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """The held-rounding fake-quant weight of ``weight`` (gradient: straight-through)."""
+        q = self.quantizer
+        v = q.view(weight)
+        params = q.qparams(v)
+        y = v * (1.0 / params["scale"])  # as AdaRound divides: the same neighbours at the same weight
+        down, up = q.fmt.grid_neighbors(y.detach())
+        target = down + self.bit * (up - down)
+        grid = clamp_grid(q.fmt, target, params)
+        y = grid + (y - y.detach()) * (grid == target)  # value: the grid; gradient: identity inside its range
+        return q.unview(y * params["scale"], tuple(weight.shape)).to(weight.dtype)
 
 
 def beta_schedule(step: int, total: int, warmup: float, start: float, end: float) -> float | None:

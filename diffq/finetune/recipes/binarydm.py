@@ -1,13 +1,16 @@
 """BinaryDM's training: progressive initialisation, then QAT of the whole binarised model.
 
-With ``finetune.binarydm.progressive``, the quantizable layers are grouped from the middle of the
-network outwards (:func:`diffq.levels.middle_out_groups`: the UNet's lowest-resolution level first,
-a transformer's middle blocks first); stage ``k`` binarises groups ``0..k`` (the rest compute in
-floating point, activations too) and trains what ``finetune.train`` selects in them for
-``progressive_steps`` steps; the last stage turns every quantizer on (activations included) and
-trains the whole selection for the remaining steps. Without it: one stage, as ``plain``. The loss
-is the engine's (distillation and/or the diffusion loss on images) plus ``finetune.extra_losses``
-(BinaryDM's LRM: ``{name: lrm, weight: 1e-4, names: <blocks>}``).
+With ``finetune.binarydm.progressive`` (as the released code's ``on_train_batch_start`` does it), the
+quantizable layers are grouped from the middle of the network outwards
+(:func:`diffq.levels.middle_out_groups`: a UNet's middle block, then its resolution levels from the
+lowest; a transformer's middle blocks first); stage ``k`` binarises groups ``0..k``, their inputs
+quantized with them and the other layers computing in floating point, for ``progressive_steps``
+(1, the code's) steps. Every stage trains the whole ``finetune.train`` selection (the code's
+optimiser holds every parameter from its first step); the progressive stages are not validated
+(an initialisation: keeping a best state would undo it), the last stage turns every quantizer on and
+trains for the remaining steps, validated as ``finetune.keep`` says. Without it: one stage, as
+``plain``. The loss is the engine's (the code's: the diffusion loss on the model's data,
+``data_weight``) plus ``finetune.extra_losses`` (LRM: ``{name: lrm, weight: 1e-4, names: <blocks>}``).
 """
 from __future__ import annotations
 
@@ -26,11 +29,13 @@ class BinaryDM(Recipe):
 
     def check(self, ft: Mapping[str, Any]) -> None:  # noqa: D102
         if ft["binarydm"]["progressive"] and ft["binarydm"]["progressive_steps"] < 1:
-            raise ConfigError("finetune.binarydm.progressive_steps must be at least 1 (or progressive=false)")
+            raise ConfigError(f"finetune.binarydm.progressive_steps must be at least 1 (got "
+                              f"{ft['binarydm']['progressive_steps']}; the code's is 1), or set progressive=false")
 
     def stages(self, ctx: RecipeContext) -> list[Stage]:  # noqa: D102
         ft = ctx.ft
-        plan = plan_selection(ctx.layers, ctx.specs, ft["train"], ROLES, ctx.attn_names, ctx.attn_static)
+        plan = plan_selection(ctx.layers, ctx.specs, ft["train"], ROLES, ctx.attn_names, ctx.attn_static,
+                              model=ctx.model)
         if not ft["binarydm"]["progressive"]:
             return [Stage("qat", plan, dict(ft))]
         quantized = {s.name for s in ctx.specs if s.quantized}
@@ -41,11 +46,11 @@ class BinaryDM(Recipe):
         if rest < 1:
             raise ConfigError(f"finetune.steps={ft['steps']} leaves no steps after the progressive initialisation "
                               f"({len(groups)} groups x {per} steps): raise finetune.steps")
-        stages, on = [], []
+        init = {**ft, "steps": per, "eval_every": 0, "keep": "last"}
+        on: list[str] = []
+        stages = []
         for k, group in enumerate(groups):
             on = on + group
-            sub = {n: kinds for n, kinds in plan.items() if n in on}
-            if sub:
-                stages.append(Stage(f"progressive{k}", sub, {**ft, "steps": per}, quantized=list(on), acts=False))
+            stages.append(Stage(f"progressive{k}", plan, init, quantized=list(on)))
         stages.append(Stage("qat", plan, {**ft, "steps": rest}))
         return stages

@@ -11,5 +11,6 @@ class Plain(Recipe):
     """``finetune.train`` for ``finetune.steps`` steps with ``finetune.optim``."""
 
     def stages(self, ctx: RecipeContext) -> list[Stage]:  # noqa: D102
-        plan = plan_selection(ctx.layers, ctx.specs, ctx.ft["train"], ROLES, ctx.attn_names, ctx.attn_static)
+        plan = plan_selection(ctx.layers, ctx.specs, ctx.ft["train"], ROLES, ctx.attn_names, ctx.attn_static,
+                              model=ctx.model)
         return [Stage(ctx.ft["name"], plan, dict(ctx.ft))]

@@ -15,8 +15,11 @@ Stages (``finetune.quest.select``):
 The sensitive layers are the released choice (``quest.sensitive_roles``: the FFN for SD) or, with
 ``quest.sensitive=measured``, the ``quest.fraction`` of the candidate layers whose output SQNR drops
 most when only their input is quantized (:mod:`diffq.finetune.sensitivity`, widths
-``quest.sweep_bits``). Loss in every stage: ``layer_weight * (L_TLA + L_CMA) + distill_weight * L_G``
-(the paper's 1, 1, 2), each an MSE to the FP model: the selected layers' outputs, the denoiser's.
+``quest.sweep_bits``). Loss: ``layer_weight * L_stage + distill_weight * L_G`` (the paper's 1 and 2),
+each an MSE to the FP model: the stage's own layers' outputs (TLA: the temporal layers, CMA: the sensitive ones, as the
+released code hooks ``emb_layer`` in one and ``ff.net`` in the other), the denoiser's. The steps
+split as the code's epochs do (``quest.tla_fraction``, 0.89). A learned rounding from the PTQ start is
+held while the weights train (:class:`~diffq.methods.adaround.HeldRounding`), so codes can move.
 Weight quantizers (scales) and zero points stay frozen: ``weight_scale`` is never selected and
 LSQ trains the activation scale only.
 """
@@ -66,20 +69,23 @@ class Quest(Recipe):
         sensitive = self._sensitive(ctx)
         runs_tla, runs_cma = q["select"] != "sensitive", q["select"] != "temporal"
         cma_layers = {} if q["select"] == "all" else sensitive  # {}: every layer
-        trained = [temporal] * runs_tla + [cma_layers] * runs_cma
-        layer_loss = [{"name": "layer_mse", "weight": q["layer_weight"], **sel} for sel in trained
-                      if q["layer_weight"]]
+
+        def layer_loss(layers: Mapping[str, Any]) -> list[dict[str, Any]]:  # a stage's loss is over its own layers
+            return [{"name": "layer_mse", "weight": q["layer_weight"], **layers}] if q["layer_weight"] else []
+
         steps = int(ft["steps"])
         tla_steps = round(steps * q["tla_fraction"]) if runs_tla and runs_cma else steps * runs_tla
         stages = []
         if runs_tla:
             plan = self._plan(ctx, [{**temporal, "kinds": TRAIN}], "temporal")
             optim = {**ft["optim"], "act_scale_lr": q["tla_act_scale_lr"]}
-            stages.append(Stage("tla", plan, {**ft, "steps": tla_steps, "optim": optim, "extra_losses": layer_loss}))
+            stages.append(Stage("tla", plan, {**ft, "steps": tla_steps, "optim": optim,
+                                              "extra_losses": layer_loss(temporal)}))
         if runs_cma:
             rules = [{"names": ["*"], "kinds": ["act_scale"]}, {**cma_layers, "kinds": TRAIN}]
             plan = self._plan(ctx, rules, "sensitive")
-            stages.append(Stage("cma", plan, {**ft, "steps": steps - tla_steps, "extra_losses": layer_loss}))
+            cma = {**ft, "steps": steps - tla_steps, "extra_losses": layer_loss(cma_layers)}
+            stages.append(Stage("cma", plan, cma))
         if any(s.settings["steps"] < 1 for s in stages):
             raise ConfigError(f"finetune.steps={steps} leaves a QuEST stage without steps: raise finetune.steps or "
                               "change finetune.quest.tla_fraction")
