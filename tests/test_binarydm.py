@@ -154,7 +154,7 @@ def test_job_trains_binarydm_reports_cost_and_reloads_bit_exactly(compose, tmp_p
 def test_naive_baseline_is_one_basis_everywhere_with_the_same_training(compose):
     cfg = compose("quant=binary_naive_w1a4")
     assert cfg.quant.method == "rtn" and cfg.quant.weight.bits == 1 and cfg.finetune.recipe == "plain"
-    assert cfg.quant.act.observer == "minmax"  # the released code has no baseline; BinaryDM's start is lsq
+    assert cfg.quant.act.observer == compose("quant=binarydm_w1a4").quant.act.observer == "lsq"  # the same start
     dm = compose("quant=binarydm_w1a4").finetune
     for key in ("steps", "batch_size", "train", "data", "optim", "distill_weight", "data_weight"):
         assert cfg.finetune[key] == dm[key], key  # the same data, budget, optimiser and trained parameters

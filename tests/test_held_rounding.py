@@ -75,3 +75,5 @@ def test_finetuning_after_a_reconstruction_changes_codes_and_keeps_the_rest():
     assert not changed[frac < 0.7 - 1e-4].any()  # the weights that crossed no grid point kept their rounding
     assert changed[crossing & (rows.abs() < 6 * scale)].all()  # and those that crossed one moved
     assert torch.equal(layer.weight_quantizer(layer.weight_fq), layer.weight_fq)
+    moved, held = sel.codes_moved  # what the stage reports
+    assert held == learned.numel() and moved == int(changed.sum())

@@ -167,6 +167,8 @@ class Selection:
     teacher: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)
     converted: list[nn.Module] = field(default_factory=list)  # FP layers wrapped to carry an adapter or branch
     following: list[nn.Module] = field(default_factory=list)  # layers whose weight scale follows the weight
+    held: dict[nn.Module, torch.Tensor] = field(default_factory=dict)  # held learned roundings' start values
+    codes_moved: tuple[int, int] = (0, 0)  # after finish: held-rounding weights whose code moved, of all held
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -213,6 +215,9 @@ class Selection:
                 if isinstance(m.rounding, HeldRounding):  # the held rounding's result is the learned rounding now
                     m.weight_fq = m.rounding(m.weight).detach().contiguous()
                     m.rounding, m.learned_rounding = None, True
+                    start = self.held.pop(m)
+                    moved, total = self.codes_moved
+                    self.codes_moved = (moved + int((m.weight_fq != start).sum()), total + start.numel())
                 if m.side is not None:
                     m.side.to(m.weight.dtype)
                 if m in self.following:  # store the scale the last forward computed
@@ -232,7 +237,7 @@ def _keep_teacher(sel: Selection, p: nn.Parameter) -> None:
         sel.teacher[p] = p.detach().clone()
 
 
-def _make_live(layer: nn.Module) -> None:
+def _make_live(sel: Selection, layer: nn.Module) -> None:
     """Quantize the weight at every forward again; a learned rounding is held (its up/down bits fixed,
     :class:`~diffq.methods.adaround.HeldRounding`) while the FP weight underneath may train, so a weight
     that moves past a grid point changes its code (QuEST's code)."""
@@ -240,6 +245,7 @@ def _make_live(layer: nn.Module) -> None:
         return
     if layer.learned_rounding:
         layer.rounding = HeldRounding(layer.weight_quantizer, layer.latent_weight().detach(), layer.weight_fq)
+        sel.held[layer] = layer.weight_fq
     layer.weight_fq, layer.learned_rounding = None, False
 
 
@@ -281,7 +287,7 @@ def select_trainable(model: nn.Module, plan: Mapping[str, tuple[str, ...]], lora
             quantize_layer_(module, None, None)
             sel.converted.append(module)
         if is_quant_layer(module) and live & set(kinds):
-            _make_live(module)
+            _make_live(sel, module)
         if "weight" in kinds:
             _keep_teacher(sel, module.weight)
             _add(sel, "weight", [module.weight])

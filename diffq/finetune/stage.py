@@ -206,6 +206,11 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
             for e in extra:
                 e.remove()
             sel.finish(release_teacher=last)
+        moved, held = sel.codes_moved
+        if held:
+            stats["codes_moved"] = moved / held
+            log.info("finetuning stage %s: %d of %d weights under a held learned rounding changed their code (%.3f%%)",
+                     stage.name, moved, held, 100 * moved / held)
         if stats["best_step"] is not None:
             kept = "kept" if stats["keep"] == "best" else f"the last state kept: {stats['val_curve'][-1][1]:.6g}"
             log.info("finetuning stage %s: best validation loss %.6g at step %d of %d (%s)", stage.name,
