@@ -165,7 +165,7 @@ class TrainRuleConfig:
 
     roles: List[str] = field(default_factory=list)  # layer roles this rule matches (empty: any)
     names: List[str] = field(default_factory=list)  # globs on module names, or "re:<regex>"
-    kinds: List[str] = field(default_factory=list)  # weight | bias | weight_scale | act_scale | lora ([]: nothing)
+    kinds: List[str] = field(default_factory=list)  # weight | bias | weight_scale | act_scale | lora | other
 
 
 @dataclass

@@ -238,6 +238,7 @@ def test_stages_keep_their_own_best_and_the_report_offsets_their_curves(compose,
     rtn.apply(model, specs, calib, {}, device=CPU, dtype=torch.float32)
     ft = OmegaConf.to_container(compose("quant=quest_w4a4").finetune, resolve=True)
     ft = {**ft, "steps": 5, "batch_size": 2, "eval_every": None, "keep": "best",
+          "quest": {**ft["quest"], "tla_fraction": 0.4},  # 2 + 3 steps
           "data": {**ft["data"], "num_prompts": 2, "val_prompts": 2, "batch_size": 2},
           "optim": {**ft["optim"], "lr": 1e-3, "act_scale_lr": 1e-3}}
     stats = finetune_denoiser(pipe, "dit", specs, ft, {"enabled": False}, calib=calib, calib_prompts=["cat", "dog"],
