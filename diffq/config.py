@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, SI, OmegaConf
 
@@ -93,16 +94,24 @@ class MixDQConfig:
     weight_bits_content: List[int] = field(default_factory=lambda: [2, 4, 8])
     weight_bits_quality: List[int] = field(default_factory=lambda: [4, 8])
     act_bits_candidates: List[int] = field(default_factory=lambda: [4, 8])
-    fp_act_fraction: float = 0.01  # most activation-sensitive layers keeping FP inputs
+    # the most activation-sensitive layers of each group (content by its SSIM, quality by its SQNR, at
+    # the lowest candidate width) keep FP inputs: ceil(fraction x group size) per group; they count
+    # at 16 bits inside act_bits, the rest are lowered to keep the whole at or under it
+    fp_act_fraction: float = 0.01
     content_roles: List[str] = field(default_factory=lambda: ["ffn_up", "ffn_down", "cross_attn_q", "cross_attn_kv"])
     content_names: List[str] = field(default_factory=lambda: ["*.attn2.to_out.*"])
-    band: float = 0.02  # the plan's average bits lie within target +- band
-    k_weight: List[float] = field(default_factory=lambda: [0.46, 0.7, 1.0, 1.36])  # content/quality budget ratios
-    k_act: List[float] = field(default_factory=lambda: [0.94, 1.0, 1.09])
-    budget_offsets: List[float] = field(default_factory=lambda: [0.0, -0.3])  # budgets target+offset in the family
-    num_prompts: int = 8  # prompts whose images score content sensitivity and choose the plan
-    sqnr_calls: int = 8  # calibration calls the quality group's SQNR runs on
+    band: float = 0.02  # each program's average bits lie in [target - 2 band, target]: never over budget
+    # the code's family: content/quality budget ratios k x budgets target + offset (linspace(target - 0.3,
+    # target, 10)); weights are chosen first (activations FP), then activations given those weights
+    k_weight: List[float] = field(default_factory=lambda: [round(float(x), 4) for x in np.linspace(0.46, 1.36, 10)])
+    k_act: List[float] = field(default_factory=lambda: [round(float(x), 4) for x in np.linspace(0.94, 1.09, 20)])
+    budget_offsets: List[float] = field(default_factory=lambda: [round(float(x), 4) for x in np.linspace(-0.3, 0, 10)])
+    num_prompts: int = 32  # search prompts (seeds apart from the evaluation's) scoring content and choosing plans
+    plan_prompts: int = 8  # the first search prompts whose images choose among the plans (the code: 1 image)
+    sqnr_calls: int = 32  # denoiser calls of the search prompts' FP trajectories the quality group's SQNR runs on
+    ssim_window: str = "global"  # content SSIM window: global (the code's 511 px on 512) | local (11 px Gaussian)
     decoupled: bool = True  # SSIM for the content group, SQNR for the quality group (false: SQNR for all)
+    control: bool = False  # the control: uniform weight_bits / act_bits with exactly the plan's FP inputs
     plan: Optional[str] = None  # a written mixdq_plan.yaml: reuse its bits, skip the search
 
 

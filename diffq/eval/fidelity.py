@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from diffq.errors import ConfigError
@@ -17,13 +18,37 @@ def psnr(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(1.0 / mse.clamp_min(10 ** (-MAX_PSNR_DB / 10)))).float()
 
 
-def ssim(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
-    """SSIM per image (Gaussian window 11, σ 1.5; smaller window for images under 11 px)."""
+def ssim(ref: torch.Tensor, test: torch.Tensor, window: str = "local") -> torch.Tensor:
+    """SSIM per image. ``local``: Gaussian window 11, σ 1.5 (smaller for images under 11 px);
+    ``global``: :func:`global_ssim`, MixDQ's content metric."""
+    if window not in SSIM_WINDOWS:
+        raise ConfigError(f"unknown SSIM window {window!r}: use one of {list(SSIM_WINDOWS)}")
+    if window == "global":
+        return global_ssim(ref, test)
     kernel = min(11, (min(ref.shape[-2:]) // 2) * 2 - 1)
     return structural_similarity_index_measure(
         test.float(), ref.float(), data_range=1.0, kernel_size=kernel, reduction="none"
     )
 
+
+def global_ssim(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """SSIM per image with a uniform window of the largest odd size that fits, averaged over the
+    positions where the window lies inside the image (no padding) and over channels, with sample
+    covariances: skimage's ``structural_similarity(win_size=511)`` on 512-px images as MixDQ's code
+    measures content, i.e. (nearly) whole-image statistics. Float64, data range 1."""
+    side = min(ref.shape[-2:])
+    k = side - (1 - side % 2)
+    x, y = ref.double(), test.double()
+    moments = [F.avg_pool2d(t, k, stride=1) for t in (x, y, x * x, y * y, x * y)]
+    mx, my, xx, yy, xy = moments
+    norm = k * k / (k * k - 1)  # sample covariance
+    vx, vy, cxy = norm * (xx - mx * mx), norm * (yy - my * my), norm * (xy - mx * my)
+    c1, c2 = 0.01**2, 0.03**2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).float()
+
+
+SSIM_WINDOWS = ("local", "global")
 
 FIDELITY_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"psnr": psnr, "ssim": ssim}
 

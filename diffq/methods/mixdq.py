@@ -4,15 +4,22 @@ integer programming, with BOS-aware cross-attention K/V layers (a rule option, `
 1. Every candidate bit-width's quantizer parameters are computed once (weights from the weight,
    activations in one calibration pass per width), so a bit plan is pure data.
 2. Sensitivity of a layer at a width = a metric with **only that layer** quantized, weights and
-   activations separately: SSIM of generated images vs FP (same seeds) for the content group
-   (FFN and cross-attention layers by default), SQNR of the denoiser output vs FP on calibration
-   inputs for the quality group. Cached by everything that determines it.
-3. The ``fp_act_fraction`` most activation-sensitive layers keep FP inputs; the rest get bits from
-   four integer programs (weights/activations x content/quality,
-   :func:`diffq.bit_allocation.allocate_bits`), the budget split between the groups by a ratio
-   ``k`` swept over ``k_weight`` x ``k_act`` x ``budget_offsets`` into a family of plans.
-4. The plan whose images are closest to FP (MSE in float over the selection prompts) is installed,
-   the specs updated (``spec.txt``, export) and written as a reusable rule list.
+   activations separately: SSIM of generated images vs FP (same seeds, a near-global window) for
+   the content group (FFN and cross-attention layers by default), SQNR of the denoiser output vs
+   FP for the quality group, on ``num_prompts`` search prompts whose seeds are apart from the
+   evaluation's and ``sqnr_calls`` denoiser calls of their FP trajectories. Cached by everything
+   that determines it.
+3. In each group, the ``fp_act_fraction`` most activation-sensitive layers by the group's own metric
+   keep FP inputs; they count at 16 bits inside the activation budget, and the other inputs get a
+   lower average so that the whole model stays at or under ``act_bits``.
+4. Four integer programs (weights/activations x content/quality,
+   :func:`diffq.bit_allocation.allocate_bits`) each keep their group's average in ``[target - 2
+   band, target]``; the budget is split between the groups by a ratio ``k`` and swept over ``k`` x
+   ``budget_offsets`` into a family of plans, as the code does: the weight plans first, the one
+   whose images (activations FP) are closest to FP kept; then the activation plans given it.
+5. The chosen plan is installed, the specs updated (``spec.txt``, export) and written as a reusable
+   rule list. ``control: true`` installs uniform ``weight_bits``/``act_bits`` with exactly the
+   plan's FP inputs instead (what the FP inputs alone give).
 """
 from __future__ import annotations
 
@@ -21,7 +28,8 @@ import csv
 import itertools
 import json
 import logging
-from dataclasses import replace
+import math
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -34,8 +42,10 @@ from tqdm.auto import tqdm
 from diffq.bit_allocation import allocate_bits, feasible_range, split_budget
 from diffq.cache import cache_key
 from diffq.calib import CalibSample
+from diffq.calib.capture import capture_trajectories
 from diffq.errors import ConfigError
-from diffq.eval.fidelity import ssim
+from diffq.eval.cost import FP_BITS
+from diffq.eval.fidelity import SSIM_WINDOWS, ssim
 from diffq.methods import METHODS, MethodContext, rtn
 from diffq.methods.common import calibrate_activations, split_shortcuts
 from diffq.model_quant import act_parts, float_mode, prepare
@@ -43,6 +53,9 @@ from diffq.models import generate_images, sample_seeds
 from diffq.spec import LayerSpec, Rule
 
 log = logging.getLogger(__name__)
+
+SEARCH_STREAM = "mixdq-search"  # the search prompts' seeds: never the evaluation's (sample_seeds' default stream)
+GROUPS = ("content", "quality")
 
 
 def content_names(specs: Sequence[LayerSpec], mc: Mapping[str, Any]) -> set[str]:
@@ -62,9 +75,19 @@ def weight_target(mc: Mapping[str, Any], specs: Sequence[LayerSpec]) -> float:
 
 
 def check_budget(specs: Sequence[LayerSpec], mc: Mapping[str, Any]) -> None:
-    """ConfigError, before calibration, when the weight or activation budget is out of reach."""
-    content = content_names(specs, mc)
+    """ConfigError, before calibration, for candidate widths the formats cannot take, a weight or
+    activation budget out of reach, or a control without one uniform width."""
     ws = [s for s in specs if s.quantized and s.weight is not None]
+    acts = [s for s in specs if s.quantized and s.act is not None]
+    for key, tq in (("weight_bits_content", ws), ("weight_bits_quality", ws), ("act_bits_candidates", acts)):
+        for b in mc[key] if tq else ():
+            try:
+                replace(tq[0].weight if key.startswith("weight") else tq[0].act, bits=b).build_format()
+            except ConfigError as e:
+                raise ConfigError(f"quant.mixdq.{key}={list(mc[key])}: {e}") from None
+    if mc["ssim_window"] not in SSIM_WINDOWS:
+        raise ConfigError(f"quant.mixdq.ssim_window={mc['ssim_window']!r}: use one of {list(SSIM_WINDOWS)}")
+    content = content_names(specs, mc)
     cands = sorted({*mc["weight_bits_content"], *mc["weight_bits_quality"]})
     allowed = np.array([[b in (mc["weight_bits_content"] if s.name in content else mc["weight_bits_quality"])
                          for b in cands] for s in ws])
@@ -74,8 +97,11 @@ def check_budget(specs: Sequence[LayerSpec], mc: Mapping[str, Any]) -> None:
         raise ConfigError(f"quant.mixdq: an average of {target:.3f} weight bits is out of reach; with the candidate "
                           f"widths the average lies in [{lo:.3f}, {hi:.3f}]")
     a = mc["act_bits_candidates"]
-    if not min(a) - mc["band"] <= mc["act_bits"] <= max(a) + mc["band"]:
+    if not min(a) <= mc["act_bits"]:
         raise ConfigError(f"quant.mixdq.act_bits={mc['act_bits']} is out of reach of the candidates {list(a)}")
+    if mc["control"] and (target != int(target) or mc["act_bits"] != int(mc["act_bits"])):
+        raise ConfigError(f"quant.mixdq.control uses one uniform width: weight_bits ({target:g}) and act_bits "
+                          f"({mc['act_bits']:g}) must be whole numbers")
 
 
 class Candidates:
@@ -151,12 +177,13 @@ def only(layers: Mapping[str, nn.Module], name: str, what: str) -> Iterator[None
 
 
 @torch.no_grad()
-def input_counts(model: nn.Module, layers: Mapping[str, nn.Module], sample: CalibSample, device: torch.device,
+def input_counts(model: nn.Module, names: Sequence[str], sample: CalibSample, device: torch.device,
                  dtype: torch.dtype) -> dict[str, int]:
-    """Input elements each layer receives in one denoiser call (the activation budget's weights)."""
-    counts: dict[str, int] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: counts.__setitem__(n, counts.get(n, 0) + a[0].numel()))
-             for n, m in layers.items()]
+    """Input elements each named layer receives in one denoiser call (the activation budget's weights)."""
+    modules = dict(model.named_modules())
+    counts = dict.fromkeys(names, 0)
+    hooks = [modules[n].register_forward_pre_hook(lambda mod, a, n=n: counts.__setitem__(n, counts[n] + a[0].numel()))
+             for n in names]
     try:
         with float_mode(model):
             model(**sample.to(device, dtype), return_dict=False)
@@ -174,41 +201,49 @@ def sqnr(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> float:
 
 
 class Probe:
-    """The two metrics of one configuration of the model: SQNR on calibration inputs, and the
-    images it generates (SSIM vs FP, MSE vs FP in float)."""
+    """The two metrics of one configuration of the model on the search prompts: SQNR of the denoiser
+    output on calls of their FP trajectories, and their images (SSIM and MSE vs FP, in float)."""
 
-    def __init__(self, model: nn.Module, calib: Sequence[CalibSample], context: MethodContext, prompts: list[str],
-                 device: torch.device, dtype: torch.dtype) -> None:
-        self.model, self.calib, self.ctx, self.prompts = model, calib, context, prompts
+    def __init__(self, model: nn.Module, context: MethodContext, prompts: list[str], sqnr_calls: int,
+                 ssim_window: str, device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.ctx, self.prompts, self.window = model, context, prompts, ssim_window
         self.device, self.dtype = device, dtype
-        self.seeds = sample_seeds(context.seed, len(prompts))
+        self.seeds = sample_seeds(context.seed, len(prompts), stream=SEARCH_STREAM)
+        s = context.sampling
+        batches = math.ceil(len(prompts) / s.batch_size)
         with float_mode(model):
+            self.calls = capture_trajectories(
+                context.pipe, context.family, prompts, self.seeds, steps=s.steps, guidance=s.guidance,
+                resolution=s.resolution, keep_steps=math.ceil(sqnr_calls / batches), batch_size=s.batch_size,
+                call_kwargs=s.call_kwargs)[:sqnr_calls]
             self.ref = self.outputs()
             self.fp_images = self.images()
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
-        """The denoiser's outputs on the calibration inputs."""
-        return [self.model(**s.to(self.device, self.dtype), return_dict=False)[0].float().cpu() for s in self.calib]
+        """The denoiser's outputs on the recorded calls."""
+        return [self.model(**c.to(self.device, self.dtype), return_dict=False)[0].float().cpu() for c in self.calls]
 
-    def images(self) -> torch.Tensor:
-        """Images of the selection prompts, float in [0, 1]."""
-        s = self.ctx.sampling
-        return generate_images(self.ctx.pipe, self.ctx.family, self.prompts, self.seeds, steps=s.steps,
+    def images(self, n: int | None = None) -> torch.Tensor:
+        """Images of the (first ``n``) search prompts, float in [0, 1]."""
+        s, n = self.ctx.sampling, n or len(self.prompts)
+        return generate_images(self.ctx.pipe, self.ctx.family, self.prompts[:n], self.seeds[:n], steps=s.steps,
                                guidance=s.guidance, resolution=s.resolution, batch_size=s.batch_size,
                                call_kwargs=s.call_kwargs, progress=False)
 
     def sqnr(self) -> float:
-        """SQNR (dB) of the current model against FP on the calibration inputs."""
+        """SQNR (dB) of the current model against FP on the recorded calls."""
         return sqnr(self.ref, self.outputs())
 
     def ssim(self) -> float:
         """Mean SSIM of the current model's images against FP's."""
-        return float(ssim(self.fp_images, self.images()).mean())
+        return float(ssim(self.fp_images, self.images(), window=self.window).mean())
 
-    def image_mse(self) -> float:
-        """Mean squared error of the current model's images against FP's (float, not uint8)."""
-        return float((self.images() - self.fp_images).square().mean())
+    def image_mse(self, n: int | None = None) -> float:
+        """Mean squared error of the current model's images of the first ``n`` search prompts against
+        FP's (float, not the code's wrapped uint8)."""
+        n = n or len(self.prompts)
+        return float((self.images(n) - self.fp_images[:n]).square().mean())
 
 
 def measure(cands: Candidates, probe: Probe, ssim_layers: set[str], wbits: Mapping[str, list], abits: Sequence[int]
@@ -259,47 +294,91 @@ def write_sensitivity(sens: Mapping[str, Any], content: set[str], ssim_layers: s
     plt.close(fig)
 
 
-def plan_family(sens: Mapping[str, Any], content: set[str], ssim_layers: set[str], sizes: Mapping[str, Any],
-                mc: Mapping[str, Any], wtarget: float) -> list[dict[str, Any]]:
-    """The family of plans ``{"weight": {layer: bits}, "act": {layer: bits or None}, "k": ...}``."""
-    acts = [n for n in sens if sens[n]["act"]]
-    low = min(mc["act_bits_candidates"])
-    n_fp = int(round(mc["fp_act_fraction"] * len(acts)))
-    fp_acts = sorted(acts, key=lambda n: _normalised(sens[n]["act"][low], n in ssim_layers))[:n_fp]
-    plans = []
-    for kw, ka, off in itertools.product(mc["k_weight"], mc["k_act"], mc["budget_offsets"]):
-        plan: dict[str, Any] = {"weight": {}, "act": {n: None for n in fp_acts}, "k": [kw, ka, off], "programs": []}
-        try:
-            for what, k, target, names in (("weight", kw, wtarget + off, [n for n in sens if sens[n]["weight"]]),
-                                           ("act", ka, mc["act_bits"] + off, [n for n in acts if n not in fp_acts])):
-                groups = {g: [n for n in names if (n in content) == (g == "content")] for g in ("content", "quality")}
-                size = {g: sum(sizes[what][n] for n in ns) for g, ns in groups.items()}
-                ratio = size["content"] / max(1, size["quality"])
-                bq, bc = split_budget(target, ratio, k)
-                for g, b in (("quality", bq), ("content", bc)):
-                    ns = groups[g]
-                    if not ns:
-                        continue
-                    cands = (mc[f"weight_bits_{g}"] if what == "weight" else list(mc["act_bits_candidates"]))
-                    score = np.array([[_normalised(sens[n][what][c], n in ssim_layers) for c in cands] for n in ns])
-                    alloc = allocate_bits([sizes[what][n] for n in ns], score, cands, b, mc["band"],
-                                          what=f"quant.mixdq {g} {what}s")
-                    plan[what].update({n: int(x) for n, x in zip(ns, alloc.bits)})
-                    plan["programs"].append({"group": g, "what": what, "target": round(b, 4), "status": alloc.status,
-                                             "score": round(alloc.score, 6), "average": round(alloc.average, 4)})
-        except ConfigError as e:
-            log.info("mixdq plan k=%s skipped: %s", plan["k"], e)
+def fp_inputs(sens: Mapping[str, Any], content: set[str], mc: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Per group, the ``ceil(fp_act_fraction x group size)`` layers whose input is the most sensitive
+    at the lowest candidate width by the group's own metric (the lowest SSIM or SQNR)."""
+    low, frac = min(mc["act_bits_candidates"]), float(mc["fp_act_fraction"])
+    out = {}
+    for g in GROUPS:
+        names = sorted(n for n in sens if sens[n]["act"] and (n in content) == (g == "content"))
+        keep = math.ceil(frac * len(names) - 1e-9) if frac > 0 else 0
+        out[g] = sorted(names, key=lambda n: (sens[n]["act"][low], n))[:keep]
+    return out
+
+
+def rest_budget(counts: Mapping[str, int], quantized: Sequence[str], act_bits: float) -> float:
+    """The average width the quantized inputs may take so that the whole model's input average (every
+    other input at 16 bits: skipped layers, FP by rule, FP-kept) is at most ``act_bits``."""
+    total, rest = sum(counts.values()), sum(counts[n] for n in quantized)
+    return (act_bits * total - FP_BITS * (total - rest)) / max(rest, 1)
+
+
+def model_act_average(counts: Mapping[str, int], bits: Mapping[str, int | None]) -> float:
+    """The element-weighted input width over every layer, FP inputs at 16 bits (as the cost report counts)."""
+    total = sum(counts.values())
+    return sum(n * (bits.get(name) or FP_BITS) for name, n in counts.items()) / max(total, 1)
+
+
+def group_plan(what: str, sens: Mapping[str, Any], names: Sequence[str], content: set[str],
+               sizes: Mapping[str, int], cands: Mapping[str, list], target: float, k: float, band: float
+               ) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """One plan: the budget split by ``k`` (one group alone takes it all), each group's integer
+    program with its average in ``[target - 2 band, target]`` (ConfigError when out of reach)."""
+    groups = {g: [n for n in names if (n in content) == (g == "content")] for g in GROUPS}
+    size = {g: sum(sizes[n] for n in ns) for g, ns in groups.items()}
+    if all(size.values()):
+        bq, bc = split_budget(target, size["content"] / size["quality"], k)
+    else:
+        bq = bc = target
+    bits: dict[str, int] = {}
+    programs = []
+    for g, b in (("quality", bq), ("content", bc)):
+        ns = groups[g]
+        if not ns:
             continue
-        plans.append(plan)
+        c = sorted(cands[g])
+        b = min(b, max(c))  # a group cannot spend more than its widest width
+        score = np.array([[sens[n][what][x] for x in c] for n in ns])
+        alloc = allocate_bits([sizes[n] for n in ns], score, c, b - band, band, what=f"quant.mixdq {g} {what}s")
+        bits.update({n: int(x) for n, x in zip(ns, alloc.bits)})
+        programs.append({"group": g, "target": round(b, 4), "status": alloc.status, "score": round(alloc.score, 6),
+                         "average": round(alloc.average, 4)})
+    return bits, programs
+
+
+def family(what: str, sens: Mapping[str, Any], names: Sequence[str], content: set[str], sizes: Mapping[str, int],
+           cands: Mapping[str, list], top: float, ks: Sequence[float], mc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The distinct plans of ``ks`` x budgets ``top + budget_offsets`` (infeasible splits skipped, as
+    the code skips them), each with the (k, budget) pairs that gave it and its size-weighted average."""
+    plans: dict[tuple, dict[str, Any]] = {}
+    for k, off in itertools.product(ks, mc["budget_offsets"]):
+        try:
+            bits, programs = group_plan(what, sens, names, content, sizes, cands, top + off, k, mc["band"])
+        except ConfigError as e:
+            log.debug("mixdq %s plan k=%s budget=%.3f skipped: %s", what, k, top + off, e)
+            continue
+        key = tuple(sorted(bits.items()))
+        if key not in plans:
+            avg = sum(sizes[n] * b for n, b in bits.items()) / max(1, sum(sizes[n] for n in bits))
+            plans[key] = {"bits": bits, "programs": programs, "average": round(avg, 4), "k_budget": []}
+        plans[key]["k_budget"].append([round(float(k), 4), round(top + off, 4)])
     if not plans:
-        raise ConfigError("quant.mixdq: no plan of the family meets the budgets; move quant.mixdq.weight_bits / "
-                          "act_bits inside the candidates' range or widen quant.mixdq.band")
-    return plans
+        raise ConfigError(f"quant.mixdq: no {what} plan of the family meets its budget ({top:.3f} bits on average); "
+                          "move quant.mixdq.weight_bits / act_bits inside the candidates' range, lower "
+                          "fp_act_fraction or widen quant.mixdq.band")
+    return list(plans.values())
 
 
-def _normalised(score: float, is_ssim: bool) -> float:
-    """Scores on one scale (SSIM in [0, 1]; SQNR in dB, divided by 10)."""
-    return score if is_ssim else score / 10.0
+def choose(plans: list[dict[str, Any]], install_plan: Any, probe: Probe, n: int, what: str) -> dict[str, Any]:
+    """The plan whose images of the first ``n`` search prompts are closest to FP (each plan's
+    ``image_mse`` recorded)."""
+    for plan in tqdm(plans, desc=f"mixdq {what} plans", unit="plan"):
+        install_plan(plan)
+        plan["image_mse"] = probe.image_mse(n)
+    best = min(plans, key=lambda p: p["image_mse"])
+    log.info("mixdq: %d distinct %s plans, chosen average %.3f (image MSE %.3g)", len(plans), what, best["average"],
+             best["image_mse"])
+    return best
 
 
 def install(cands: Candidates, plan: Mapping[str, Any]) -> None:
@@ -331,24 +410,30 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
     mc = cfg["mixdq"]
     if mc["plan"]:  # a written plan: its rules are in the specs, calibrate them as RTN does
         return rtn.apply(model, specs, calib, cfg, device=device, dtype=dtype)
-    if context is None:
-        raise ConfigError("quant.method=mixdq generates images to measure sensitivity: run it through the job")
+    if context is None or context.pipe is None:
+        raise ConfigError("quant.method=mixdq generates images to measure sensitivity: pass the pipeline (not the "
+                          "bare denoiser) or a written plan (quant.mixdq.plan=<run>/mixdq_plan.yaml)")
     check_budget(specs, mc)
     layers = prepare(model, specs, cfg.get("attn"))
     n_splits = split_shortcuts(model, calib, device, dtype) if cfg.get("split_shortcut") else 0
     by = {s.name: s for s in specs if s.name in layers}
     content = content_names(specs, mc)
     ssim_layers = content if mc["decoupled"] else set()  # not decoupled: SQNR for every layer (the ablation)
-    wbits = {n: list(mc["weight_bits_content"] if n in content else mc["weight_bits_quality"]) for n in by}
-    abits = list(mc["act_bits_candidates"])
+    wtarget = weight_target(mc, specs)
+    wbits = {n: sorted({*(mc["weight_bits_content"] if n in content else mc["weight_bits_quality"]),
+                        *([int(wtarget)] if mc["control"] else [])}) for n in by}
+    abits = sorted({*mc["act_bits_candidates"], *([int(mc["act_bits"])] if mc["control"] else [])})
     cands = Candidates(layers, by, wbits, abits, calib, model, device, dtype)
-    probe_calib = list(calib)[: mc["sqnr_calls"]]
     prompts = [context.prompts[i % len(context.prompts)] for i in range(mc["num_prompts"])]
-    probe = Probe(model, probe_calib, context, prompts, device, dtype)
+    probe = Probe(model, context, prompts, mc["sqnr_calls"], mc["ssim_window"], device, dtype)
     key = cache_key({"model": context.model_key, "specs": [s.to_dict() for s in by.values()],
-                     "calib": [s.step for s in calib], "prompts": prompts, "seed": context.seed,
-                     "mixdq": {k: mc[k] for k in ("weight_bits_content", "weight_bits_quality", "act_bits_candidates",
-                                                  "content_roles", "content_names", "sqnr_calls", "decoupled")}})
+                     "calib": [s.step for s in calib], "calib_sums": [round(float(c.kwargs[k].double().sum()), 6)
+                                                                      for c in calib[:4] for k in sorted(c.kwargs)
+                                                                      if torch.is_tensor(c.kwargs[k])],
+                     "prompts": prompts, "seed": context.seed,
+                     "sampling": {k: v for k, v in asdict(context.sampling).items() if k != "batch_size"},
+                     "search": [SEARCH_STREAM, len(probe.calls)], "wbits": wbits, "abits": abits,
+                     "mixdq": {k: mc[k] for k in ("content_roles", "content_names", "ssim_window", "decoupled")}})
     path = Path(context.cache_dir).expanduser() / "mixdq" / f"{key}.json"
     if path.exists():
         sens = {n: {w: {int(b): v for b, v in d.items()} for w, d in k.items()} for n, k in
@@ -358,13 +443,43 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
         sens = measure(cands, probe, ssim_layers, wbits, abits)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(sens))
-    sizes = {"weight": {n: by[n].params for n in by}, "act": input_counts(model, layers, calib[0], device, dtype)}
-    plans = plan_family(sens, content, ssim_layers, sizes, mc, weight_target(mc, specs))
-    scored = []
-    for plan in tqdm(plans, desc="mixdq plans", unit="plan"):
-        install(cands, plan)
-        scored.append(probe.image_mse())
-    best = plans[int(np.argmin(scored))]
+    counts = input_counts(model, [s.name for s in specs], calib[0], device, dtype)
+    fp = fp_inputs(sens, content, mc)
+    fp_set = {n for g in GROUPS for n in fp[g]}
+    act_names = [n for n in cands.acts if n not in fp_set]
+    rest_max = rest_budget(counts, act_names, float(mc["act_bits"]))
+    if rest_max < min(mc["act_bits_candidates"]) and not mc["control"]:
+        raise ConfigError(f"quant.mixdq.act_bits={mc['act_bits']:g}: with {len(fp_set)} FP-kept inputs and the layers "
+                          f"left FP at 16 bits, the quantized inputs would need {rest_max:.2f} bits on average, under "
+                          f"the narrowest candidate {min(mc['act_bits_candidates'])}; raise act_bits or lower "
+                          "quant.mixdq.fp_act_fraction")
+    stats: dict[str, Any] = {"sensitivity_cache": str(path), "control": bool(mc["control"]),
+                             "content_layers": len(content), "fp_inputs": fp, "act_budget": {
+                                 "target": float(mc["act_bits"]), "quantized_inputs_max": round(rest_max, 4)},
+                             "search": {"prompts": len(prompts), "sqnr_calls": len(probe.calls),
+                                        "seed_stream": SEARCH_STREAM, "ssim_window": mc["ssim_window"],
+                                        "plan_prompts": min(mc["plan_prompts"], len(prompts))}}
+    fp_none: dict[str, int | None] = dict.fromkeys(fp_set)
+    if mc["control"]:  # uniform widths, the plan's FP inputs
+        best = {"weight": dict.fromkeys(cands.weights, int(wtarget)),
+                "act": {**dict.fromkeys(act_names, int(mc["act_bits"])), **fp_none}}
+    else:
+        sizes_w = {n: by[n].params for n in cands.weights}
+        cw = {"content": mc["weight_bits_content"], "quality": mc["weight_bits_quality"]}
+        wplans = family("weight", sens, list(cands.weights), content, sizes_w, cw, wtarget, mc["k_weight"], mc)
+        for n in cands.acts:  # weight plans are scored with FP activations, as the code does
+            cands.set_act(n, None)
+        wbest = choose(wplans, lambda p: install(cands, {"weight": p["bits"], "act": {}}), probe, mc["plan_prompts"],
+                       "weight")
+        install(cands, {"weight": wbest["bits"], "act": {}})
+        ca = dict.fromkeys(GROUPS, list(mc["act_bits_candidates"]))
+        aplans = family("act", sens, act_names, content, counts, ca, rest_max, mc["k_act"], mc)
+        abest = choose(aplans, lambda p: install(cands, {"weight": {}, "act": {**p["bits"], **fp_none}}), probe,
+                       mc["plan_prompts"], "activation")
+        best = {"weight": wbest["bits"], "act": {**abest["bits"], **fp_none}}
+        for what, plans, chosen in (("weight", wplans, wbest), ("act", aplans, abest)):
+            stats[f"{what}_plans"] = [{k: v for k, v in p.items() if k != "bits"} for p in plans]
+            stats.setdefault("chosen", {})[what] = chosen["k_budget"][0]
     install(cands, best)
     for name, b in best["act"].items():
         if b is None:  # FP input: no quantizer at all, as the written plan's rules make it
@@ -378,13 +493,13 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
     if context.out_dir is not None:
         write_sensitivity(sens, content, ssim_layers, context.out_dir)
         (context.out_dir / "mixdq_plan.yaml").write_text(yaml.safe_dump({"rules": plan_rules(best)}, sort_keys=False))
-    w_avg = sum(by[n].params * b for n, b in best["weight"].items()) / max(1, sum(by[n].params for n in best["weight"]))
-    family = [{"k": p["k"], "image_mse": m, "programs": p["programs"]} for p, m in zip(plans, scored)]
-    return {"layers_quantized": len(layers), "shortcut_splits": n_splits, "mixdq": {
-        "sensitivity_cache": str(path), "plans": family,
-        "chosen": best["k"], "weight_bits_avg": w_avg, "content_layers": len(content),
-        "fp_act_layers": [n for n, b in best["act"].items() if b is None]}}
-
+    stats["weight_bits_avg"] = sum(by[n].params * b for n, b in best["weight"].items()) / max(
+        1, sum(by[n].params for n in best["weight"]))
+    stats["act_bits_avg"] = model_act_average(counts, best["act"])
+    log.info("mixdq%s: weights %.3f bits on average, inputs %.3f (budget %g, FP inputs %s)",
+             " control" if mc["control"] else "", stats["weight_bits_avg"], stats["act_bits_avg"], mc["act_bits"],
+             sorted(fp_set))
+    return {"layers_quantized": len(layers), "shortcut_splits": n_splits, "mixdq": stats}
 
 
 def check_specs(specs: Sequence[LayerSpec], cfg: Mapping[str, Any]) -> None:

@@ -26,11 +26,12 @@ _RESERVED = (
 )
 
 
-def sample_seeds(base_seed: int, n: int) -> list[int]:
-    """Per-sample seeds in [0, 2**32) derived from (base_seed, sample index), stable across
-    processes, so the FP and the quantized model see the same noise for sample i."""
+def sample_seeds(base_seed: int, n: int, stream: str = "diffq") -> list[int]:
+    """Per-sample seeds in [0, 2**32) derived from (stream, base_seed, sample index), stable across
+    processes, so the FP and the quantized model see the same noise for sample i. A search that
+    must not see the evaluation's noise draws from its own ``stream``."""
     return [
-        int.from_bytes(hashlib.sha256(f"diffq:{base_seed}:{i}".encode()).digest()[:4], "little")
+        int.from_bytes(hashlib.sha256(f"{stream}:{base_seed}:{i}".encode()).digest()[:4], "little")
         for i in range(n)
     ]
 

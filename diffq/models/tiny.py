@@ -56,7 +56,7 @@ DIT_TINY_LABELS: dict[int, str] = {
 
 _CLIP_MAX_LENGTH = 77
 _T5_MAX_LENGTH = 512  # like the real T5 tokenizers; pipelines pass max_sequence_length
-_COMPONENT_KEYS = ("vae", "text_encoder", "t5", "words")
+_COMPONENT_KEYS = ("vae", "text_encoder", "t5", "words", "bos_outlier")
 
 
 class _Factory:
@@ -109,7 +109,10 @@ class _Factory:
             "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id, **self.overrides.get("text_encoder", {}),
         })
-        return self.seeded(CLIPTextModelWithProjection if projection else CLIPTextModel, config)
+        encoder = self.seeded(CLIPTextModelWithProjection if projection else CLIPTextModel, config)
+        if self.overrides.get("bos_outlier"):
+            add_bos_outlier(encoder, float(self.overrides["bos_outlier"]))
+        return encoder
 
     def t5(self, d_model: int) -> nn.Module:
         """A T5 encoder with ``d_model`` features."""
@@ -133,6 +136,18 @@ class _Factory:
             "use_quant_conv": not flow, "use_post_quant_conv": not flow,
             **self.overrides.get("vae", {}),
         })
+
+
+def add_bos_outlier(encoder: nn.Module, scale: float) -> None:
+    """Scale position 0 of a CLIP encoder's last hidden state by ``scale``: the BOS token's massive
+    activation of real CLIP text encoders (~823 against 10-15 for the other tokens in SD's), which a
+    random tiny CLIP lacks (the ``model.tiny.bos_outlier`` key)."""
+
+    def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+        out.last_hidden_state[:, 0] *= scale
+        return out
+
+    encoder.register_forward_hook(hook)
 
 
 def _unet_defaults() -> dict[str, Any]:
@@ -253,8 +268,9 @@ def build_tiny_pipeline(family: str, seed: int = 0, **overrides: Any) -> Diffusi
     """A random-weight tiny pipeline of ``family``, deterministic from ``seed``.
 
     ``overrides`` update the denoiser's config (e.g. ``block_out_channels``, ``num_layers``);
-    the keys ``vae``, ``text_encoder`` (CLIP), ``t5`` take dicts for those configs and
-    ``words`` replaces the tokenizers' vocabulary.
+    the keys ``vae``, ``text_encoder`` (CLIP), ``t5`` take dicts for those configs,
+    ``words`` replaces the tokenizers' vocabulary and ``bos_outlier`` scales the CLIP encoders'
+    first position (:func:`add_bos_outlier`).
     """
     if family not in _BUILDERS:
         raise ConfigError(f"unknown model family {family!r}: use one of {', '.join(FAMILIES)}")
