@@ -17,6 +17,8 @@ import importlib.resources
 import inspect
 import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -32,10 +34,13 @@ from diffq.config import QuantConfig, register_configs
 from diffq.errors import ConfigError
 from diffq.eval.cost import LayerCounter, activation_bits, operations, weight_bits
 from diffq.export import export_quantized, load_quantized, read_metadata
+from diffq.files import use_umask
+from diffq.layers import is_quant_layer
 from diffq.methods import MethodContext, get_method
 from diffq.methods.reconstruct import reconstruct
-from diffq.models import Sampling, denoiser_of, generate_images, sample_seeds
+from diffq.models import Sampling, denoiser_of, dit_resolution, generate_images, sample_seeds
 from diffq.roles import CAUSAL_TEXT_FAMILIES, ROLES, detect_family, quantizable_layers
+from diffq.rollback import rollback_on_error
 from diffq.spec import LayerSpec, format_spec_table, resolve_spec
 
 log = logging.getLogger(__name__)
@@ -140,14 +145,24 @@ def resolve_layer_specs(denoiser: nn.Module, family: str | None, quant: Mapping[
 
 
 def plan_rules(quant: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The rules of a written bit plan (``quant.mixdq.plan``), appended to the preset's."""
+    """The rules of a written bit plan (``quant.mixdq.plan``), appended to the preset's; ConfigError
+    for a missing, unparsable or rule-less file."""
     path = quant["mixdq"]["plan"]
     if not path:
         return []
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"quant.mixdq.plan {file} does not exist: point it at a run's mixdq_plan.yaml")
-    return list(OmegaConf.to_container(OmegaConf.load(file), resolve=True)["rules"])
+    fix = "point quant.mixdq.plan at a run's mixdq_plan.yaml (a mapping with a list under 'rules')"
+    try:
+        plan = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+    except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's parse errors alike
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"quant.mixdq.plan {file} is not valid YAML ({first}): {fix}") from None
+    rules = plan.get("rules") if isinstance(plan, dict) else None
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ConfigError(f"quant.mixdq.plan {file} has no list of rules: {fix}")
+    return rules
 
 
 def apply_quantization(denoiser: nn.Module, specs: Sequence[LayerSpec], samples: Sequence[CalibSample],
@@ -161,12 +176,59 @@ def apply_quantization(denoiser: nn.Module, specs: Sequence[LayerSpec], samples:
 
 
 def _split(target: Any) -> tuple[Any, nn.Module]:
+    """(pipeline or None, denoiser) of what :func:`quantize` was given; ConfigError naming what it accepts."""
+    accepted = ("diffq.quantize takes a diffusers pipeline (StableDiffusionPipeline, PixArtSigmaPipeline, "
+                "FluxPipeline...) or its denoiser (pipe.unet / pipe.transformer)")
     if isinstance(target, nn.Module):
+        if detect_family(target) in (None, "text_encoder") or not hasattr(target, "config"):
+            raise ConfigError(f"{accepted}, got {type(target).__name__}")
         return None, target
+    if not hasattr(target, "components"):
+        raise ConfigError(f"{accepted}, got {type(target).__name__}")
     return target, denoiser_of(target)[1]
 
 
+CalibInput = Sequence[str] | Sequence[Mapping[str, Any]] | Callable[[nn.Module], Any] | str | None
+
+
+def _calib_kind(calib: CalibInput) -> str:
+    """What ``calib`` is: ``default`` (None), ``loop``, ``prompts`` or ``kwargs``; ConfigError for an empty
+    list, mixed kinds or anything else. A single string is one prompt."""
+    if calib is None:
+        return "default"
+    if isinstance(calib, str):
+        return "prompts"
+    if callable(calib):
+        return "loop"
+    if isinstance(calib, Mapping) or not isinstance(calib, Sequence):
+        raise ConfigError(f"calib must be a list of prompts, a list of denoiser keyword dicts or a forward_loop "
+                          f"callable (or None for the preset's prompts), got {type(calib).__name__}")
+    if not calib:
+        raise ConfigError("calib is empty: pass prompts, denoiser keyword dicts or a forward_loop, or leave it out "
+                          "(None) for the preset's calibration prompts")
+    strings = sum(isinstance(c, str) for c in calib)
+    if strings == len(calib):
+        return "prompts"
+    if strings == 0:
+        return "kwargs"  # each item checked against the denoiser's signature (_check_samples)
+    raise ConfigError(f"calib mixes {strings} prompts (str) with {len(calib) - strings} other items: pass only prompts "
+                      "or only denoiser keyword dicts")
+
+
+def _check_sampling(pipe: Any, family: str | None, steps: int, resolution: int | None) -> None:
+    """ConfigError for sampler arguments of :func:`quantize` / :func:`evaluate` that cannot work."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps={steps!r}: the sampler needs at least 1 step (an int)")
+    if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
+        raise ConfigError(f"resolution={resolution!r} must be a positive int (pixels), or None for the model's own")
+    if pipe is not None and family == "dit" and resolution is not None and resolution != _resolution(pipe):
+        raise ConfigError(f"resolution={resolution}: DiT generates only at its native resolution "
+                          f"{_resolution(pipe)}: pass resolution={_resolution(pipe)} or leave it out")
+
+
 def _resolution(pipe: Any) -> int:
+    if detect_family(denoiser_of(pipe)[1]) == "dit":
+        return dit_resolution(pipe)
     size = getattr(pipe, "default_sample_size", None) or denoiser_of(pipe)[1].config.get("sample_size", 64)
     return int(size) * int(getattr(pipe, "vae_scale_factor", 8))
 
@@ -206,27 +268,35 @@ def _capture_loop(denoiser: nn.Module, forward_loop: Callable[[nn.Module], Any])
     return [CalibSample(kw, i) for i, kw in enumerate(recorder.calls)]
 
 
-def quantize(target: Any, preset: str | Mapping[str, Any] | QuantConfig = "w8a8",
-             calib: Sequence[str] | Sequence[Mapping[str, Any]] | Callable[[nn.Module], Any] | None = None, *,
+def quantize(target: Any, preset: str | Mapping[str, Any] | QuantConfig = "w8a8", calib: CalibInput = None, *,
              overrides: Mapping[str, Any] | None = None, steps: int = 20, guidance: float = 5.0,
              resolution: int | None = None, device: str | torch.device | None = None,
              cache_dir: str | None = None, seed: int = 0, **keyword_overrides: Any) -> Any:
     """Quantize a diffusers pipeline (or a bare denoiser) in place as the preset says and return it,
     with ``.diffq_report`` (:class:`Report`).
 
-    ``calib``: prompts (a pipeline's sampler runs them; default: the preset's calibration prompts),
-    a list of denoiser keyword-argument dicts, or ``forward_loop(denoiser)`` that calls the denoiser.
-    ``overrides``: dotted keys as on the command line (``{"quant.weight.bits": 4}``); keyword form:
-    ``quant__weight__bits=4``. Calibration, the method, reconstruction and finetuning run where the
-    preset asks for them (finetuning needs a pipeline).
+    ``calib``: prompts (one string is one prompt; a pipeline's sampler runs them; default: the preset's
+    calibration prompts), a list of denoiser keyword-argument dicts, or ``forward_loop(denoiser)`` that
+    calls the denoiser. ``overrides``: dotted keys as on the command line (``{"quant.weight.bits": 4}``);
+    keyword form: ``quant__weight__bits=4``. Calibration, the method, reconstruction and finetuning run
+    where the preset asks for them (finetuning and MixDQ's search need a pipeline).
+
+    Every setting is checked before the model is touched; if a later stage fails, the denoiser is put
+    back as it was (the error says when weights changed in place and the model must be reloaded).
 
     >>> pipe = diffq.quantize(pipe, "w4a8", calib=["a photo of a red circle"])
     >>> print(pipe.diffq_report)
     """
     pipe, denoiser = _split(target)
     family = detect_family(denoiser)
+    kind = _calib_kind(calib)
+    calib = [calib] if isinstance(calib, str) else calib
+    _check_sampling(pipe, family, steps, resolution)
     overrides = {**(overrides or {}), **{k.replace("__", "."): v for k, v in keyword_overrides.items()}}
     cfg = compose_config(preset, overrides)
+    if any(is_quant_layer(m) for m in denoiser.modules()):
+        raise ConfigError(f"this {type(denoiser).__name__} is already quantized by diffq: quantize a freshly loaded "
+                          "pipeline (or load a saved one with diffq.load_pipeline)")
     if cache_dir:
         cfg.paths.cache_dir = cache_dir
     q = OmegaConf.to_container(cfg.quant, resolve=True)
@@ -234,43 +304,52 @@ def quantize(target: Any, preset: str | Mapping[str, Any] | QuantConfig = "w8a8"
     from diffq.finetune.stage import check_finetune, enabled, finetune_denoiser, plan_stages
 
     check_finetune(ft, load=False, keep_fp_weights=q["keep_fp_weights"], world=None)
-    if enabled(ft) and pipe is None:
-        raise ConfigError(f"preset {cfg.quant.name} finetunes from the sampler's trajectories: pass the pipeline, "
-                          "not the denoiser, or override finetune.steps=0")
+    if pipe is None:
+        if enabled(ft):
+            raise ConfigError(f"preset {cfg.quant.name} finetunes from the sampler's trajectories: pass the pipeline, "
+                              "not the denoiser, or override finetune.steps=0")
+        reason = getattr(get_method(q["method"]), "needs_pipeline", lambda _: None)(q)
+        if reason:
+            raise ConfigError(f"preset {cfg.quant.name}: {reason}")
+        if kind in ("default", "prompts"):
+            raise ConfigError("calibrating a bare denoiser needs calib= denoiser kwargs or a forward_loop; pass the "
+                              "pipeline to calibrate from prompts")
+    if kind in ("default", "prompts"):
+        calibration.check_timestep_coverage(q["act"], OmegaConf.to_container(cfg.calib, resolve=True),
+                                            int(cfg.calib.steps or steps))
     device = torch.device(device) if device else next(denoiser.parameters()).device
     dtype = next(denoiser.parameters()).dtype
     specs = resolve_layer_specs(denoiser, family, q)
     if enabled(ft):
         plan_stages(denoiser, family, specs, ft, q["attn"])
         fp_key = {"api": type(denoiser).__name__, "weights": _fingerprint(denoiser)}  # before anything changes it
+    samples = _check_samples(denoiser, calib) if kind == "kwargs" else []
     smp = Sampling(steps, guidance, resolution or (_resolution(pipe) if pipe is not None else 0), 4, {})
     prompts: list[str] = []
-    if callable(calib):
-        samples = _capture_loop(denoiser, calib)
-    elif calib and not isinstance(calib[0], str):
-        samples = _check_samples(denoiser, calib)
-    else:
-        if pipe is None:
-            raise ConfigError("calibrating a bare denoiser needs calib= denoiser kwargs or a forward_loop; pass the "
-                              "pipeline to calibrate from prompts")
-        prompts = calibration.calibration_prompts(list(calib or cfg.calib.prompts), None,
-                                                  len(calib) if calib else cfg.calib.num_prompts)
-        samples, _ = calibration.load_or_capture(
-            pipe, family, model_key={"api": type(denoiser).__name__}, prompts=prompts, seed=cfg.calib.seed,
-            steps=steps, guidance=guidance, resolution=smp.resolution, keep_steps=cfg.calib.num_steps,
-            batch_size=cfg.calib.batch_size, call_kwargs={}, cache_dir=None, selection=cfg.calib.selection,
-            num_samples=cfg.calib.num_samples, edadm=OmegaConf.to_container(cfg.calib.edadm, resolve=True))
-    context = MethodContext(pipe, family or "", smp, prompts, {"api": type(denoiser).__name__},
-                            str(cfg.paths.cache_dir), seed, None)
-    torch.manual_seed(seed)
-    stats = apply_quantization(denoiser, specs, samples, q, OmegaConf.to_container(cfg.recon, resolve=True), context,
-                               device=device, dtype=dtype)
-    if enabled(ft):
-        state_key = {**fp_key, "quant": q, "finetune": ft, "seed": seed}
-        stats["finetune"] = finetune_denoiser(
-            pipe, family, specs, ft, q["attn"], calib=samples, calib_prompts=prompts or list(cfg.calib.prompts),
-            smp=smp, model_key=fp_key, cache_dir=str(cfg.paths.cache_dir), state_key=state_key, device=device)
-    report = Report(str(cfg.quant.name), specs, _cost(denoiser, specs, samples[0], device, dtype), stats)
+    with rollback_on_error(denoiser, f"the {type(denoiser).__name__}"):
+        if kind == "loop":
+            samples = _capture_loop(denoiser, calib)
+        elif kind in ("default", "prompts"):
+            calib_steps = int(cfg.calib.steps or steps)
+            prompts = calibration.calibration_prompts(list(calib or cfg.calib.prompts), None,
+                                                      len(calib) if calib else cfg.calib.num_prompts)
+            samples, _ = calibration.load_or_capture(
+                pipe, family, model_key={"api": type(denoiser).__name__}, prompts=prompts, seed=cfg.calib.seed,
+                steps=calib_steps, guidance=guidance, resolution=smp.resolution,
+                keep_steps=min(int(cfg.calib.num_steps), calib_steps), batch_size=cfg.calib.batch_size,
+                call_kwargs={}, cache_dir=None, selection=cfg.calib.selection, num_samples=cfg.calib.num_samples,
+                edadm=OmegaConf.to_container(cfg.calib.edadm, resolve=True))
+        context = MethodContext(pipe, family or "", smp, prompts, {"api": type(denoiser).__name__},
+                                str(cfg.paths.cache_dir), seed, None)
+        torch.manual_seed(seed)
+        stats = apply_quantization(denoiser, specs, samples, q, OmegaConf.to_container(cfg.recon, resolve=True),
+                                   context, device=device, dtype=dtype)
+        if enabled(ft):
+            state_key = {**fp_key, "quant": q, "finetune": ft, "seed": seed}
+            stats["finetune"] = finetune_denoiser(
+                pipe, family, specs, ft, q["attn"], calib=samples, calib_prompts=prompts or list(cfg.calib.prompts),
+                smp=smp, model_key=fp_key, cache_dir=str(cfg.paths.cache_dir), state_key=state_key, device=device)
+        report = Report(str(cfg.quant.name), specs, _cost(denoiser, specs, samples[0], device, dtype), stats)
     denoiser.__dict__["_diffq"] = {"specs": specs, "attn": q["attn"], "quant": str(cfg.quant.name),
                                    "method": q["method"]}
     target.diffq_report = report
@@ -299,9 +378,12 @@ def _cost(denoiser: nn.Module, specs: Sequence[LayerSpec], sample: CalibSample, 
             **operations(denoiser, counter.macs, specs)}
 
 
-def save_quantized(pipe: Any, folder: str | Path) -> Path:
+def save_quantized(pipe: Any, folder: str | Path, overwrite: bool = False) -> Path:
     """Write a quantized pipeline to ``folder``: the denoiser as diffq's packed export, every other
     component as diffusers saves it; :func:`load_pipeline` turns it back into a runnable pipeline.
+
+    A non-empty ``folder`` is refused unless ``overwrite=True``, which replaces it whole, and only
+    once the new save is complete (a failed save leaves the old folder as it was).
 
     >>> diffq.save_quantized(pipe, "out/w4a8")
     """
@@ -309,15 +391,29 @@ def save_quantized(pipe: Any, folder: str | Path) -> Path:
     meta = denoiser.__dict__.get("_diffq")
     if meta is None:
         raise ConfigError(f"the pipeline's {name} is not quantized by diffq: run diffq.quantize(pipe, ...) first")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    export_quantized(denoiser, meta["specs"], folder / name, meta["attn"],
-                     extra={"quant": meta["quant"], "method": meta["method"]})
-    for key, component in pipe.components.items():
-        if key != name and hasattr(component, "save_pretrained"):
-            component.save_pretrained(folder / key)
-    pipe.save_config(folder)
-    (folder / PIPELINE_FILE).write_text(json.dumps({"class_name": type(pipe).__name__, "denoiser": name}, indent=2))
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file: save_quantized writes a folder; pick another path")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise ConfigError(f"{folder} is not empty: pass overwrite=True to replace it, or pick an empty folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        export_quantized(denoiser, meta["specs"], staging / name, meta["attn"],
+                         extra={"quant": meta["quant"], "method": meta["method"]})
+        for key, component in pipe.components.items():
+            if key != name and hasattr(component, "save_pretrained"):
+                component.save_pretrained(staging / key)
+        pipe.save_config(staging)
+        (staging / PIPELINE_FILE).write_text(json.dumps({"class_name": type(pipe).__name__, "denoiser": name},
+                                                        indent=2))
+        use_umask(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.replace(folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return folder
 
 
@@ -328,7 +424,9 @@ def load_pipeline(folder: str | Path, device: str | torch.device | None = None) 
     """
     import diffusers
 
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} does not exist: pass the folder diffq.save_quantized wrote")
     info_file = folder / PIPELINE_FILE
     if not info_file.is_file():
         raise ConfigError(f"{folder} is not a pipeline saved by diffq.save_quantized (no {PIPELINE_FILE})")
@@ -353,11 +451,17 @@ def evaluate(pipe: Any, fp_pipe: Any, prompts: Sequence[str], metrics: Sequence[
     from diffq.eval.suite import check_eval
     from diffq.eval.suite import evaluate as run_suite
 
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("evaluate needs a non-empty list of prompts (str), e.g. [\"a photo of a red circle\"]")
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ConfigError(f"got {len(seeds)} seeds for {len(prompts)} prompts: pass one seed per prompt, or none")
+    family = detect_family(denoiser_of(pipe)[1])
+    _check_sampling(pipe, family, steps, resolution)
+
     cfg = compose_config("fp16", {"eval.metrics": list(metrics), "eval.geneval.metadata": None})
     if cache_dir:
         cfg.paths.cache_dir = cache_dir
     check_eval(cfg.eval)
-    family = detect_family(denoiser_of(pipe)[1])
     seeds = list(seeds) if seeds is not None else sample_seeds(0, len(prompts))
     res = resolution or _resolution(pipe)
 

@@ -19,7 +19,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from diffq.files import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,7 @@ def cache_path(cache_dir: str | os.PathLike, kind: str, key: str) -> Path:
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
     """Write tensors + JSON metadata atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"diffq": json.dumps(meta, default=str)})
-    os.replace(tmp, path)
+    write_safetensors(path, tensors, meta)
 
 
 def load_meta(path: Path) -> dict[str, Any] | None:
@@ -70,15 +67,22 @@ def load_meta(path: Path) -> dict[str, Any] | None:
         return None
 
 
+UNREADABLE = (SafetensorError, OSError, ValueError, json.JSONDecodeError)  # what a truncated or foreign file raises
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An entry's tensors and metadata; one of :data:`UNREADABLE` when the file is missing or corrupt."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("diffq", "{}"))
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """Read an entry; None (with a warning) when it is missing or unreadable."""
+    """Read a cache entry; None when it is missing, or unreadable (with a warning: the caller recomputes it)."""
     if not path.exists():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("diffq", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as e:
+        return read_tensors(path)
+    except UNREADABLE as e:
         log.warning("cache entry %s is unreadable (%s); recomputing it", path, e)
         return None
-    return tensors, meta

@@ -29,7 +29,7 @@ def _overrides() -> list[str]:
 
 def task(cfg: DictConfig) -> dict | None:
     """Run one job. In a sweep a failing job is recorded (status failed) and the sweep goes on."""
-    from diffq.job import run, write_metrics  # here, not at the top: `diffq report` needs no model stack
+    from diffq.job import run, write_failure, write_metrics  # here, not at the top: `diffq report` needs no models
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
@@ -38,13 +38,13 @@ def task(cfg: DictConfig) -> dict | None:
     try:
         metrics = run(cfg, out_dir)
     except Exception as e:  # noqa: BLE001 - every failure is reported, the sweep must go on
+        write_failure(out_dir, e, _overrides())
         if hc.mode != RunMode.MULTIRUN:
             if isinstance(e, DiffqError):
                 log.error("%s", e)
                 sys.exit(2)
             raise
         log.error("job failed: %s\n%s", e, traceback.format_exc())
-        write_metrics(out_dir, {"status": "failed", "error": f"{type(e).__name__}: {e}", "overrides": _overrides()})
         return None
     if metrics["status"] == "worker":  # another process of an accelerate launch writes the results
         return None

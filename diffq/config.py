@@ -436,17 +436,11 @@ class DiffqConfig:
 
 
 def register_configs() -> None:
-    """Register the schemas so YAML files are validated against them at compose time."""
+    """Register the job schema (``diffq_schema``, the defaults list's first entry) so every group's YAML is
+    validated against its typed field at compose time; no group lists a ``schema`` option."""
     if not OmegaConf.has_resolver("testbed_asset"):
         OmegaConf.register_new_resolver("testbed_asset", asset_path)
     if not OmegaConf.has_resolver("add"):  # ${add:1234,${seed}}: a seed offset from the top-level seed
         OmegaConf.register_new_resolver("add", lambda *xs: sum(xs))
     cs = ConfigStore.instance()
     cs.store(name="diffq_schema", node=DiffqConfig)
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="quant", name="schema", node=QuantConfig)
-    cs.store(group="calib", name="schema", node=CalibConfig)
-    cs.store(group="recon", name="schema", node=ReconConfig)
-    cs.store(group="finetune", name="schema", node=FinetuneConfig)
-    cs.store(group="sampler", name="schema", node=SamplerConfig)
-    cs.store(group="eval", name="schema", node=EvalConfig)

@@ -21,10 +21,10 @@ from typing import Any, Callable, Mapping
 import diffusers
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from diffq.errors import CheckpointError
+from diffq.files import write_safetensors
 from diffq.formats import Format
 from diffq.layers import add_side_branch, half_of, layer_table, side_branches
 from diffq.model_quant import input_splits, prepare
@@ -110,6 +110,7 @@ CODECS.register("base3")(Codec(
     decode=lambda stored, layout: unpack_base3(stored, math.prod(layout["shape"])).reshape(layout["shape"]),
 ))
 AUTO_CODECS = ("float8", "int8", "packed")  # tried in order when no codec is named
+PACKED_STORAGE = ("packed", "base3")  # sub-byte storages a loaded model can keep packed in memory (packed=true)
 
 
 @torch.no_grad()
@@ -145,7 +146,12 @@ def _decode_codes(stored: Tensor, layout: Mapping[str, Any]) -> Tensor:
 
 
 def _json_config(model: nn.Module) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(model.config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    """The model's config as JSON values; diffusers' ``_use_default_values`` (built from a set, so in
+    a different order in each process) sorted."""
+    config = json.loads(json.dumps(dict(model.config), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+    if isinstance(config.get("_use_default_values"), list):
+        config["_use_default_values"] = sorted(config["_use_default_values"])
+    return config
 
 
 def export_quantized(
@@ -194,15 +200,15 @@ def export_quantized(
         "side": {n: {"rank": b.rank, "scale": b.scale} for n, b in side_branches(model).items()},
         "extra": dict(extra or {}),
     }
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / WEIGHTS_NAME
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"diffq": json.dumps(meta)})
-    os.replace(tmp, path)
+    path = Path(folder) / WEIGHTS_NAME
+    write_safetensors(path, tensors, meta)
     log.info("exported %d quantized layers to %s (%.2f MB)", len(packed), path, path.stat().st_size / 2**20)
     return path
+
+
+def packable_layers(meta: Mapping[str, Any]) -> list[str]:
+    """The layers of an export (its metadata) stored sub-byte, which ``packed=true`` keeps packed."""
+    return [name for name, layout in meta["packed"].items() if layout["storage"] in PACKED_STORAGE]
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -250,8 +256,12 @@ def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
     module_name, _, attr = key.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attr in module._parameters:
-        module._parameters[attr].data = value.to(module._parameters[attr].device)
+        param = module._parameters[attr]
+        param.data = value.to(param.device, param.dtype if value.is_floating_point() else value.dtype)
     elif attr in module._buffers or hasattr(module, attr):
+        old = module._buffers.get(attr)
+        if old is not None and old.is_floating_point() and value.is_floating_point():
+            value = value.to(old.dtype)  # the model's dtype (a lossless upcast for quantizer parameters)
         module._buffers[attr] = value
     else:
         raise CheckpointError(f"checkpoint tensor {key} has no place in the model: it was exported from another model")
@@ -281,9 +291,13 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, pack
 
     ``packed``: weights stored by a sub-byte codec (2-bit, base-3, 4-bit packing) stay packed in
     memory and are unpacked layer by layer at forward time (:class:`PackedWeight`); the model then
-    runs quantized only (no float mode, no re-export)."""
+    runs quantized only (no float mode, no re-export).
+
+    Into a ``model`` of another floating dtype than the export's (a float32 export into a bfloat16
+    pipeline, or the reverse) the weights are decoded from their codes and cast to the model's dtype."""
     file = _resolve(path)
     meta = read_metadata(file)
+    dtype = None if model is None else next(model.parameters()).dtype
     if model is None:
         cls = getattr(diffusers, meta["class_name"], None)
         if cls is None:
@@ -310,7 +324,9 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, pack
         wq = layer.weight_quantizer
         params = wq.fmt.from_storage({k: stored.pop(f"{name}.weight.params.{k}") for k in layout["params"]})
         wq.set_params(**params)
-        if packed and layout["storage"] in ("packed", "base3"):
+        if dtype is not None:
+            layout = {**layout, "weight_dtype": str(dtype).removeprefix("torch.")}
+        if packed and layout["storage"] in PACKED_STORAGE:
             layer.packed = PackedWeight(raw, layout)
             layer.weight = nn.Parameter(torch.empty(0, dtype=layer.packed.dtype), requires_grad=False)
             continue

@@ -28,7 +28,7 @@ from diffq.eval.geneval import balanced_entries, load_metadata
 from diffq.eval.grids import image_grid
 from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
-from diffq.export import CODECS, export_quantized, load_quantized, read_metadata
+from diffq.export import CODECS, export_quantized, load_quantized, packable_layers, read_metadata
 from diffq.finetune.lora import describe_side_branches
 from diffq.finetune.stage import check_finetune, finetune_denoiser, plan_stages
 from diffq.finetune.stage import enabled as finetune_enabled
@@ -45,7 +45,6 @@ from diffq.models import (
 )
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table, validate_quant_args
 from diffq.testbed.prompts import evaluation_metadata
-from diffq.timestep_groups import MIN_CALLS_PER_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -168,20 +167,20 @@ def check_config(cfg: DictConfig) -> None:
         CODECS.get(cfg.export_codec)
     if cfg.packed and not cfg.load:
         raise ConfigError("packed=true keeps a loaded export's weights packed: add load=<exported model folder>")
+    if cfg.packed and not packable_layers(read_metadata(cfg.load)):
+        raise ConfigError(f"packed=true keeps sub-byte weights packed (formats under 8 bits: INT2-INT4, FP4, ternary, "
+                          f"binary), but {cfg.load} stores every layer at 8 bits or more, so nothing would pack: drop "
+                          "packed=true")
+
+
+def calib_sampler_steps(cfg: DictConfig) -> int:
+    """Sampler steps of the calibration trajectories: ``calib.steps``, else the sampler's."""
+    return int(cfg.calib.steps or sampling_of(cfg).steps)
 
 
 def check_timestep_coverage(cfg: DictConfig) -> None:
-    """ConfigError when ``calib=uniform`` keeps too few steps for ``quant.act``'s timestep groups: each
-    group calibrated on its own needs MIN_CALLS_PER_GROUP distinct steps, shared groups one each."""
-    act, calib = cfg.quant.act, cfg.calib
-    groups = int(act.timestep_groups)
-    if groups < 2 or calib.selection != "uniform":
-        return
-    need = groups * (1 if act.timestep_init == "shared" else MIN_CALLS_PER_GROUP)
-    if int(calib.num_steps) < need:
-        raise ConfigError(f"quant.act.timestep_groups={groups} (timestep_init={act.timestep_init}) needs calibration "
-                          f"calls at {need} or more sampler steps, but calib.num_steps={calib.num_steps}; fix: set "
-                          f"calib.num_steps={need} (at most the sampler's steps) or lower timestep_groups")
+    """ConfigError when calibration keeps too few sampler steps for ``quant.act``'s timestep groups."""
+    calibration.check_timestep_coverage(cfg.quant.act, cfg.calib, calib_sampler_steps(cfg))
 
 
 def check_recon(cfg: DictConfig) -> None:
@@ -411,8 +410,9 @@ def quantize(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cfg: DictCo
     with timed(timings, "calib_capture_s"):
         samples, calib_hit = calibration.load_or_capture(
             pipe, cfg.model.family, model_key=model_key(cfg), prompts=calib_prompts, seed=cfg.calib.seed,
-            steps=int(cfg.calib.steps or smp.steps), guidance=smp.guidance, resolution=smp.resolution,
-            keep_steps=cfg.calib.num_steps, batch_size=cfg.calib.batch_size, call_kwargs=smp.call_kwargs,
+            steps=calib_sampler_steps(cfg), guidance=smp.guidance, resolution=smp.resolution,
+            keep_steps=min(int(cfg.calib.num_steps), calib_sampler_steps(cfg)), batch_size=cfg.calib.batch_size,
+            call_kwargs=smp.call_kwargs,
             cache_dir=cfg.paths.cache_dir if cfg.calib.cache else None, selection=cfg.calib.selection,
             num_samples=cfg.calib.num_samples, edadm=OmegaConf.to_container(cfg.calib.edadm, resolve=True),
         )
@@ -456,9 +456,12 @@ def finetune(pipe: Any, specs: list[LayerSpec], plan: Plan, cfg: DictConfig, cal
 
 def load_export(path: str, denoiser: nn.Module, packed: bool = False) -> dict[str, Any]:
     """Load an exported quantized checkpoint into the denoiser (``packed``: sub-byte weights stay
-    packed in memory); returns where it came from."""
+    packed in memory); returns where it came from and how many layers stay packed."""
     load_quantized(path, denoiser, packed=packed)
-    return {"loaded_from": str(path), "packed": packed}
+    layers = len(packable_layers(read_metadata(path))) if packed else 0
+    if packed:
+        log.info("packed=true: %d layers stay packed in memory, the others are stored at 8 bits", layers)
+    return {"loaded_from": str(path), "packed": layers > 0, "packed_layers": layers}
 
 
 # ----------------------------------------------------------------------------- results
@@ -561,6 +564,22 @@ def loss_plot(finetuned: Mapping[str, Any], path: Path) -> Any:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return fig
+
+
+def write_failure(out_dir: Path, error: BaseException, overrides: list[str]) -> None:
+    """metrics.json of a failed run: ``status: failed``, the error and the overrides. An earlier
+    successful run's metrics.json in the same folder is kept as metrics.previous.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = out_dir / "metrics.json"
+    if old.exists():
+        try:
+            ok = json.loads(old.read_text()).get("status") == "ok"
+        except (OSError, ValueError):
+            ok = False
+        if ok:
+            old.replace(out_dir / "metrics.previous.json")
+            log.info("the earlier run's metrics.json in %s is kept as metrics.previous.json", out_dir)
+    write_metrics(out_dir, {"status": "failed", "error": f"{type(error).__name__}: {error}", "overrides": overrides})
 
 
 def write_metrics(out_dir: Path, metrics: dict[str, Any]) -> None:

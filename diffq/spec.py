@@ -105,29 +105,30 @@ class LayerSpec:
         )
 
 
-def parse_rules(rules: Iterable[Mapping[str, Any]], valid_roles: Sequence[str]) -> list[Rule]:
+def parse_rules(rules: Iterable[Mapping[str, Any]], valid_roles: Sequence[str], where: str = "quant.rules",
+                start: int = 0) -> list[Rule]:
     """Turn config rules into :class:`Rule` objects, checking role names, regexes and the types of
-    their ``weight`` / ``act`` settings."""
+    their ``weight`` / ``act`` settings; errors name the rule as ``<where>[i]`` (i from ``start``)."""
     parsed = []
-    for i, r in enumerate(rules):
+    for i, r in enumerate(rules, start):
         r = dict(r)
         roles = tuple(r.get("roles") or ())
         bad = [x for x in roles if x not in valid_roles]
         if bad:
-            raise ConfigError(f"quant.rules[{i}]: unknown role(s) {bad}; valid roles are {list(valid_roles)}")
+            raise ConfigError(f"{where}[{i}]: unknown role(s) {bad}; valid roles are {list(valid_roles)}")
         kinds = tuple(r.get("kinds") or ())
         bad = [x for x in kinds if x not in KINDS]
         if bad:
-            raise ConfigError(f"quant.rules[{i}]: unknown kind(s) {bad}; valid kinds are {list(KINDS)}")
+            raise ConfigError(f"{where}[{i}]: unknown kind(s) {bad}; valid kinds are {list(KINDS)}")
         names = tuple(r.get("names") or ())
         for pattern in names:
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
                 except re.error as e:
-                    raise ConfigError(f"quant.rules[{i}]: bad regex {pattern!r} ({e}); fix the pattern") from e
-        weight = TensorQuant.check_partial(r.get("weight"), f"quant.rules[{i}].weight")
-        act = TensorQuant.check_partial(r.get("act"), f"quant.rules[{i}].act")
+                    raise ConfigError(f"{where}[{i}]: bad regex {pattern!r} ({e}); fix the pattern") from e
+        weight = TensorQuant.check_partial(r.get("weight"), f"{where}[{i}].weight")
+        act = TensorQuant.check_partial(r.get("act"), f"{where}[{i}].act")
         parsed.append(Rule(index=i, roles=roles, names=names, kinds=kinds, weight=weight, act=act, skip=r.get("skip"),
                            bos=r.get("bos")))
     return parsed

@@ -13,10 +13,12 @@ from diffq.calib.capture import CalibSample, capture_trajectories, flatten_sampl
 from diffq.calib.select import SELECTIONS, assemble, capture_pool, edadm_counts, select_items, trajectory_count
 from diffq.errors import ConfigError
 from diffq.models import sample_seeds
+from diffq.timestep_groups import MIN_CALLS_PER_GROUP
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibSample", "calibration_prompts", "check_selection", "load_or_capture", "training_pool", "uniform_steps"]
+__all__ = ["CalibSample", "calibration_prompts", "check_selection", "check_timestep_coverage", "kept_steps",
+           "load_or_capture", "training_pool", "uniform_steps"]
 
 _CACHE_VERSION = 3  # 2: pool shards hold the final latents and noise coefficients; 3: training pools from the FP model
 
@@ -35,6 +37,41 @@ def calibration_prompts(prompts: Sequence[str], prompts_file: str | None, count:
     if count <= 0:
         raise ConfigError(f"calib.num_prompts must be positive (got {count})")
     return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def kept_steps(num_steps: int, sampler_steps: int) -> int:
+    """The sampler steps calibration keeps per trajectory: ``calib.num_steps``, at most the
+    calibration sampler's ``sampler_steps`` (a warning says so when it is capped); ConfigError below 1."""
+    if num_steps < 1 or sampler_steps < 1:
+        raise ConfigError(f"calib.num_steps ({num_steps}) and the calibration sampler's steps ({sampler_steps}) must "
+                          "be at least 1")
+    if num_steps > sampler_steps:
+        log.warning("calib.num_steps=%d is more than the calibration sampler's %d steps: all %d are kept (set "
+                    "calib.num_steps<=%d, or raise calib.steps for a longer calibration trajectory)", num_steps,
+                    sampler_steps, sampler_steps, sampler_steps)
+    return min(num_steps, sampler_steps)
+
+
+def check_timestep_coverage(act: Mapping[str, Any], calib: Mapping[str, Any], sampler_steps: int) -> None:
+    """ConfigError when ``calib=uniform`` keeps too few steps for ``quant.act``'s timestep groups: each
+    group calibrated on its own needs MIN_CALLS_PER_GROUP distinct steps, shared groups one each. The
+    fix it names can work: calibration keeps at most the calibration sampler's steps."""
+    kept = kept_steps(int(calib["num_steps"]), sampler_steps)
+    groups = int(act["timestep_groups"])
+    if groups < 2 or calib["selection"] != "uniform":
+        return
+    per = 1 if act["timestep_init"] == "shared" else MIN_CALLS_PER_GROUP
+    need = groups * per
+    if kept >= need:
+        return
+    what = (f"quant.act.timestep_groups={groups} (timestep_init={act['timestep_init']}) needs calibration calls at "
+            f"{need} or more sampler steps, but calibration keeps {kept}")
+    if need <= sampler_steps:
+        raise ConfigError(f"{what} (calib.num_steps={calib['num_steps']}); fix: set calib.num_steps={need} or lower "
+                          "quant.act.timestep_groups")
+    raise ConfigError(f"{what}: the calibration sampler runs only {sampler_steps} steps (calib.steps, else the "
+                      f"sampler's); fix: lower quant.act.timestep_groups to {max(1, sampler_steps // per)} or less, or "
+                      f"set calib.steps={need} calib.num_steps={need}")
 
 
 def check_selection(selection: str) -> None:

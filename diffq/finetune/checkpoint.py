@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import torch
 
-from diffq.cache import load_tensors, save_tensors
+from diffq.cache import UNREADABLE, read_tensors, save_tensors
 from diffq.errors import CheckpointError
 
 STATE_FILE = "state.safetensors"
@@ -49,10 +49,11 @@ def load_checkpoint(folder: Path, *, params: Mapping[str, torch.Tensor], optimiz
     path = folder / STATE_FILE
     if not path.exists():
         return None
-    hit = load_tensors(path)
-    if hit is None:
-        raise CheckpointError(f"finetuning checkpoint {path} is unreadable: delete it to train from the start")
-    tensors, meta = hit
+    try:
+        tensors, meta = read_tensors(path)
+    except UNREADABLE as e:
+        raise CheckpointError(f"finetuning checkpoint {path} is unreadable ({e}): delete it to train from the "
+                              "start") from None
     if "record" not in meta:
         raise CheckpointError(f"finetuning checkpoint {path} was written by an older diffq (no validation record): "
                               "delete it to train from the start")

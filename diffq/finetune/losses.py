@@ -82,7 +82,8 @@ def build_extra_losses(entries: Sequence[Mapping[str, Any]], layers: Mapping[str
     losses = []
     for i, e in enumerate(entries):
         cls = EXTRA_LOSSES.get(e["name"])
-        (rule,) = parse_rules([{"roles": e.get("roles"), "names": e.get("names")}], valid_roles)
+        (rule,) = parse_rules([{"roles": e.get("roles"), "names": e.get("names")}], valid_roles,
+                              "finetune.extra_losses", start=i)
         if cls.targets == "modules":
             if model is None or rule.roles or not rule.names:
                 raise ConfigError(f"finetune.extra_losses[{i}]: {e['name']} hooks modules by name: give names "

@@ -51,7 +51,8 @@ WEIGHT_SCALE_MODES = ("learn", "follow")
 
 def parse_train_rules(rules: Sequence[Mapping[str, Any]], valid_roles: Sequence[str]) -> list[tuple[Rule, tuple]]:
     """The rules with their kinds (ConfigError for an unknown kind, role or bad regex)."""
-    parsed = parse_rules([{"roles": r.get("roles"), "names": r.get("names")} for r in rules], valid_roles)
+    parsed = parse_rules([{"roles": r.get("roles"), "names": r.get("names")} for r in rules], valid_roles,
+                         "finetune.train")
     out = []
     for i, (rule, r) in enumerate(zip(parsed, rules)):
         kinds = tuple(r.get("kinds") or ())

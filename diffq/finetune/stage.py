@@ -41,7 +41,14 @@ def enabled(ft: Mapping[str, Any]) -> bool:
 
 def check_finetune(ft: Mapping[str, Any], *, load: bool, keep_fp_weights: bool, world: str | None) -> None:
     """ConfigError for finetuning settings that cannot work, before any model loads."""
-    if not enabled(ft):
+    steps = int(ft["steps"])
+    if steps < 0:
+        raise ConfigError(f"finetune.steps must be >= 0 (got {steps}): 0 skips finetuning (or finetune=none), a "
+                          "positive count trains that many steps")
+    if steps == 0:
+        if ft.get("name", "none") != "none":
+            log.info("finetune=%s with finetune.steps=0: finetuning is skipped (the PTQ model is evaluated)",
+                     ft["name"])
         return
     if load:
         raise ConfigError("finetune applies when quantizing, not to a loaded export: drop load= or use finetune=none")

@@ -4,7 +4,8 @@ A method is ``apply(model, specs, calib, cfg, *, device, dtype, context) -> stat
 ``@METHODS.register("name")`` (selected by ``quant.method``; ``context`` holds the pipeline and
 where the job writes, for methods that generate images); an optional ``apply.check_specs(specs,
 cfg)`` runs on the resolved specs before calibration, an optional ``apply.model_rules(model, cfg)``
-adds rules computed from the model before the preset's; a reconstruction mode is a
+adds rules computed from the model before the preset's, an optional ``apply.needs_pipeline(cfg)``
+says why a config cannot run on a bare denoiser (None when it can); a reconstruction mode is a
 :class:`~diffq.methods.reconstruct.ReconMode` registered with ``RECON_MODES`` (``quant.recon``).
 Every module of this package is imported on the first lookup, so a new method is one file.
 """

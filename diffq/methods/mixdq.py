@@ -411,8 +411,7 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
     if mc["plan"]:  # a written plan: its rules are in the specs, calibrate them as RTN does
         return rtn.apply(model, specs, calib, cfg, device=device, dtype=dtype)
     if context is None or context.pipe is None:
-        raise ConfigError("quant.method=mixdq generates images to measure sensitivity: pass the pipeline (not the "
-                          "bare denoiser) or a written plan (quant.mixdq.plan=<run>/mixdq_plan.yaml)")
+        raise ConfigError(needs_pipeline(cfg))
     check_budget(specs, mc)
     layers = prepare(model, specs, cfg.get("attn"))
     n_splits = split_shortcuts(model, calib, device, dtype) if cfg.get("split_shortcut") else 0
@@ -508,4 +507,13 @@ def check_specs(specs: Sequence[LayerSpec], cfg: Mapping[str, Any]) -> None:
         check_budget(specs, cfg["mixdq"])
 
 
+def needs_pipeline(cfg: Mapping[str, Any]) -> str | None:
+    """Why this config needs the pipeline, not the bare denoiser (None with a written plan)."""
+    if cfg["mixdq"]["plan"]:
+        return None
+    return ("quant.method=mixdq generates images to measure sensitivity: pass the pipeline (not the bare denoiser) "
+            "or a written plan (quant.mixdq.plan=<run>/mixdq_plan.yaml)")
+
+
 apply.check_specs = check_specs
+apply.needs_pipeline = needs_pipeline

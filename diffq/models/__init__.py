@@ -1,5 +1,5 @@
 """Model adapters: load diffusers pipelines (tiny, hub id or local folder), name their parts, sample them."""
-from diffq.models.generate import dit_label_ids, generate_images, sample_seeds
+from diffq.models.generate import dit_label_ids, dit_resolution, generate_images, sample_seeds
 from diffq.models.loading import (
     denoiser_of,
     family_of_pipeline,
@@ -15,5 +15,6 @@ from diffq.models.tokenizers import build_word_tokenizer, unknown_words
 __all__ = [
     "FAMILIES", "PIPELINE_CLASSES", "build_tiny_pipeline", "build_word_tokenizer", "unknown_words", "load_pipeline",
     "resolve_dtype", "denoiser_of", "set_denoiser", "text_encoders_of", "family_of_pipeline",
-    "generate_images", "sample_seeds", "dit_label_ids", "Sampling", "sampling_of", "model_key", "weights_fingerprint",
+    "generate_images", "sample_seeds", "dit_label_ids", "dit_resolution", "Sampling", "sampling_of", "model_key",
+    "weights_fingerprint",
 ]

@@ -52,6 +52,11 @@ def dit_label_ids(pipe: DiffusionPipeline, labels: Sequence[str]) -> list[int]:
     return pipe.get_label_ids(names)
 
 
+def dit_resolution(pipe: DiffusionPipeline) -> int:
+    """The one resolution a DiT pipeline generates at: its latent size times the VAE's downsampling."""
+    return int(pipe.transformer.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+
+
 def _check_args(pipe: DiffusionPipeline, family: str, n: int, n_seeds: int, batch_size: int,
                 resolution: int, call_kwargs: dict[str, Any]) -> None:
     if family not in FAMILIES:
@@ -67,7 +72,7 @@ def _check_args(pipe: DiffusionPipeline, family: str, n: int, n_seeds: int, batc
             "(use model.steps, model.guidance, model.resolution)"
         )
     if family == "dit":
-        native = pipe.transformer.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        native = dit_resolution(pipe)
         if resolution != native:
             raise ConfigError(f"DiT generates only at its native resolution {native}: set model.resolution={native}")
 

@@ -9,6 +9,7 @@ import argparse
 import csv
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,6 +54,11 @@ def sweep_folders(sweep_dirs: str | Path | Sequence[str | Path]) -> list[Path]:
     for d in dirs:
         if not d.is_dir():
             raise FileNotFoundError(f"no sweep folder {d}: pass the folder Hydra printed (outputs/sweeps/<time>)")
+        if not job_dirs(d):
+            what = "a single run's folder" if (d / "metrics.json").exists() or (d / "config.yaml").exists() else \
+                "not a sweep folder"
+            raise FileNotFoundError(f"no job folders found in {d} ({what}): pass a sweep folder "
+                                    "(outputs/sweeps/<time>, holding the numbered job folders 0/, 1/, ...)")
     return dirs
 
 
@@ -83,6 +89,9 @@ def summary_rows(jobs: list[dict[str, Any]], baseline: str | None = None) -> lis
                "jobs": r["job"], "seeds": r["seed"], "overrides": " ".join(f"{k}={v}" for k, v in r["_config"].items())}
               for r in jobs if r["status"] != "ok"]
     return rows + failed
+
+
+REPORT_FILES = ("summary.md", "summary.csv", "jobs.csv", "pareto.png", "comparison.png")
 
 
 def write_report(sweep_dirs: str | Path | Sequence[str | Path], out: str | Path | None = None,
@@ -229,11 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(summary_markdown(rows), end="")
             print(f"{job_counts(rows)}; nothing written: pass --out DIR for the merged report files")
             return 0
+        started = time.time()
         rows = write_report(args.sweep_dirs, args.out, args.baseline)
     except (FileNotFoundError, ValueError) as e:
         print(f"diffq report: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or args.sweep_dirs[0])
+    written = [n for n in REPORT_FILES if (out / n).exists() and (out / n).stat().st_mtime >= started - 1]
     print(summary_markdown(rows), end="")
-    print(f"{job_counts(rows)} -> {out / 'summary.md'}, summary.csv, jobs.csv, pareto.png, comparison.png")
+    print(f"{job_counts(rows)} -> {out}: {', '.join(written)}"
+          + (f" (no {', '.join(n for n in REPORT_FILES if n not in written)}: no finished job to draw)"
+             if len(written) < len(REPORT_FILES) else ""))
     return 0
