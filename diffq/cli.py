@@ -50,12 +50,13 @@ def task(cfg: DictConfig) -> dict | None:
         return None
     metrics["overrides"] = _overrides()
     write_metrics(out_dir, metrics)
-    fid = metrics["fidelity"]
+    fid, cost = metrics["fidelity"], metrics["cost"]
     geneval = metrics["metrics"].get("geneval")
     log.info(
         "done: %s", ", ".join(f"{k} {v['mean']:.3f}" for k, v in fid.items())
-        + (f", GenEval {geneval_summary(geneval, metrics['quant'])}" if geneval else "")
-        + f", W {metrics['cost']['effective_weight_bits']:.2f} bits, A {metrics['cost']['effective_act_bits']:.2f} bits"
+        + (f", GenEval {geneval_summary(geneval, metrics['label'])}" if geneval else "")
+        + f", W {cost['effective_weight_bits']:.2f} bits (stored {cost['stored_weight_bits']:.2f}),"
+        + f" A {cost['effective_act_bits']:.2f} bits"
         + f" -> {out_dir}",
     )
     return metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from diffq.calib.select import step_histogram
 from diffq.errors import ConfigError
 from diffq.eval.cost import LayerCounter, activation_bits, operations, resident_mb, weight_bits
 from diffq.eval.geneval import balanced_entries, load_metadata
-from diffq.eval.grids import image_grid
+from diffq.eval.grids import image_grid, spread_indices
 from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
 from diffq.export import CODECS, export_quantized, load_quantized, packable_layers, read_metadata
@@ -44,6 +45,7 @@ from diffq.models import (
     unknown_words,
 )
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table, validate_quant_args
+from diffq.sweep.rows import bits_label, method_label
 from diffq.testbed.prompts import evaluation_metadata
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "status": "ok",
         "model": cfg.model.name,
         "quant": plan.name,
+        "label": run_label(cfg, plan),
         "method": plan.method,
         "attn": plan.attn,
         "denoiser": f"{denoiser_name}:{type(denoiser).__name__.removeprefix('Quant')}",
@@ -513,13 +516,26 @@ def cost_of(denoiser: nn.Module, specs: list[LayerSpec], input_counts: dict[str,
     return cost
 
 
+def run_label(cfg: DictConfig, plan: Plan) -> str:
+    """What the job ran, as sweep reports label it: ``rtn+block W4A8`` (a loaded export: its preset)."""
+    if cfg.load:
+        return f"{plan.name} (loaded)"
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        return f"{method_label(resolved)} {bits_label(resolved['quant'])}"
+    except ConfigError:
+        return plan.name
+
+
 def write_artifacts(cfg: DictConfig, out_dir: Path, plan: Plan, denoiser: nn.Module, specs: list[LayerSpec],
                     evalset: EvalSet, fp_images: torch.Tensor, q_images: torch.Tensor, metrics: dict[str, Any]) -> None:
     """grid.png, the exported model (``export=true``, recorded in ``metrics``) and metrics.json."""
     if cfg.eval.grid:
-        n = min(len(evalset.prompts), cfg.eval.grid_max)
-        label = plan.name + (f" + {metrics['finetune']['name']}" if metrics.get("finetune") else "")
-        image_grid([fp_images[:n], q_images[:n]], ["FP", label], evalset.prompts[:n]).save(out_dir / "grid.png")
+        tags = [e.get("tag") for e in evalset.entries for _ in range(evalset.images_per_prompt)]
+        ids = spread_indices(evalset.prompts, tags, cfg.eval.grid_max)
+        label = "\n".join(textwrap.wrap(metrics["label"], 14)[:4])  # the label column is 14 characters wide
+        image_grid([fp_images[ids], q_images[ids]], ["FP", label], [evalset.prompts[i] for i in ids]).save(
+            out_dir / "grid.png")
     if cfg.export:
         path = export_quantized(denoiser, specs, out_dir / "model", plan.attn,
                                 extra={"model": cfg.model.name, "quant": plan.name, "method": plan.method},

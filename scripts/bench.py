@@ -166,7 +166,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--elements", type=int, default=2**22, help="tensor size of the fake-quant throughput runs")
     parser.add_argument("--presets", nargs="*", choices=list(TARGETS), help="time only these (default: all)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the README's table from the committed assets/bench/presets.csv; run nothing")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(), end="")
+        return
     fake_quant_paths(args.elements, args.repeats)
     packing_paths(args.elements, args.repeats)
     scaled_mm_paths(args.repeats)
@@ -208,7 +213,8 @@ def main() -> None:
         cost = model.diffq_report.cost
         row = {"config": name, "preset": preset, "step_ms": round(q_t * 1e3, 3), "fp_step_ms": round(fp_t * 1e3, 3),
                "ratio": round(ratio, 3), "target": target or "", "quantize_s": round(calib_s, 2),
-               "w_bits": round(cost["effective_weight_bits"], 3), "a_bits": round(cost["effective_act_bits"], 3),
+               "w_bits": round(cost["effective_weight_bits"], 3), "w_stored_bits": round(cost["stored_weight_bits"], 3),
+               "a_bits": round(cost["effective_act_bits"], 3),
                "size_ratio_fp": round(cost["compression"], 3), "resident_mb": round(resident_mb(model), 3)}
         rows.append(row)
         print(f"{name:<14}{row['step_ms']:>9.2f}{ratio:>8.3f}{target or float('nan'):>8.2f}{calib_s:>9.2f}"
@@ -229,6 +235,23 @@ def write_csv(rows: list[dict], model: str, capture_s: float, fp_step_s: float) 
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}\n")
     print(f"wrote {CSV_DIR / 'presets.csv'}")
+
+
+def markdown_table() -> str:
+    """The README's benchmark table, from assets/bench/presets.csv and machine.txt."""
+    with open(CSV_DIR / "presets.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    head = ["preset", "step / FP", "target", "quantize s", "W bits", "W stored bits", "A bits", "size FP / quantized",
+            "resident MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        met = "" if not r["target"] else (" (met)" if float(r["ratio"]) <= float(r["target"]) else " (missed)")
+        cells = [f"`{r['config']}`", f"{float(r['ratio']):.2f}x", (f"{float(r['target']):.2f}x" + met) if r["target"]
+                 else "", r["quantize_s"], f"{float(r['w_bits']):.2f}", f"{float(r['w_stored_bits']):.2f}",
+                 f"{float(r['a_bits']):.2f}", f"{float(r['size_ratio_fp']):.2f}x", f"{float(r['resident_mb']):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    machine = (CSV_DIR / "machine.txt").read_text().strip().replace("\n", "; ")
+    return "\n".join(lines) + f"\n\n({machine})\n"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from diffq.errors import ConfigError
-from diffq.eval.cost import quantizer_bits, weight_bits
+from diffq.eval.cost import LayerCounter, activation_bits, quantizer_bits, weight_bits
 from diffq.export import CODECS, decode_tensor, encode_tensor, export_quantized, load_quantized
 from diffq.formats import FORMATS, FormatKind, IntFormat, TernaryFormat, format_from_name, make_format
 from diffq.formats.base import Format
@@ -128,13 +128,31 @@ def test_ternary_cost_counts_what_the_file_stores(tmp_path):
     ternary = {"format": "ternary", "bits": 2, "granularity": "channel", "observer": "absmean"}
     _, model, specs, calib = quantized_copy("sd", weight=ternary, act={"format": "none"})
     cost = weight_bits(model)
-    assert cost["information_weight_bits"] < cost["effective_weight_bits"]
+    assert cost["effective_weight_bits"] < cost["stored_weight_bits"]
     q = next(layer.weight_quantizer for layer in layer_table(model).values())
     k = q.last_shape[1] if len(q.last_shape) == 2 else math.prod(q.last_shape[1:])
     assert quantizer_bits(q) == 2 + 16 / k and quantizer_bits(q, stored=False) == math.log2(3) + 16 / k
     export_quantized(model, specs, tmp_path)
     loaded = load_quantized(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(outputs(model, calib), outputs(loaded, calib)))
+
+
+def test_cost_reports_the_formats_bits_and_the_stored_bits_apart():
+    costs = {}
+    for bits in (8, 6, 3):
+        weight = {"format": "int", "bits": bits, "granularity": "channel"}
+        act = {"format": "int", "bits": bits, "granularity": "tensor", "symmetric": False}
+        _, model, specs, calib = quantized_copy("sd", weight=weight, act=act, rules=[])
+        counter = LayerCounter(model, [s.name for s in specs])
+        outputs(model, calib[:1])
+        counter.remove()
+        costs[bits] = {**weight_bits(model), "act": activation_bits(model, counter.counts, specs)}
+    eight, six, three = costs[8], costs[6], costs[3]
+    assert eight["stored_weight_bits"] == six["stored_weight_bits"] == eight["effective_weight_bits"]  # int8 container
+    assert six["effective_weight_bits"] == pytest.approx(eight["effective_weight_bits"] - 2)  # same scales
+    assert three["stored_weight_bits"] == pytest.approx(eight["stored_weight_bits"] - 4)  # packed 4-bit
+    assert three["effective_weight_bits"] == pytest.approx(eight["effective_weight_bits"] - 5)
+    assert (eight["act"], six["act"], three["act"]) == (8.0, 6.0, 3.0)  # every input quantized, never stored
 
 
 def test_format_base_class_refuses_block_granularity():

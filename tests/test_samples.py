@@ -163,3 +163,18 @@ def test_cached_fp_samples_notice_retrained_weights(tmp_path):
     weights.write_bytes(b"v2-retrained")
     os.utime(weights, ns=(1, 1))
     assert weights_fingerprint(str(tmp_path)) != first
+
+
+def test_grid_columns_spread_over_the_tasks():
+    from diffq.eval.grids import spread_indices
+    from diffq.testbed.prompts import evaluation_metadata
+
+    entries = list(evaluation_metadata())
+    k = 2
+    prompts = [e["prompt"] for e in entries for _ in range(k)]
+    tags = [e["tag"] for e in entries for _ in range(k)]
+    ids = spread_indices(prompts, tags, 8)
+    tasks = list(dict.fromkeys(tags))
+    assert len(tasks) == 6 and [tags[i] for i in ids[:6]] == tasks  # one per task first, in order
+    assert len(set(prompts[i] for i in ids)) == 8 and all(i % k == 0 for i in ids)  # distinct prompts, first images
+    assert spread_indices(["a", "a", "b"], [None] * 3, 3) == [0, 2, 1]  # fewer prompts: then the other images

@@ -23,7 +23,7 @@ from diffq.sweep.pareto import pareto_mask
 from diffq.sweep.plots import half_widths
 from diffq.sweep.report import main as report_main
 from diffq.sweep.report import pareto_fronts
-from diffq.sweep.rows import set_labels
+from diffq.sweep.rows import job_row, set_labels
 from diffq.sweep.seeds import difference, t_interval
 
 T975 = {2: 4.302652729911275, 1: 12.706204736174707}  # Student t quantiles 0.975 for 2 and 1 degrees of freedom
@@ -373,3 +373,37 @@ def test_top_level_seed_sets_every_seed_and_keeps_todays_defaults(compose):
                   "calib.seed=7")
     assert seeds(cfg) == (7, 2, 2, 2, 4323, 8767, 0)
     assert OmegaConf.to_container(compose("seed=1").calib, resolve=True)["seed"] == 1235
+
+
+def test_rows_report_the_formats_bits_and_the_stored_bits(tmp_path):
+    new = {"effective_weight_bits": 6.29, "stored_weight_bits": 8.29}  # W6 in int8 containers
+    old = {"effective_weight_bits": 8.29, "information_weight_bits": 6.29}  # a run folder of the earlier layout
+    for i, cost in enumerate((new, old)):
+        _ok(tmp_path / "s", i, "w8a8", 8.0, 8.0, 30.0)
+        path = tmp_path / "s" / str(i) / "metrics.json"
+        m = json.loads(path.read_text())
+        m["cost"] = {**cost, "effective_act_bits": 6.0, "size_quant_mb": 1.0, "compression": 2.0}
+        path.write_text(json.dumps(m))
+        row = job_row(tmp_path / "s" / str(i))
+        assert (row["w_bits"], row["w_stored_bits"], row["a_bits"]) == (6.29, 8.29, 6.0)
+
+
+def test_bits_labels_say_when_rules_mix_widths():
+    from diffq.sweep.rows import bits_label
+
+    side = {"format": "int", "bits": 8, "granularity": "channel"}
+    quant = {"method": "rtn", "weight": side, "act": {**side, "granularity": "tensor"}, "rules": []}
+    assert bits_label(quant) == "W8A8"
+    edge = [{"roles": ["conv_in", "conv_out"], "weight": {"bits": 4}}, {"roles": ["time_embed"], "skip": True}]
+    assert bits_label({**quant, "rules": edge}) == "W8A8"  # the papers' 8-bit edges are not a mix
+    ffn = [{"roles": ["ffn_up", "ffn_down"], "weight": {"bits": 4}}]
+    assert bits_label({**quant, "rules": ffn}) == "Wmixed A8"
+    assert bits_label({**quant, "rules": [{"roles": ["ffn_up"], "weight": {"bits": 8}}]}) == "W8A8"  # same width
+
+
+def test_pareto_points_get_short_labels():
+    from diffq.sweep.plots import point_label
+
+    label = point_label("rtn Wmixed A8 sweep.bits.attn=8 sweep.bits.conv=6", "rtn")
+    assert label.replace("\n", " ") == "Wmixed A8 attn=8 conv=6" and max(map(len, label.splitlines())) <= 22
+    assert point_label("rtn W4A8 quant=w4a8", "rtn") == "W4A8 quant=w4a8"

@@ -57,14 +57,15 @@ parts share the format).
 
 
 def weight_bits(model: nn.Module) -> dict[str, float]:
-    """Effective weight bits over the quantizable layers and the model size FP vs quantized.
+    """Weight bits per element over the quantizable layers and the model size FP vs quantized.
 
-    Quantized layers count their format's stored bits per element including scales (learned ones
-    too, once); every other parameter (FP layers, biases, norms, embeddings) counts FP_BITS. Side branches add their
-    parameters at their dtype's width to the quantized bits (``effective_weight_bits`` stays per
-    quantizable-layer weight, so it rises by the branches' bits / those weights) and nothing to the
-    FP model's size. ``information_weight_bits`` is added when the formats hold fewer bits of
-    information than they store.
+    Two widths, each with the scales' overhead (learned scales too, once): ``effective_weight_bits``
+    counts the format's bits (INT6: 6, ternary: log2 3), as papers and Pareto fronts compare
+    methods; ``stored_weight_bits`` the bits the export stores them in (INT6 in an int8 container:
+    8, ternary packed 2-bit: 2), as are the sizes. Every other parameter (FP layers, biases, norms,
+    embeddings) counts FP_BITS. Side branches add their parameters at their dtype's width to both
+    (still per quantizable-layer weight, so they rise by the branches' bits / those weights) and
+    nothing to the FP model's size.
     """
     side = [p for b in side_branches(model).values() for p in b.parameters()]
     side_params = sum(p.numel() for p in side)
@@ -93,7 +94,8 @@ def weight_bits(model: nn.Module) -> dict[str, float]:
     other_bits = (total_params - layer_params) * FP_BITS
     q_bytes = (counts["stored"] + other_bits) / 8
     out = {
-        "effective_weight_bits": counts["stored"] / max(layer_params, 1),
+        "effective_weight_bits": counts["information"] / max(layer_params, 1),
+        "stored_weight_bits": counts["stored"] / max(layer_params, 1),
         "quantized_weight_fraction": quant_params / max(layer_params, 1),
         "size_fp_mb": fp_bytes / 2**20,
         "size_quant_mb": q_bytes / 2**20,
@@ -102,20 +104,19 @@ def weight_bits(model: nn.Module) -> dict[str, float]:
         "side_branch_params": side_params,
         "side_branch_mb": side_bits / 8 / 2**20,
     }
-    if counts["information"] < counts["stored"]:
-        out["information_weight_bits"] = counts["information"] / max(layer_params, 1)
     return out
 
 
 def activation_bits(model: nn.Module, act_elems: Mapping[str, int], specs: Sequence[LayerSpec]) -> float:
-    """Input-activation bits averaged over layers, weighted by elements seen per layer call."""
+    """Input-activation bits averaged over layers, weighted by elements seen per layer call, at the
+    formats' widths (activations are never stored: no container width)."""
     modules = dict(model.named_modules())
     num = den = 0.0
     for s in specs:
         n = act_elems.get(s.name, 0)
         m = modules[s.name]
         q = getattr(m, "input_quantizer", None) if is_quant_layer(m) else None
-        num += n * (quantizer_bits(q) if q is not None else FP_BITS)
+        num += n * (quantizer_bits(q, stored=False) if q is not None else FP_BITS)
         den += n
     return num / den if den else float(FP_BITS)
 

@@ -9,6 +9,26 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
+def spread_indices(prompts: Sequence[str], tags: Sequence[str | None], n: int) -> list[int]:
+    """``n`` image indices for a grid that shows the evaluation set's range: the first image of each
+    distinct prompt, taken in turn from each task (``tags``, e.g. GenEval's counting, colors,
+    position...) in order of first appearance, then further images when there are fewer prompts."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(p, i)
+    by_task: dict[str | None, list[int]] = {}
+    for i in first.values():
+        by_task.setdefault(tags[i], []).append(i)
+    picks: list[int] = []
+    queues = list(by_task.values())
+    while len(picks) < n and any(queues):
+        for q in queues:
+            if q and len(picks) < n:
+                picks.append(q.pop(0))
+    picks += [i for i in range(len(prompts)) if i not in set(picks)][: n - len(picks)]
+    return picks
+
+
 def image_grid(
     rows: Sequence[torch.Tensor], row_labels: Sequence[str], captions: Sequence[str], cell: int = 128, gap: int = 4
 ) -> Image.Image:

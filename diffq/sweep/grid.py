@@ -1,6 +1,6 @@
 """The sweep's comparison grid: FP on top, then one row per finished job that sampled the first
 one's evaluation set (same prompts and seeds: with a seed sweep, the jobs of the first seed), each
-labelled with its configuration."""
+labelled with its configuration; its columns spread over the evaluation set's tasks."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffq.eval.grids import image_grid
+from diffq.eval.grids import image_grid, spread_indices
 
 
 def _image(path: Path) -> torch.Tensor:
@@ -33,8 +33,10 @@ def comparison_grid(rows: list[dict[str, Any]], path: Path, columns: int = 8) ->
     if not jobs:
         return False
     fp_root, prompts = Path(jobs[0][1]["samples"]["fp"]), jobs[0][1]["prompts"]
-    k = max(1, len(prompts) // max(1, len(list(fp_root.glob("[0-9]*/metadata.jsonl")))))
-    ids = list(range(0, len(prompts), k))[:columns]  # the first image of each of the first prompts
+    entries = sorted(fp_root.glob("[0-9]*/metadata.jsonl"))
+    k = max(1, len(prompts) // max(1, len(entries)))
+    tags = [json.loads(e.read_text()).get("tag") for e in entries for _ in range(k)]
+    ids = spread_indices(prompts, tags + [None] * (len(prompts) - len(tags)), columns)  # one per task in turn
 
     def side(root: Path) -> torch.Tensor:
         return torch.stack([_image(root / f"{i // k:05d}" / "samples" / f"{i % k:05d}.png") for i in ids])

@@ -3,6 +3,8 @@ configuration (mean over its seeds, 95% interval as error bars), one series per 
 Pareto-optimal configurations (weight bits, activation bits, quality) circled."""
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,13 @@ def half_widths(rows: list[dict[str, Any]], metric: str) -> np.ndarray:
     """The 95% half-widths of ``metric`` over configuration rows (0 where there is no interval)."""
     return np.array([(float(r[f"{metric}_hi"]) - float(r[f"{metric}_lo"])) / 2 if r[f"{metric}_lo"] != "" else 0.0
                      for r in rows])
+
+
+def point_label(label: str, method: str) -> str:
+    """A point's annotation: its label without the method and with each override's key shortened to
+    its last part (``sweep.bits.attn=8`` -> ``attn=8``), wrapped to 22 characters a line."""
+    short = re.sub(r"(?<![\w.])[\w]+(?:\.[\w]+)+=", lambda m: m.group(0).rsplit(".", 1)[1], label)
+    return "\n".join(textwrap.wrap(short.removeprefix(method).strip(), 22))
 
 
 def pareto_plot(rows: list[dict[str, Any]], fronts: dict[str, set[str]], path: Path) -> bool:
@@ -45,7 +54,7 @@ def pareto_plot(rows: list[dict[str, Any]], fronts: dict[str, set[str]], path: P
             ax.scatter(x, y, s=[18 + 3 * (16 - min(16, float(r["a_bits"]))) for r in pts], color=f"C{i % 10}",
                        label=method, alpha=0.85)
             for r, xi, yi in zip(pts, x, y):
-                ax.annotate(r["label"].removeprefix(method).strip(), (xi, yi), fontsize=6, xytext=(3, 3),
+                ax.annotate(point_label(r["label"], method), (xi, yi), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")
         front = sorted((r for r in ok if r["label"] in fronts.get(metric, set())), key=lambda r: float(r["w_bits"]))
         ax.scatter([float(r["w_bits"]) for r in front], [float(r[metric]) for r in front], s=160, facecolors="none",

@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 # column headers of the markdown tables, and decimals shown
 NAMES = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "geneval": "GenEval-shapes", "fid_fp": "FID (FP)",
          "fid_quant": "FID", "fid_to_fp": "FID-to-FP", "clip_fp": "CLIP score (FP)", "clip_quant": "CLIP score",
-         "w_bits": "W bits", "a_bits": "A bits", "size_quant_mb": "size MB", "compression": "compression",
+         "w_bits": "W bits", "a_bits": "A bits", "w_stored_bits": "W stored bits",
+         "size_quant_mb": "size MB", "compression": "compression",
          "calibration_s": "calibration s", "finetune_s": "finetune s", "sampling_quant_s": "sampling s", "n": "seeds"}
 DECIMALS = {"psnr": 2, "ssim": 3, "lpips": 3, "geneval": 3, "fid_fp": 1, "fid_quant": 1, "fid_to_fp": 1,
-            "clip_fp": 2, "clip_quant": 2, "w_bits": 2, "a_bits": 2, "size_quant_mb": 3, "compression": 2,
+            "clip_fp": 2, "clip_quant": 2, "w_bits": 2, "a_bits": 2, "w_stored_bits": 2,
+            "size_quant_mb": 3, "compression": 2,
             "calibration_s": 1, "finetune_s": 1, "sampling_quant_s": 1}
 
 
@@ -157,6 +159,7 @@ def results_markdown(rows: list[dict[str, Any]], metrics: Sequence[str] | None =
     ok = [r for r in rows if r["status"] == "ok"]
     if metrics is None:
         metrics = [m for m in (*QUALITY, "w_bits", "a_bits") if any(r[m] != "" for r in ok)]
+        metrics += ["w_stored_bits"] if any(r["w_stored_bits"] != r["w_bits"] for r in ok) else []
         metrics = ["n", *metrics] if any(len(r["_jobs"]) > 1 for r in ok) else metrics
     unknown = [m for m in metrics if m not in NAMES]
     if unknown:
@@ -181,7 +184,8 @@ def differences_markdown(rows: list[dict[str, Any]], always: bool = False) -> st
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     """summary.md: every configuration with the columns any row filled (``mean ± half``), the failed
     and unfinished jobs, then the differences vs the baseline when they have intervals."""
-    metrics = [m for m in NUMERIC if any(r[m] != "" for r in rows)]
+    metrics = [m for m in NUMERIC if any(r[m] != "" for r in rows)
+               and (m != "w_stored_bits" or any(r[m] != r["w_bits"] for r in rows))]  # shown where they differ
     text = [c for c in (*GENEVAL_TEXT, "pareto", "error") if any(r[c] != "" for r in rows)]
     body = [[r["label"], r["jobs"], cell(r, "n"), r["status"], *(cell(r, m) for m in metrics), *(r[c] for c in text)]
             for r in rows]

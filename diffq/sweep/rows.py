@@ -15,8 +15,8 @@ from diffq.eval.geneval_stats import format_delta, format_score
 from diffq.formats import make_format
 
 # numeric columns: averaged over seeds with a 95% interval in the summary
-NUMERIC = ["w_bits", "a_bits", "psnr", "ssim", "lpips", "geneval", "fid_fp", "fid_quant", "fid_to_fp", "clip_fp",
-           "clip_quant", "size_quant_mb", "compression", "calibration_s", "finetune_s", "sampling_quant_s"]
+NUMERIC = ["w_bits", "a_bits", "w_stored_bits", "psnr", "ssim", "lpips", "geneval", "fid_fp", "fid_quant", "fid_to_fp",
+           "clip_fp", "clip_quant", "size_quant_mb", "compression", "calibration_s", "finetune_s", "sampling_quant_s"]
 GENEVAL_TEXT = ["geneval_fp", "geneval_quant", "geneval_delta"]  # one job's GenEval scores with their errors
 COLUMNS = ["job", "label", "method", "quant", "status", "seed", "overrides", *NUMERIC, *GENEVAL_TEXT, "error"]
 # quality columns a sweep is judged on, with whether higher is better
@@ -47,12 +47,28 @@ def override_items(overrides: list[str]) -> dict[str, str]:
 
 
 def bits_label(quant: dict[str, Any]) -> str:
-    """``W4A8``: the formats' bits per element (MixDQ: its target averages); a floating-point side reads 16."""
+    """``W4A8``: the formats' bits per element (MixDQ: its target averages); a floating-point side reads
+    16, a side whose rules set other widths per layer ``mixed`` (``Wmixed A8``: the report's bit columns
+    hold the averages)."""
     if quant.get("method") == "mixdq":
         w, a = float(quant["mixdq"]["weight_bits"]), float(quant["mixdq"]["act_bits"])
-    else:
-        w, a = (element_bits(quant[side]) for side in ("weight", "act"))
-    return f"W{w:.3g}A{a:.3g}"
+        return f"W{w:.3g}A{a:.3g}"
+    sides = []
+    for side, letter in (("weight", "W"), ("act", "A")):
+        base = quant[side]
+        mixed = any(not r.get("skip") and isinstance(r.get(side), dict) and not _edge_only(r) and (
+            {"bits", "format", "exp", "man"} & set(r[side])) and element_bits({**base, **r[side]}) != element_bits(base)
+            for r in quant.get("rules") or [])
+        sides.append(f"{letter}mixed" if mixed else f"{letter}{element_bits(base):.3g}")
+    return " ".join(sides) if any(s.endswith("mixed") for s in sides) else "".join(sides)
+
+
+EDGE_ROLES = {"conv_in", "conv_out", "time_embed"}  # first / last layers the papers keep at 8 bits or FP
+
+
+def _edge_only(rule: dict[str, Any]) -> bool:
+    """Whether a rule only touches the edge layers (which a preset's W/A label leaves out)."""
+    return bool(rule.get("roles")) and set(rule["roles"]) <= EDGE_ROLES and not rule.get("names")
 
 
 def element_bits(tq: dict[str, Any]) -> float:
@@ -122,12 +138,22 @@ def job_row(job_dir: Path, name: str | None = None) -> dict[str, Any]:
     if "geneval" in metrics:
         row.update(geneval_columns(metrics["geneval"]))
     row.update(
-        w_bits=round(cost["effective_weight_bits"], 3), a_bits=round(cost["effective_act_bits"], 3),
+        w_bits=round(weight_bits_of(cost)[0], 3), a_bits=round(cost["effective_act_bits"], 3),
+        w_stored_bits=round(weight_bits_of(cost)[1], 3),
         size_quant_mb=round(cost["size_quant_mb"], 4), compression=round(cost["compression"], 3),
         calibration_s=t.get("calibration_s", ""), finetune_s=t.get("finetune_s", ""),
         sampling_quant_s=t.get("sampling_quant_s", ""),
     )
     return row
+
+
+def weight_bits_of(cost: dict[str, Any]) -> tuple[float, float]:
+    """(the formats' bits, the stored bits) per weight of a job's cost block; run folders written before
+    the two were split hold the stored bits as ``effective_weight_bits`` and the formats' bits as
+    ``information_weight_bits`` where they differ."""
+    if "stored_weight_bits" in cost:
+        return cost["effective_weight_bits"], cost["stored_weight_bits"]
+    return cost.get("information_weight_bits", cost["effective_weight_bits"]), cost["effective_weight_bits"]
 
 
 def set_labels(rows: list[dict[str, Any]]) -> None:
@@ -191,8 +217,10 @@ def objective_values(metrics: dict[str, Any], names: list[str]) -> list[float]:
     ConfigError naming the ones the job did not compute."""
     from diffq.errors import ConfigError
 
-    values = {**metric_columns(metrics["metrics"]), "w_bits": metrics["cost"]["effective_weight_bits"],
-              "a_bits": metrics["cost"]["effective_act_bits"], "size_quant_mb": metrics["cost"]["size_quant_mb"]}
+    cost = metrics["cost"]
+    values = {**metric_columns(metrics["metrics"]), "w_bits": cost["effective_weight_bits"],
+              "a_bits": cost["effective_act_bits"], "w_stored_bits": cost["stored_weight_bits"],
+              "size_quant_mb": cost["size_quant_mb"]}
     missing = [n for n in names if n not in values]
     if missing:
         raise ConfigError(f"sweep.objectives {missing} were not computed by this job: choose from {sorted(values)} "
