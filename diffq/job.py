@@ -23,11 +23,12 @@ from diffq import calib as calibration
 from diffq.api import apply_quantization, plan_rules, resolve_layer_specs
 from diffq.cache import cache_key, cache_lock
 from diffq.calib.select import step_histogram
+from diffq.distributed import Shard, current_shard, process_state, wait_for_everyone
 from diffq.errors import ConfigError
 from diffq.eval.cost import LayerCounter, activation_bits, operations, resident_mb, weight_bits
 from diffq.eval.geneval import balanced_entries, load_metadata
 from diffq.eval.grids import image_grid, spread_indices
-from diffq.eval.samples import SampleFolder, Shard, current_shard, generate_samples, process_state, wait_for_everyone
+from diffq.eval.samples import SampleFolder, generate_samples
 from diffq.eval.suite import check_eval, check_geneval_classes, evaluate, split_per_image
 from diffq.export import CODECS, export_quantized, load_quantized, packable_layers, read_metadata
 from diffq.finetune.lora import describe_side_branches

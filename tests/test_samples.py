@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from diffq.distributed import Shard
 from diffq.errors import CheckpointError, ConfigError
-from diffq.eval.samples import SampleFolder, Shard, generate_samples
+from diffq.eval.samples import SampleFolder, generate_samples
 from diffq.models import build_tiny_pipeline, sample_seeds
 
 ENTRIES = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}], "prompt": "a photo of a cat"},

@@ -1,7 +1,8 @@
 """Fidelity of quantized samples to the FP model's samples from the same seeds."""
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,13 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from diffq.errors import ConfigError
 
 MAX_PSNR_DB = 100.0  # identical images (MSE 0) report this instead of infinity
+
+
+def sqnr(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> float:
+    """Signal-to-quantization-noise ratio in dB over a set of outputs (e.g. a denoiser's, FP vs quantized)."""
+    signal = sum(float(r.double().square().sum()) for r in ref)
+    noise = sum(float((o.double() - r.double()).square().sum()) for r, o in zip(ref, out))
+    return 10 * math.log10(signal / max(noise, 1e-30))
 
 
 def psnr(ref: torch.Tensor, test: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from diffq.distributed import Shard, wait_for_everyone
 from diffq.errors import CheckpointError, ConfigError
 from diffq.eval.fid import to_uint8
 from diffq.models import generate_images
@@ -33,41 +33,6 @@ from diffq.models import generate_images
 log = logging.getLogger(__name__)
 
 MANIFEST = "diffq_samples.json"
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's share of the sample ids: ``rank`` of ``world`` processes."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process evaluates and writes results."""
-        return self.rank == 0
-
-    def ids(self, n: int) -> list[int]:
-        """Sample ids of this shard among ``n``."""
-        return list(range(self.rank, n, self.world))
-
-
-def process_state():
-    """accelerate's view of this process (gloo across CPU processes when there is no GPU)."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def current_shard() -> Shard:
-    """The shard of this process under ``accelerate launch`` / ``torchrun`` (one shard otherwise)."""
-    state = process_state()
-    return Shard(state.process_index, state.num_processes)
-
-
-def wait_for_everyone() -> None:
-    """Barrier across launched processes (no-op in one process)."""
-    process_state().wait_for_everyone()
 
 
 def _write_json_atomic(path: Path, payload: Any) -> None:

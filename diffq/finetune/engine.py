@@ -40,8 +40,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calib.capture import map_tensors
+from diffq.distributed import process_state
 from diffq.errors import ConfigError, TrainingError
-from diffq.eval.samples import process_state
 from diffq.finetune.checkpoint import load_checkpoint, save_checkpoint
 from diffq.finetune.data import Pool, TrainBatch, TrainingData, collate
 from diffq.finetune.losses import ExtraLoss

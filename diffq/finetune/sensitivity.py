@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
-from diffq.methods.mixdq import sqnr
+from diffq.eval.fidelity import sqnr
 from diffq.model_quant import float_mode
 from diffq.spec import LayerSpec
 

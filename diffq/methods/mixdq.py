@@ -45,7 +45,7 @@ from diffq.calib import CalibSample
 from diffq.calib.capture import capture_trajectories
 from diffq.errors import ConfigError
 from diffq.eval.cost import FP_BITS
-from diffq.eval.fidelity import SSIM_WINDOWS, ssim
+from diffq.eval.fidelity import SSIM_WINDOWS, sqnr, ssim
 from diffq.methods import METHODS, MethodContext, rtn
 from diffq.methods.common import calibrate_activations, split_shortcuts
 from diffq.model_quant import act_parts, float_mode, prepare
@@ -191,13 +191,6 @@ def input_counts(model: nn.Module, names: Sequence[str], sample: CalibSample, de
         for h in hooks:
             h.remove()
     return counts
-
-
-def sqnr(ref: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> float:
-    """Signal-to-quantization-noise ratio in dB over a set of outputs."""
-    signal = sum(float(r.double().square().sum()) for r in ref)
-    noise = sum(float((o.double() - r.double()).square().sum()) for r, o in zip(ref, out))
-    return 10 * np.log10(signal / max(noise, 1e-30))
 
 
 class Probe:
