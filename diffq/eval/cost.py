@@ -21,6 +21,7 @@ from torch import nn
 from diffq.errors import CalibrationError
 from diffq.formats import IntFormat
 from diffq.layers import is_quant_layer, iter_quantizers, side_branches
+from diffq.model_quant import float_mode
 from diffq.quantizer import Quantizer
 from diffq.spec import LayerSpec
 
@@ -182,3 +183,18 @@ class LayerCounter:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+@torch.no_grad()
+def count_layer_inputs(model: nn.Module, names: Sequence[str], sample: Any, device: torch.device,
+                       dtype: torch.dtype) -> LayerCounter:
+    """A :class:`LayerCounter` of the named layers over one floating-point call of ``model`` on the
+    calibration ``sample`` (input elements and MACs per layer; what activation budgets and bit
+    averages weigh layers by)."""
+    counter = LayerCounter(model, list(names))
+    try:
+        with float_mode(model):
+            model(**sample.to(device, dtype), return_dict=False)
+    finally:
+        counter.remove()
+    return counter

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from diffq.calib import CalibSample
 from diffq.config import SearchConfig
 from diffq.errors import CalibrationError, ConfigError
+from diffq.eval.cost import count_layer_inputs
 from diffq.formats import FPFormat
 from diffq.methods import METHODS
 from diffq.methods.common import calibrate_activations, calibrate_weights, split_shortcuts
@@ -273,20 +274,6 @@ def _stat_bytes(layer: nn.Module, weight: bool, act: bool, input_numel: int, n_k
     return 4 * ((k * k if weight else 0) + (input_numel * n_keep if act else 0))
 
 
-def _input_sizes(model: nn.Module, layers: Mapping[str, nn.Module], sample: CalibSample, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: sizes.__setitem__(n, args[0].numel()))
-             for n, m in layers.items()]
-    try:
-        with float_mode(model), torch.no_grad():
-            model(**sample.to(device, dtype), return_dict=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
-
-
 def _plan(layers: Mapping[str, nn.Module], by_name: Mapping[str, LayerSpec],
           search: Mapping[str, Any]) -> dict[str, tuple[bool, bool]]:
     """Layer name -> (search its weight, search its input) for every layer with something to search."""
@@ -345,7 +332,7 @@ def apply(
     alphas = alpha_grid(search).to(device)
     n_keep = max(1, int(search["act_inputs"]))
     keep = set(np.linspace(0, len(calib) - 1, min(n_keep, len(calib))).round().astype(int).tolist())
-    sizes = _input_sizes(model, {n: layers[n] for n in plan}, calib[0], device, dtype)
+    sizes = count_layer_inputs(model, list(plan), calib[0], device, dtype).counts
     for n in [n for n in plan if n not in sizes]:  # never called by the denoiser: nothing to score
         log.warning("layer %s receives no input in a denoiser call: its FP format is not searched", n)
         del plan[n]

@@ -44,7 +44,7 @@ from diffq.cache import cache_key
 from diffq.calib import CalibSample
 from diffq.calib.capture import capture_trajectories
 from diffq.errors import ConfigError
-from diffq.eval.cost import FP_BITS
+from diffq.eval.cost import FP_BITS, count_layer_inputs
 from diffq.eval.fidelity import SSIM_WINDOWS, sqnr, ssim
 from diffq.methods import METHODS, MethodContext, rtn
 from diffq.methods.common import calibrate_activations, split_shortcuts
@@ -174,23 +174,6 @@ def only(layers: Mapping[str, nn.Module], name: str, what: str) -> Iterator[None
             q.enabled = e
         if wq is not None:
             wq.enabled, layer.weight_fq = True, cached
-
-
-@torch.no_grad()
-def input_counts(model: nn.Module, names: Sequence[str], sample: CalibSample, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, int]:
-    """Input elements each named layer receives in one denoiser call (the activation budget's weights)."""
-    modules = dict(model.named_modules())
-    counts = dict.fromkeys(names, 0)
-    hooks = [modules[n].register_forward_pre_hook(lambda mod, a, n=n: counts.__setitem__(n, counts[n] + a[0].numel()))
-             for n in names]
-    try:
-        with float_mode(model):
-            model(**sample.to(device, dtype), return_dict=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return counts
 
 
 class Probe:
@@ -435,7 +418,8 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
         sens = measure(cands, probe, ssim_layers, wbits, abits)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(sens))
-    counts = input_counts(model, [s.name for s in specs], calib[0], device, dtype)
+    counter = count_layer_inputs(model, [s.name for s in specs], calib[0], device, dtype)
+    counts = {s.name: counter.counts.get(s.name, 0) for s in specs}  # a layer the call never reaches: 0
     fp = fp_inputs(sens, content, mc)
     fp_set = {n for g in GROUPS for n in fp[g]}
     act_names = [n for n in cands.acts if n not in fp_set]
