@@ -221,9 +221,10 @@ def _check_sampling(pipe: Any, family: str | None, steps: int, resolution: int |
         raise ConfigError(f"steps={steps!r}: the sampler needs at least 1 step (an int)")
     if resolution is not None and (not isinstance(resolution, int) or resolution < 1):
         raise ConfigError(f"resolution={resolution!r} must be a positive int (pixels), or None for the model's own")
-    if pipe is not None and family == "dit" and resolution is not None and resolution != _resolution(pipe):
-        raise ConfigError(f"resolution={resolution}: DiT generates only at its native resolution "
-                          f"{_resolution(pipe)}: pass resolution={_resolution(pipe)} or leave it out")
+    native = dit_resolution(pipe) if pipe is not None and family == "dit" else None
+    if native is not None and resolution is not None and resolution != native:
+        raise ConfigError(f"resolution={resolution}: DiT generates only at its native resolution {native}: pass "
+                          f"resolution={native} or leave it out")
 
 
 def _resolution(pipe: Any) -> int:

@@ -56,14 +56,19 @@ def bits_label(quant: dict[str, Any]) -> str:
     sides = []
     for side, letter in (("weight", "W"), ("act", "A")):
         base = quant[side]
-        mixed = any(not r.get("skip") and isinstance(r.get(side), dict) and not _edge_only(r) and (
-            {"bits", "format", "exp", "man"} & set(r[side])) and element_bits({**base, **r[side]}) != element_bits(base)
-            for r in quant.get("rules") or [])
+        mixed = any(_other_width(r, side, base) for r in quant.get("rules") or [])
         sides.append(f"{letter}mixed" if mixed else f"{letter}{element_bits(base):.3g}")
     return " ".join(sides) if any(s.endswith("mixed") for s in sides) else "".join(sides)
 
 
 EDGE_ROLES = {"conv_in", "conv_out", "time_embed"}  # first / last layers the papers keep at 8 bits or FP
+
+
+def _other_width(rule: dict[str, Any], side: str, base: dict[str, Any]) -> bool:
+    """Whether a rule gives the layers it matches (beyond the edge layers) another width on ``side``."""
+    if rule.get("skip") or not isinstance(rule.get(side), dict) or _edge_only(rule):
+        return False
+    return element_bits({**base, **rule[side]}) != element_bits(base)
 
 
 def _edge_only(rule: dict[str, Any]) -> bool:
