@@ -5,7 +5,7 @@ The Python API (:mod:`diffq.api`)::
     import diffq
     diffq.presets()                                        # {name: one line}
     pipe = diffq.quantize(pipe, "w4a8", calib=prompts)     # in place; pipe.diffq_report
-    diffq.save_quantized(pipe, "out/w4a8")
+    diffq.save_pipeline(pipe, "out/w4a8")                  # its pair: diffq.load_pipeline
     pipe = diffq.load_pipeline("out/w4a8")                 # a runnable diffusers pipeline
     diffq.evaluate(pipe, fp_pipe, prompts, metrics=["psnr", "ssim"])
 """
@@ -13,12 +13,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = ("quantize", "save_quantized", "load_pipeline", "presets", "evaluate", "compose_config", "Report")
+_API = ("quantize", "save_pipeline", "load_pipeline", "save_quantized", "presets", "evaluate", "compose_config",
+        "Report")
 _EXPORT = ("load_quantized", "export_quantized")
 __all__ = ["__version__", *_API, *_EXPORT]
 
 
 def __getattr__(name: str):
+    if name == "api":  # the module, on first use (``diffq.api.quantize``)
+        import importlib
+
+        return importlib.import_module("diffq.api")
     if name in _API:
         from diffq import api
 

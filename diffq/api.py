@@ -1,26 +1,22 @@
 """The Python API: quantize a diffusers pipeline (or its denoiser) in one call, save and load it as a
-pipeline folder, list the presets, evaluate two pipelines. The CLI job runs on the same functions
-(:func:`resolve_layer_specs`, :func:`apply_quantization`).
+pipeline folder (:mod:`diffq.saving`), list the presets, evaluate two pipelines. Quantizing runs the
+stage of :mod:`diffq.quantize_stage`, as the CLI job does; presets resolve without Hydra
+(:mod:`diffq.preset_config`).
 
 Example::
 
     import diffq
     pipe = diffq.quantize(pipe, "w4a8", calib=["a photo of a red circle"])  # in place; pipe.diffq_report
-    diffq.save_quantized(pipe, "out/w4a8")
+    diffq.save_pipeline(pipe, "out/w4a8")
     pipe = diffq.load_pipeline("out/w4a8")
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.resources
 import inspect
-import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -32,23 +28,32 @@ from diffq import calib as calibration
 from diffq.calib.capture import CalibSample, CallRecorder
 from diffq.config import QuantConfig, register_configs
 from diffq.errors import ConfigError
-from diffq.eval.cost import LayerCounter, activation_bits, operations, weight_bits
-from diffq.export import export_quantized, load_quantized, read_metadata
-from diffq.files import use_umask
+from diffq.eval.cost import count_layer_inputs, model_cost
 from diffq.layers import is_quant_layer
-from diffq.methods import MethodContext, get_method
-from diffq.methods.reconstruct import reconstruct
+from diffq.methods import get_method
 from diffq.models import Sampling, denoiser_of, dit_resolution, generate_images, sample_seeds
-from diffq.roles import CAUSAL_TEXT_FAMILIES, ROLES, detect_family, quantizable_layers
+from diffq.preset_config import compose_stage, presets
+from diffq.quantize_stage import (
+    QuantizedInfo,
+    StageSettings,
+    Target,
+    apply_quantization,
+    calibrate,
+    check_coverage,
+    check_settings,
+    finetune,
+    layer_specs,
+    mark_quantized,
+)
+from diffq.roles import detect_family
 from diffq.rollback import rollback_on_error
-from diffq.spec import LayerSpec, format_spec_table, resolve_spec
+from diffq.saving import load_pipeline, save_pipeline, save_quantized
+from diffq.spec import LayerSpec, format_spec_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Report", "apply_quantization", "compose_config", "evaluate", "load_pipeline", "presets", "quantize",
-           "resolve_layer_specs", "save_quantized"]
-
-PIPELINE_FILE = "diffq_pipeline.json"
+__all__ = ["Report", "compose_config", "evaluate", "load_pipeline", "presets", "quantize", "save_pipeline",
+           "save_quantized"]
 
 
 @dataclass
@@ -70,21 +75,6 @@ class Report:
         c = self.cost
         return (f"{self.table}\n{self.preset}: weights {c['effective_weight_bits']:.2f} bits, activations "
                 f"{c['effective_act_bits']:.2f} bits, {c['size_fp_mb']:.2f} MB -> {c['size_quant_mb']:.2f} MB")
-
-
-def presets() -> dict[str, str]:
-    """``{name: one line}`` of the quantization presets (``conf/quant/*.yaml``).
-
-    >>> "w4a8" in diffq.presets()
-    True
-    """
-    folder = importlib.resources.files("diffq.conf") / "quant"
-    out = {}
-    for f in sorted(folder.iterdir(), key=lambda p: p.name):
-        if f.name.endswith(".yaml"):
-            text = " ".join(line.lstrip("# ").strip() for line in f.read_text().splitlines() if line.startswith("#"))
-            out[f.name.removesuffix(".yaml")] = text.split(". ")[0].rstrip(".")
-    return out
 
 
 @contextlib.contextmanager
@@ -123,56 +113,6 @@ def compose_config(preset: str | Mapping[str, Any] | QuantConfig = "w8a8",
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {key}={value!r}: {str(e).splitlines()[0]}") from None
     return cfg
-
-
-def resolve_layer_specs(denoiser: nn.Module, family: str | None, quant: Mapping[str, Any]) -> list[LayerSpec]:
-    """Each layer's quantization from a quant config: the method's model rules, the preset's rules,
-    a written MixDQ plan; ConfigError for an impossible rule or a method check that fails."""
-    method = get_method(quant["method"])
-    model_rules = getattr(method, "model_rules", None)  # a method's rules from the model (before the preset's)
-    rules = ((model_rules(denoiser, quant) if model_rules else []) + list(quant["rules"])
-             + plan_rules(quant))
-    if any(r.get("bos") for r in rules) and family not in CAUSAL_TEXT_FAMILIES:
-        log.info("quant.rules bos: %s does not cross-attend to a causal CLIP sequence (its text tokens are T5's or a "
-                 "class label): BOS-aware K/V quantization does not apply and is off", family)
-        rules = [{**r, "bos": None} for r in rules]
-    specs = resolve_spec(quantizable_layers(denoiser, family), quant["weight"], quant["act"], rules, ROLES,
-                         strict=quant["strict"])
-    check = getattr(method, "check_specs", None)
-    if check is not None:
-        check(specs, quant)
-    return specs
-
-
-def plan_rules(quant: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The rules of a written bit plan (``quant.mixdq.plan``), appended to the preset's; ConfigError
-    for a missing, unparsable or rule-less file."""
-    path = quant["mixdq"]["plan"]
-    if not path:
-        return []
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"quant.mixdq.plan {file} does not exist: point it at a run's mixdq_plan.yaml")
-    fix = "point quant.mixdq.plan at a run's mixdq_plan.yaml (a mapping with a list under 'rules')"
-    try:
-        plan = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
-    except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's parse errors alike
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"quant.mixdq.plan {file} is not valid YAML ({first}): {fix}") from None
-    rules = plan.get("rules") if isinstance(plan, dict) else None
-    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
-        raise ConfigError(f"quant.mixdq.plan {file} has no list of rules: {fix}")
-    return rules
-
-
-def apply_quantization(denoiser: nn.Module, specs: Sequence[LayerSpec], samples: Sequence[CalibSample],
-                       quant: Mapping[str, Any], recon: Mapping[str, Any], context: MethodContext, *,
-                       device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Quantize ``denoiser`` in place with the method and any reconstruction of ``quant``."""
-    stats = get_method(quant["method"])(denoiser, specs, samples, quant, device=device, dtype=dtype, context=context)
-    if quant["recon"] != "none":
-        stats.update(reconstruct(denoiser, samples, recon, quant["recon"], device=device, dtype=dtype))
-    return stats
 
 
 def _split(target: Any) -> tuple[Any, nn.Module]:
@@ -269,90 +209,76 @@ def _capture_loop(denoiser: nn.Module, forward_loop: Callable[[nn.Module], Any])
     return [CalibSample(kw, i) for i, kw in enumerate(recorder.calls)]
 
 
+def _check_stage(pipe: Any, denoiser: nn.Module, s: StageSettings, kind: str, steps: int) -> None:
+    """ConfigError, before the model is touched, for a stage that cannot run on what was given."""
+    if any(is_quant_layer(m) for m in denoiser.modules()):
+        raise ConfigError(f"this {type(denoiser).__name__} is already quantized by diffq: quantize a freshly loaded "
+                          "pipeline (or load a saved one with diffq.load_pipeline)")
+    check_settings(s)
+    name = s.quant["name"]
+    if pipe is None:
+        if s.finetunes:
+            raise ConfigError(f"preset {name} finetunes from the sampler's trajectories: pass the pipeline, "
+                              "not the denoiser, or override finetune.steps=0")
+        reason = getattr(get_method(s.quant["method"]), "needs_pipeline", lambda _: None)(s.quant)
+        if reason:
+            raise ConfigError(f"preset {name}: {reason}")
+        if kind in ("default", "prompts"):
+            raise ConfigError("calibrating a bare denoiser needs calib= denoiser kwargs or a forward_loop; pass the "
+                              "pipeline to calibrate from prompts")
+    if kind in ("default", "prompts"):
+        check_coverage(s, steps)
+
+
 def quantize(target: Any, preset: str | Mapping[str, Any] | QuantConfig = "w8a8", calib: CalibInput = None, *,
              overrides: Mapping[str, Any] | None = None, steps: int = 20, guidance: float = 5.0,
              resolution: int | None = None, device: str | torch.device | None = None,
              cache_dir: str | None = None, seed: int = 0, **keyword_overrides: Any) -> Any:
     """Quantize a diffusers pipeline (or a bare denoiser) in place as the preset says and return it,
-    with ``.diffq_report`` (:class:`Report`).
+    with ``.diffq_report`` (:class:`Report`). Presets resolve by name without Hydra.
 
     ``calib``: prompts (one string is one prompt; a pipeline's sampler runs them; default: the preset's
     calibration prompts), a list of denoiser keyword-argument dicts, or ``forward_loop(denoiser)`` that
     calls the denoiser. ``overrides``: dotted keys as on the command line (``{"quant.weight.bits": 4}``);
-    keyword form: ``quant__weight__bits=4``. Calibration, the method, reconstruction and finetuning run
-    where the preset asks for them (finetuning and MixDQ's search need a pipeline).
-
-    Every setting is checked before the model is touched; if a later stage fails, the denoiser is put
-    back as it was (the error says when weights changed in place and the model must be reloaded).
+    keyword form: ``quant__weight__bits=4``. Every setting is checked before the model is touched; if a
+    later stage fails, the denoiser is put back as it was (the error says when weights changed in place).
 
     >>> pipe = diffq.quantize(pipe, "w4a8", calib=["a photo of a red circle"])
     >>> print(pipe.diffq_report)
     """
     pipe, denoiser = _split(target)
-    family = detect_family(denoiser)
     kind = _calib_kind(calib)
     calib = [calib] if isinstance(calib, str) else calib
+    family = detect_family(denoiser)
     _check_sampling(pipe, family, steps, resolution)
-    overrides = {**(overrides or {}), **{k.replace("__", "."): v for k, v in keyword_overrides.items()}}
-    cfg = compose_config(preset, overrides)
-    if any(is_quant_layer(m) for m in denoiser.modules()):
-        raise ConfigError(f"this {type(denoiser).__name__} is already quantized by diffq: quantize a freshly loaded "
-                          "pipeline (or load a saved one with diffq.load_pipeline)")
+    dotted = {k.replace("__", "."): v for k, v in keyword_overrides.items()}
+    cfg = compose_stage(preset, {**(overrides or {}), **dotted})
     if cache_dir:
         cfg.paths.cache_dir = cache_dir
-    q = OmegaConf.to_container(cfg.quant, resolve=True)
-    ft = OmegaConf.to_container(cfg.finetune, resolve=True)
-    from diffq.finetune.stage import check_finetune, enabled, finetune_denoiser, plan_stages
-
-    check_finetune(ft, load=False, keep_fp_weights=q["keep_fp_weights"], world=None)
-    if pipe is None:
-        if enabled(ft):
-            raise ConfigError(f"preset {cfg.quant.name} finetunes from the sampler's trajectories: pass the pipeline, "
-                              "not the denoiser, or override finetune.steps=0")
-        reason = getattr(get_method(q["method"]), "needs_pipeline", lambda _: None)(q)
-        if reason:
-            raise ConfigError(f"preset {cfg.quant.name}: {reason}")
-        if kind in ("default", "prompts"):
-            raise ConfigError("calibrating a bare denoiser needs calib= denoiser kwargs or a forward_loop; pass the "
-                              "pipeline to calibrate from prompts")
-    if kind in ("default", "prompts"):
-        calibration.check_timestep_coverage(q["act"], OmegaConf.to_container(cfg.calib, resolve=True),
-                                            int(cfg.calib.steps or steps))
-    device = torch.device(device) if device else next(denoiser.parameters()).device
-    dtype = next(denoiser.parameters()).dtype
-    specs = resolve_layer_specs(denoiser, family, q)
-    if enabled(ft):
-        plan_stages(denoiser, family, specs, ft, q["attn"])
-        fp_key = {"api": type(denoiser).__name__, "weights": _fingerprint(denoiser)}  # before anything changes it
-    samples = _check_samples(denoiser, calib) if kind == "kwargs" else []
+    s = StageSettings.from_config(cfg)
+    s.seed = seed
+    _check_stage(pipe, denoiser, s, kind, steps)
     smp = Sampling(steps, guidance, resolution or (_resolution(pipe) if pipe is not None else 0), 4, {})
+    key = {"api": type(denoiser).__name__, **({"weights": _fingerprint(denoiser)} if s.finetunes else {})}
+    where = torch.device(device) if device else next(denoiser.parameters()).device
+    tgt = Target(pipe, denoiser, family, key, smp, where)
+    specs = layer_specs(denoiser, family, s)
+    samples = _check_samples(denoiser, calib) if kind == "kwargs" else []
     prompts: list[str] = []
     with rollback_on_error(denoiser, f"the {type(denoiser).__name__}"):
         if kind == "loop":
             samples = _capture_loop(denoiser, calib)
         elif kind in ("default", "prompts"):
-            calib_steps = int(cfg.calib.steps or steps)
-            prompts = calibration.calibration_prompts(list(calib or cfg.calib.prompts), None,
-                                                      len(calib) if calib else cfg.calib.num_prompts)
-            samples, _ = calibration.load_or_capture(
-                pipe, family, model_key={"api": type(denoiser).__name__}, prompts=prompts, seed=cfg.calib.seed,
-                steps=calib_steps, guidance=guidance, resolution=smp.resolution,
-                keep_steps=min(int(cfg.calib.num_steps), calib_steps), batch_size=cfg.calib.batch_size,
-                call_kwargs={}, cache_dir=None, selection=cfg.calib.selection, num_samples=cfg.calib.num_samples,
-                edadm=OmegaConf.to_container(cfg.calib.edadm, resolve=True))
-        context = MethodContext(pipe, family or "", smp, prompts, {"api": type(denoiser).__name__},
-                                str(cfg.paths.cache_dir), seed, None)
+            prompts = calibration.calibration_prompts(list(calib or s.calib.prompts), None,
+                                                      len(calib) if calib else s.calib.num_prompts)
+            samples, _ = calibrate(tgt, s, prompts, cache=False)
         torch.manual_seed(seed)
-        stats = apply_quantization(denoiser, specs, samples, q, OmegaConf.to_container(cfg.recon, resolve=True),
-                                   context, device=device, dtype=dtype)
-        if enabled(ft):
-            state_key = {**fp_key, "quant": q, "finetune": ft, "seed": seed}
-            stats["finetune"] = finetune_denoiser(
-                pipe, family, specs, ft, q["attn"], calib=samples, calib_prompts=prompts or list(cfg.calib.prompts),
-                smp=smp, model_key=fp_key, cache_dir=str(cfg.paths.cache_dir), state_key=state_key, device=device)
-        report = Report(str(cfg.quant.name), specs, _cost(denoiser, specs, samples[0], device, dtype), stats)
-    denoiser.__dict__["_diffq"] = {"specs": specs, "attn": q["attn"], "quant": str(cfg.quant.name),
-                                   "method": q["method"]}
+        stats = apply_quantization(tgt, s, specs, samples, prompts)
+        if s.finetunes:
+            stats["finetune"] = finetune(tgt, s, specs, samples, prompts or list(s.calib.prompts))
+        counter = count_layer_inputs(denoiser, [x.name for x in specs], samples[0], tgt.device, tgt.dtype)
+        report = Report(s.quant["name"], specs, model_cost(denoiser, specs, counter.counts, counter.macs), stats)
+    mark_quantized(denoiser, QuantizedInfo(specs, s.quant["attn"], s.quant["name"], s.quant["method"]))
     target.diffq_report = report
     return target
 
@@ -365,80 +291,6 @@ def _fingerprint(model: nn.Module) -> str:
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:20]
-
-
-@torch.no_grad()
-def _cost(denoiser: nn.Module, specs: Sequence[LayerSpec], sample: CalibSample, device: torch.device,
-          dtype: torch.dtype) -> dict[str, Any]:
-    counter = LayerCounter(denoiser, [s.name for s in specs])
-    try:
-        denoiser(**sample.to(device, dtype), return_dict=False)
-    finally:
-        counter.remove()
-    return {**weight_bits(denoiser), "effective_act_bits": activation_bits(denoiser, counter.counts, specs),
-            **operations(denoiser, counter.macs, specs)}
-
-
-def save_quantized(pipe: Any, folder: str | Path, overwrite: bool = False) -> Path:
-    """Write a quantized pipeline to ``folder``: the denoiser as diffq's packed export, every other
-    component as diffusers saves it; :func:`load_pipeline` turns it back into a runnable pipeline.
-
-    A non-empty ``folder`` is refused unless ``overwrite=True``, which replaces it whole, and only
-    once the new save is complete (a failed save leaves the old folder as it was).
-
-    >>> diffq.save_quantized(pipe, "out/w4a8")
-    """
-    name, denoiser = denoiser_of(pipe)
-    meta = denoiser.__dict__.get("_diffq")
-    if meta is None:
-        raise ConfigError(f"the pipeline's {name} is not quantized by diffq: run diffq.quantize(pipe, ...) first")
-    folder = Path(folder).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{folder} is a file: save_quantized writes a folder; pick another path")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise ConfigError(f"{folder} is not empty: pass overwrite=True to replace it, or pick an empty folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        export_quantized(denoiser, meta["specs"], staging / name, meta["attn"],
-                         extra={"quant": meta["quant"], "method": meta["method"]})
-        for key, component in pipe.components.items():
-            if key != name and hasattr(component, "save_pretrained"):
-                component.save_pretrained(staging / key)
-        pipe.save_config(staging)
-        (staging / PIPELINE_FILE).write_text(json.dumps({"class_name": type(pipe).__name__, "denoiser": name},
-                                                        indent=2))
-        use_umask(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.replace(folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return folder
-
-
-def load_pipeline(folder: str | Path, device: str | torch.device | None = None) -> Any:
-    """The pipeline :func:`save_quantized` wrote, its denoiser rebuilt bit-exactly from the export.
-
-    >>> pipe = diffq.load_pipeline("out/w4a8"); images = pipe("a photo of a red circle").images
-    """
-    import diffusers
-
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise ConfigError(f"{folder} does not exist: pass the folder diffq.save_quantized wrote")
-    info_file = folder / PIPELINE_FILE
-    if not info_file.is_file():
-        raise ConfigError(f"{folder} is not a pipeline saved by diffq.save_quantized (no {PIPELINE_FILE})")
-    info = json.loads(info_file.read_text())
-    meta = read_metadata(folder / info["denoiser"])
-    denoiser = load_quantized(folder / info["denoiser"])
-    denoiser.__dict__["_diffq"] = {"specs": [LayerSpec.from_dict(d) for d in meta["specs"]], "attn": meta["attn"],
-                                   "quant": meta["extra"].get("quant"), "method": meta["extra"].get("method")}
-    cls = getattr(diffusers, info["class_name"])
-    pipe = cls.from_pretrained(str(folder), **{info["denoiser"]: denoiser})
-    return pipe.to(device) if device else pipe
 
 
 def evaluate(pipe: Any, fp_pipe: Any, prompts: Sequence[str], metrics: Sequence[str] = ("psnr", "ssim"), *,

@@ -1,48 +1,27 @@
 """Structured-config schemas of the Hydra app, registered in Hydra's ConfigStore.
 
 The YAML files under ``conf/`` fill these dataclasses; a wrong key or a wrong type fails at
-compose time with Hydra's own message.
+compose time with Hydra's own message. The algorithms' settings live beside their code and are
+assembled here: ``ModelConfig`` (diffq.models), ``CalibConfig`` (diffq.calib), ``ReconConfig``
+(diffq.methods.reconstruct), each method's ``quant.<section>`` (diffq.methods.SETTINGS) and each
+finetuning recipe's ``finetune.<section>`` (diffq.finetune.recipes.SETTINGS). Importing this module
+does not start Hydra.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import numpy as np
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, SI, OmegaConf
 
+from diffq.calib import CalibConfig, EdaDmConfig
+from diffq.finetune.recipes import SETTINGS as RECIPE_SETTINGS
+from diffq.methods import SETTINGS as METHOD_SETTINGS
+from diffq.methods.reconstruct import ReconConfig
+from diffq.models.loading import ModelConfig
+from diffq.settings import with_sections
 from diffq.tensor_quant import TensorQuant
 from diffq.testbed.assets import asset_path
-
-
-@dataclass
-class ModelConfig:
-    """Which diffusion pipeline to load and how to sample it."""
-
-    name: str = MISSING
-    family: str = MISSING  # sd | sdxl | dit | pixart | sd3 | flux
-    source: str = "tiny"  # tiny (random, built from config) | pretrained (hub id or local folder)
-    pretrained: Optional[str] = None  # hub id or local folder when source=pretrained
-    pipeline_class: str = MISSING  # diffusers pipeline class name
-    resolution: int = 32
-    steps: int = 10
-    guidance: float = 5.0
-    dtype: str = "float32"  # float32 | float16 | bfloat16
-    variant: Optional[str] = None  # e.g. fp16 weights variant on the hub
-    seed: int = 0  # seed of the random weights of a tiny model
-    tiny: Dict[str, Any] = field(default_factory=dict)  # size overrides for tiny builders
-    call_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra pipeline __call__ kwargs
-    # prompts this model understands, replacing calib/eval prompts when set (class labels of
-    # class-conditional models such as DiT)
-    prompts: List[str] = field(default_factory=list)
-    # fail early on prompts with words the model's word-level tokenizer does not know (testbed)
-    vocabulary_check: bool = False
-    # the procedural world the model was trained on ("shapes" for the testbed): eval=quick then
-    # draws its prompts from the world's GenEval set and scores them with the world's detector
-    world: Optional[str] = None
-    # CLIP model for clip_score (hub id or folder): the one the paper evaluations use
-    clip_model: Optional[str] = None
 
 
 @dataclass
@@ -72,65 +51,12 @@ class AttnQuantConfig:
 
 
 @dataclass
-class SearchConfig:
-    """Per-layer FP format and scale search (``method: fp_search``, diffq/methods/fp_search.py)."""
-
-    weight: bool = True  # search the weight format and per-channel clipping of FP layers
-    act: bool = True  # search the input-activation format (and clipping of static ranges)
-    alpha_min: float = 0.1  # clipping grid: maxval = alpha * amax, alpha in [alpha_min, alpha_max] (and 1)
-    alpha_max: float = 1.2
-    alphas: int = 100  # points of the clipping grid
-    act_inputs: int = 4  # calibration calls whose layer inputs score the activation candidates
-    memory_mb: int = 2048  # statistics held at once; layers are searched in chunks under it
-
-
-@dataclass
-class MixDQConfig:
-    """MixDQ's mixed-precision search (``method: mixdq``, diffq/methods/mixdq.py)."""
-
-    weight_bits: float = 8.0  # target parameter-weighted average weight bits
-    weight_mb: Optional[float] = None  # or a memory budget for the quantized weights (MB), replacing weight_bits
-    act_bits: float = 8.0  # target element-weighted average activation bits
-    weight_bits_content: List[int] = field(default_factory=lambda: [2, 4, 8])
-    weight_bits_quality: List[int] = field(default_factory=lambda: [4, 8])
-    act_bits_candidates: List[int] = field(default_factory=lambda: [4, 8])
-    # the most activation-sensitive layers of each group (content by its SSIM, quality by its SQNR, at
-    # the lowest candidate width) keep FP inputs: ceil(fraction x group size) per group; they count
-    # at 16 bits inside act_bits, the rest are lowered to keep the whole at or under it
-    fp_act_fraction: float = 0.01
-    content_roles: List[str] = field(default_factory=lambda: ["ffn_up", "ffn_down", "cross_attn_q", "cross_attn_kv"])
-    content_names: List[str] = field(default_factory=lambda: ["*.attn2.to_out.*"])
-    band: float = 0.02  # each program's average bits lie in [target - 2 band, target]: never over budget
-    # the code's family: content/quality budget ratios k x budgets target + offset (linspace(target - 0.3,
-    # target, 10)); weights are chosen first (activations FP), then activations given those weights
-    k_weight: List[float] = field(default_factory=lambda: [round(float(x), 4) for x in np.linspace(0.46, 1.36, 10)])
-    k_act: List[float] = field(default_factory=lambda: [round(float(x), 4) for x in np.linspace(0.94, 1.09, 20)])
-    budget_offsets: List[float] = field(default_factory=lambda: [round(float(x), 4) for x in np.linspace(-0.3, 0, 10)])
-    num_prompts: int = 32  # search prompts (seeds apart from the evaluation's) scoring content and choosing plans
-    plan_prompts: int = 8  # the first search prompts whose images choose among the plans (the code: 1 image)
-    sqnr_calls: int = 32  # denoiser calls of the search prompts' FP trajectories the quality group's SQNR runs on
-    ssim_window: str = "global"  # content SSIM window: global (the code's 511 px on 512) | local (11 px Gaussian)
-    decoupled: bool = True  # SSIM for the content group, SQNR for the quality group (false: SQNR for all)
-    control: bool = False  # the control: uniform weight_bits / act_bits with exactly the plan's FP inputs
-    plan: Optional[str] = None  # a written mixdq_plan.yaml: reuse its bits, skip the search
-
-
-@dataclass
-class BinaryDMConfig:
-    """BinaryDM's learnable multi-basis layout (``method: binarydm``, diffq/methods/binarydm.py)."""
-
-    high_res_bases: int = 2  # sign bases of the high-resolution layers (the rest: quant.weight.bits)
-    min_resolution: float = 0.5  # UNet: levels at this fraction of the input resolution or more (never the lowest)
-    edge_blocks: int = 1  # transformers: the first and last blocks count as high-resolution
-
-
-@dataclass
-class QuantConfig:
-    """A quantization preset: default formats, ordered per-layer rules, method and knobs."""
+class QuantBase:
+    """A quantization preset: default formats, ordered per-layer rules, method and knobs (each method's
+    own settings section, ``quant.<section>``, is added from :data:`diffq.methods.SETTINGS`)."""
 
     name: str = MISSING
-    # rtn | fp_search (settings in `search`) | mixdq (`mixdq`) | binarydm (`binarydm`)
-    method: str = "rtn"
+    method: str = "rtn"  # a registered method: rtn | fp_search (settings in `search`) | mixdq | binarydm
     weight: TensorQuant = field(default_factory=lambda: TensorQuant(granularity="channel"))
     act: TensorQuant = field(
         default_factory=lambda: TensorQuant(format="none", granularity="tensor", symmetric=False)
@@ -139,33 +65,8 @@ class QuantConfig:
     attn: AttnQuantConfig = field(default_factory=AttnQuantConfig)
     strict: bool = False  # a rule matching no layer is an error instead of a warning
     recon: str = "none"  # none | layer | block (BRECQ / AdaRound) | fbr (EDA-DM); settings in `recon`
-    search: SearchConfig = field(default_factory=SearchConfig)  # method fp_search
-    mixdq: MixDQConfig = field(default_factory=MixDQConfig)  # method mixdq
-    binarydm: BinaryDMConfig = field(default_factory=BinaryDMConfig)  # method binarydm
     split_shortcut: bool = False  # Q-Diffusion: separate activation ranges for the up path's concat halves
     keep_fp_weights: bool = True  # keep the FP weight next to the frozen fake-quant one
-
-
-@dataclass
-class ReconConfig:
-    """Reconstruction settings (diffq/methods/reconstruct.py); defaults are BRECQ's paper values."""
-
-    name: str = "paper"
-    iters: int = 20000  # rounding steps per unit (fbr: the joint loop)
-    lr: float = 1e-3  # Adam lr of the rounding variables
-    reg_weight: float = 0.01  # lambda of the rounding regulariser
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2  # fraction of iters with the regulariser off
-    act_iters: int = 5000  # LSQ steps on activation step sizes after rounding (layer/block)
-    act_lr: float = 4e-4
-    fine_grained_weight: float = 1.0  # fbr: weight of the inner layers' output MSE (EDA-DM add_loss)
-    fbr_regularizer: bool = False  # fbr: keep the rounding regulariser in the joint loop
-    qdrop: float = 0.0  # probability of an FP input element (QDrop); EDA-DM uses 0.5
-    scale_aware: bool = False  # FP4DiT: rounding variable V' = s*V with s each weight's FP step
-    unit: str = "block"  # block (whole UNet blocks) | pair (BRECQ's ResNet + Transformer pairs); block/fbr modes
-    batch_size: Optional[int] = None  # rows per step drawn across calibration calls (null: one call's rows)
-    seed: int = SI("${seed}")
 
 
 @dataclass
@@ -235,42 +136,18 @@ class OptimConfig:
 
 
 @dataclass
-class QuestConfig:
-    """QuEST's selective finetuning (``finetune.recipe: quest``, diffq/finetune/recipes/quest.py)."""
-
-    select: str = "both"  # temporal (TLA) | sensitive (CMA) | both (TLA then CMA) | all (TLA, then every layer)
-    sensitive: str = "released"  # released (sensitive_roles) | measured (activation-bit sweep per layer)
-    temporal_roles: List[str] = field(default_factory=lambda: ["time_proj", "adanorm"])
-    sensitive_roles: List[str] = field(default_factory=lambda: ["ffn_up", "ffn_down"])  # the released choice (SD)
-    fraction: float = 0.15  # measured: the most sensitive fraction of the candidate layers
-    sweep_bits: List[int] = field(default_factory=lambda: [8, 6, 4])  # measured: ranked by SQNR at the lowest
-    sweep_calls: int = 8  # measured: calibration calls each probe runs on
-    tla_fraction: float = 0.3  # of finetune.steps spent in the TLA stage when both stages run
-    tla_act_scale_lr: float = 1.0e-5  # step-size lr of the TLA stage (CMA: finetune.optim.act_scale_lr)
-    layer_weight: float = 1.0  # weight of L_TLA and L_CMA (the denoiser's L_G: finetune.distill_weight)
-
-
-@dataclass
-class BinaryDMTrainConfig:
-    """BinaryDM's progressive initialisation (``finetune.recipe: binarydm``)."""
-
-    progressive: bool = True  # binarise group by group from the middle outwards (inputs quantized with their layer)
-    progressive_steps: int = 1  # steps per group (the released code: one training step per group)
-
-
-@dataclass
-class FinetuneConfig:
-    """Quantization-aware finetuning after PTQ (diffq/finetune/); ``steps: 0`` (finetune=none) skips it."""
+class FinetuneBase:
+    """Quantization-aware finetuning after PTQ (diffq/finetune/); ``steps: 0`` (finetune=none) skips it
+    (each recipe's own settings section, ``finetune.<section>``, is added from
+    :data:`diffq.finetune.recipes.SETTINGS`)."""
 
     name: str = "none"
     # plain (one stage, `train`) | quest (QuEST's stages, settings in `quest`) | binarydm (progressive
-    # initialisation, then `train`; settings in `binarydm`)
+    # initialisation, then `train`; settings in `binarydm`): a registered recipe
     recipe: str = "plain"
     steps: int = 0  # all stages together
     batch_size: int = 8  # items per step: one trajectory's denoiser call each, CFG branches included
     train: List[TrainRuleConfig] = field(default_factory=list)  # recipe plain
-    quest: QuestConfig = field(default_factory=QuestConfig)
-    binarydm: BinaryDMTrainConfig = field(default_factory=BinaryDMTrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     distill_weight: float = 1.0  # MSE between the student's and the FP teacher's denoiser outputs
@@ -289,34 +166,8 @@ class FinetuneConfig:
     seed: int = SI("${seed}")
 
 
-@dataclass
-class EdaDmConfig:
-    """EDA-DM's timestep-diverse selection (diffq/calib/select.py)."""
-
-    hook: str = "auto"  # module whose output is compared across steps (auto: mid-block attention output)
-    lam: float = 5.0  # weight of diversity vs density (5.0 for SD in the paper's code)
-    radius: Optional[float] = None  # absolute density radius (the code's 0.3 for SD); null: radius_quantile
-    radius_quantile: float = 0.3  # radius as this quantile of the pairwise feature distances
-
-
-@dataclass
-class CalibConfig:
-    """Calibration set: which prompts the FP sampler runs and which denoiser inputs are kept."""
-
-    name: str = "uniform"
-    # uniform (num_steps evenly spaced steps per trajectory) | edadm | all_steps_random (num_samples
-    # drawn from every step of every trajectory)
-    selection: str = "uniform"
-    num_samples: Optional[int] = None  # edadm / all_steps_random; default num_prompts x num_steps
-    edadm: EdaDmConfig = field(default_factory=EdaDmConfig)
-    prompts: List[str] = field(default_factory=list)
-    prompts_file: Optional[str] = None  # one prompt per line; overrides `prompts`
-    num_prompts: int = 4
-    num_steps: int = 4  # sampler steps kept per trajectory, evenly spaced
-    steps: Optional[int] = None  # sampler steps of the calibration run (default: model.steps)
-    batch_size: int = 4
-    seed: int = SI("${add:1234,${seed}}")
-    cache: bool = True
+QuantConfig = with_sections("QuantConfig", QuantBase, METHOD_SETTINGS)
+FinetuneConfig = with_sections("FinetuneConfig", FinetuneBase, RECIPE_SETTINGS)
 
 
 @dataclass
@@ -435,6 +286,10 @@ class DiffqConfig:
     log_level: str = "INFO"
 
 
+SCHEMAS: dict[str, type] = {"quant": QuantConfig, "recon": ReconConfig, "finetune": FinetuneConfig,
+                             "calib": CalibConfig}  # the quantize stage's groups
+
+
 def register_configs() -> None:
     """Register the job schema (``diffq_schema``, the defaults list's first entry) so every group's YAML is
     validated against its typed field at compose time; no group lists a ``schema`` option."""
@@ -442,5 +297,10 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("testbed_asset", asset_path)
     if not OmegaConf.has_resolver("add"):  # ${add:1234,${seed}}: a seed offset from the top-level seed
         OmegaConf.register_new_resolver("add", lambda *xs: sum(xs))
-    cs = ConfigStore.instance()
-    cs.store(name="diffq_schema", node=DiffqConfig)
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="diffq_schema", node=DiffqConfig)
+
+
+__all__ = ["AttnQuantConfig", "CalibConfig", "DiffqConfig", "EdaDmConfig", "FinetuneConfig", "ModelConfig",
+           "QuantConfig", "ReconConfig", "RuleConfig", "SCHEMAS", "register_configs"]

@@ -32,6 +32,7 @@ from diffq.eval.cost import resident_mb
 from diffq.export import export_quantized, load_quantized, pack_base3, pack_bits, unpack_base3, unpack_bits
 from diffq.formats import FPFormat
 from diffq.models import denoiser_of, load_pipeline, model_key, sampling_of
+from diffq.quantize_stage import quantized_info
 
 # step-time targets (quantized / FP); presets without one are timed and reported only. MixDQ is not
 # here: its search generates images from the pipeline (the bench quantizes the bare denoiser), and
@@ -108,7 +109,7 @@ def packed_backend(fp: torch.nn.Module, samples: list, kwargs: dict, repeats: in
     model = copy.deepcopy(fp)
     diffq.quantize(model, "ternary_w158", calib=[s.kwargs for s in samples], overrides={"finetune.steps": 0})
     with tempfile.TemporaryDirectory() as folder:
-        export_quantized(model, model.__dict__["_diffq"]["specs"], folder)
+        export_quantized(model, quantized_info(model).specs, folder)
         packed = load_quantized(folder, copy.deepcopy(fp), packed=True)
     with torch.no_grad():
         assert torch.equal(model(**kwargs, return_dict=False)[0], packed(**kwargs, return_dict=False)[0])

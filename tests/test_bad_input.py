@@ -23,6 +23,7 @@ from diffq.finetune.checkpoint import STATE_FILE, load_checkpoint, save_checkpoi
 from diffq.finetune.stage import check_finetune
 from diffq.layers import is_quant_layer
 from diffq.models import denoiser_of
+from diffq.quantize_stage import quantized_info
 from diffq.sweep import main as report_main
 from tests.helpers import outputs, pipeline_and_calib
 
@@ -113,7 +114,8 @@ def exports(tmp_path_factory):
         model = copy.deepcopy(denoiser_of(pipeline_and_calib("sd")[0])[1]).to(dtype)
         calib = [s.to("cpu", dtype) for s in pipeline_and_calib("sd")[1]]
         diffq.quantize(model, preset, calib=calib)
-        export_quantized(model, model.__dict__["_diffq"]["specs"], root / name, model.__dict__["_diffq"]["attn"])
+        info = quantized_info(model)
+        export_quantized(model, info.specs, root / name, info.attn)
         out[name] = root / name
     return out
 
@@ -164,10 +166,11 @@ def test_a_failed_run_writes_metrics_with_its_error_and_keeps_an_earlier_result(
 
 
 def test_exports_are_byte_identical_across_processes_with_the_umask_mode(tmp_path):
-    script = ("import copy, sys, diffq\nfrom diffq.export import export_quantized\nfrom diffq.models import "
+    script = ("import copy, sys, diffq\nfrom diffq.export import export_quantized\n"
+              "from diffq.quantize_stage import quantized_info\nfrom diffq.models import "
               "denoiser_of\nfrom tests.helpers import pipeline_and_calib\npipe, calib = pipeline_and_calib('sd')\n"
               "m = copy.deepcopy(denoiser_of(pipe)[1])\ndiffq.quantize(m, 'w8a8', calib=[s.kwargs for s in calib])\n"
-              "print(export_quantized(m, m.__dict__['_diffq']['specs'], sys.argv[1]))\n")
+              "print(export_quantized(m, quantized_info(m).specs, sys.argv[1]))\n")
     files = []
     for seed in ("1", "2"):  # set orders differ between hash seeds
         res = subprocess.run([sys.executable, "-c", script, str(tmp_path / seed)], cwd=ROOT, capture_output=True,
@@ -260,7 +263,7 @@ def test_a_failed_quantize_leaves_the_pipeline_as_it_was(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(diffq.api, "_cost", broken)  # fails after calibration and quantization
+    monkeypatch.setattr(diffq.api, "model_cost", broken)  # fails after calibration and quantization
     with pytest.raises(RuntimeError, match="disk full"):
         diffq.quantize(pipe, "w4a8", calib=_kwargs())
     assert not any(is_quant_layer(m) for m in model.modules()) and "_diffq" not in model.__dict__
@@ -280,7 +283,7 @@ def test_a_failure_after_weights_changed_in_place_says_to_reload(monkeypatch):
         model.conv_in.weight.data.mul_(2)  # as an in-place training step or an overwriting freeze would
         raise ConfigError("cost failed")
 
-    monkeypatch.setattr(diffq.api, "_cost", broken)
+    monkeypatch.setattr(diffq.api, "model_cost", broken)
     with pytest.raises(ConfigError, match=r"cost failed; .* but 1 of its tensors were changed in place "
                                           r"\(conv_in.weight\): reload the model"):
         diffq.quantize(pipe, "w4a8", calib=_kwargs())

@@ -5,22 +5,77 @@ import contextlib
 import logging
 import os
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
+
+from omegaconf import SI
 
 from diffq.cache import cache_key, cache_lock, cache_path, load_tensors, save_tensors
 from diffq.calib.capture import CalibSample, capture_trajectories, flatten_samples, unflatten_samples, uniform_steps
-from diffq.calib.select import SELECTIONS, assemble, capture_pool, edadm_counts, select_items, trajectory_count
+from diffq.calib.select import (
+    SELECTIONS,
+    EdaDmConfig,
+    assemble,
+    capture_pool,
+    edadm_counts,
+    select_items,
+    trajectory_count,
+)
 from diffq.errors import ConfigError
-from diffq.models import sample_seeds
+from diffq.models import Sampling, sample_seeds
+from diffq.settings import typed
 from diffq.timestep_groups import MIN_CALLS_PER_GROUP
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CalibSample", "calibration_prompts", "check_selection", "check_timestep_coverage", "kept_steps",
-           "load_or_capture", "training_pool", "uniform_steps"]
+__all__ = ["CalibConfig", "CalibSample", "EdaDmConfig", "calibrate", "calibration_prompts", "check_selection",
+           "check_timestep_coverage", "kept_steps", "load_or_capture", "training_pool", "uniform_steps"]
 
 _CACHE_VERSION = 3  # 2: pool shards hold the final latents and noise coefficients; 3: training pools from the FP model
+
+
+@dataclass
+class CalibConfig:
+    """Calibration set (the ``calib`` group): which prompts the FP sampler runs, which denoiser inputs are kept."""
+
+    name: str = "uniform"
+    # uniform (num_steps evenly spaced steps per trajectory) | edadm | all_steps_random (num_samples
+    # drawn from every step of every trajectory)
+    selection: str = "uniform"
+    num_samples: Optional[int] = None  # edadm / all_steps_random; default num_prompts x num_steps
+    edadm: EdaDmConfig = field(default_factory=EdaDmConfig)
+    prompts: List[str] = field(default_factory=list)
+    prompts_file: Optional[str] = None  # one prompt per line; overrides `prompts`
+    num_prompts: int = 4
+    num_steps: int = 4  # sampler steps kept per trajectory, evenly spaced
+    steps: Optional[int] = None  # sampler steps of the calibration run (default: model.steps)
+    batch_size: int = 4
+    seed: int = SI("${add:1234,${seed}}")
+    cache: bool = True
+
+
+def calib_settings(calib: Mapping[str, Any] | CalibConfig) -> CalibConfig:
+    """The typed ``calib`` settings of a (resolved) config section."""
+    if isinstance(calib, CalibConfig):
+        return calib
+    values = dict(calib)
+    values["edadm"] = typed(EdaDmConfig, values.get("edadm"), "calib.edadm")
+    return typed(CalibConfig, values, "calib")
+
+
+def calibrate(pipe: Any, family: str, *, model_key: dict[str, Any], prompts: Sequence[str],
+              settings: Mapping[str, Any] | CalibConfig, sampling: Sampling,
+              cache_dir: str | None) -> tuple[list[CalibSample], bool]:
+    """The calibration set of ``settings`` over ``prompts``, the FP sampler run as ``sampling`` says
+    (its steps unless ``calib.steps``), cached under ``cache_dir`` when ``calib.cache``; (samples, hit)."""
+    c = calib_settings(settings)
+    steps = int(c.steps or sampling.steps)
+    return load_or_capture(
+        pipe, family, model_key=model_key, prompts=prompts, seed=int(c.seed), steps=steps,
+        guidance=sampling.guidance, resolution=sampling.resolution, keep_steps=min(int(c.num_steps), steps),
+        batch_size=c.batch_size, call_kwargs=sampling.call_kwargs, cache_dir=cache_dir if c.cache else None,
+        selection=c.selection, num_samples=c.num_samples, edadm=asdict(c.edadm))
 
 
 def calibration_prompts(prompts: Sequence[str], prompts_file: str | None, count: int) -> list[str]:

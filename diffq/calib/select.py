@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +36,17 @@ from diffq.models import denoiser_of, generate_images
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("uniform", "edadm", "all_steps_random")
+
+
+@dataclass
+class EdaDmConfig:
+    """EDA-DM's timestep-diverse selection (``calib.edadm``)."""
+
+    hook: str = "auto"  # module whose output is compared across steps (auto: mid-block attention output)
+    lam: float = 5.0  # weight of diversity vs density (5.0 for SD in the paper's code)
+    radius: Optional[float] = None  # absolute density radius (the code's 0.3 for SD); null: radius_quantile
+    radius_quantile: float = 0.3  # radius as this quantile of the pairwise feature distances
+
 UNBATCHED = {"txt_ids", "img_ids"}  # FLUX position ids: no batch dimension
 
 

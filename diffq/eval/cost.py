@@ -156,6 +156,19 @@ def operations(model: nn.Module, macs: Mapping[str, int], specs: Sequence[LayerS
             "ops_side_g": side / 1e9}
 
 
+def model_cost(model: nn.Module, specs: Sequence[LayerSpec], input_counts: Mapping[str, int],
+               macs: Mapping[str, int]) -> dict[str, Any]:
+    """metrics.json's ``cost``: effective weight/activation bits, model sizes, operations, resident
+    memory and how many layers are quantized (``input_counts`` / ``macs``: one denoiser call's)."""
+    cost: dict[str, Any] = dict(weight_bits(model))
+    cost["effective_act_bits"] = activation_bits(model, input_counts, specs)
+    cost.update(operations(model, macs, specs))
+    cost["resident_mb"] = resident_mb(model)
+    cost["layers_quantized"] = sum(s.quantized for s in specs)
+    cost["layers_total"] = len(specs)
+    return cost
+
+
 def resident_mb(model: nn.Module) -> float:
     """Memory the model's parameters and buffers occupy (MB): what inference keeps resident."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}

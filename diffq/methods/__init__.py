@@ -7,7 +7,10 @@ cfg)`` runs on the resolved specs before calibration, an optional ``apply.model_
 adds rules computed from the model before the preset's, an optional ``apply.needs_pipeline(cfg)``
 says why a config cannot run on a bare denoiser (None when it can); a reconstruction mode is a
 :class:`~diffq.methods.reconstruct.ReconMode` registered with ``RECON_MODES`` (``quant.recon``).
-Every module of this package is imported on the first lookup, so a new method is one file.
+A method with settings keeps their dataclass in its own module, registered with
+``@SETTINGS.register("<section>")`` (the ``quant.<section>`` key; the schema is assembled from this
+registry) and read with :func:`diffq.settings.typed`. Every module of this package is imported on the
+first lookup, so a new method is one file.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class MethodContext:
 
 METHODS: Registry[Callable[..., dict[str, Any]]] = Registry("quant.method", package=__name__)
 RECON_MODES: Registry[Any] = Registry("quant.recon", package=__name__)
+SETTINGS: Registry[type] = Registry("quant settings section", package=__name__)
 
 
 def get_method(name: str) -> Callable[..., dict[str, Any]]:

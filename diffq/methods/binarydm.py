@@ -13,6 +13,7 @@ model up; training is the ``binarydm`` finetuning recipe (diffq/finetune/recipes
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -20,8 +21,19 @@ from torch import nn
 
 from diffq.calib import CalibSample
 from diffq.levels import high_resolution_layers
-from diffq.methods import METHODS, rtn
+from diffq.methods import METHODS, SETTINGS, rtn
+from diffq.settings import typed
 from diffq.spec import LayerSpec
+
+
+@SETTINGS.register("binarydm")
+@dataclass
+class BinaryDMConfig:
+    """BinaryDM's learnable multi-basis layout (``quant.binarydm``, method ``binarydm``)."""
+
+    high_res_bases: int = 2  # sign bases of the high-resolution layers (the rest: quant.weight.bits)
+    min_resolution: float = 0.5  # UNet: levels at this fraction of the input resolution or more (never the lowest)
+    edge_blocks: int = 1  # transformers: the first and last blocks count as high-resolution
 
 
 @METHODS.register("binarydm")
@@ -38,9 +50,9 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
 
 def model_rules(model: nn.Module, cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     """LMB's rule: ``high_res_bases`` sign bases on the high-resolution layers."""
-    b = cfg["binarydm"]
-    names = high_resolution_layers(model, float(b["min_resolution"]), int(b["edge_blocks"]))
-    return [{"names": names, "weight": {"bits": int(b["high_res_bases"])}}] if names else []
+    b = typed(BinaryDMConfig, cfg.get("binarydm"), "quant.binarydm")
+    names = high_resolution_layers(model, float(b.min_resolution), int(b.edge_blocks))
+    return [{"names": names, "weight": {"bits": int(b.high_res_bases)}}] if names else []
 
 
 apply.model_rules = model_rules

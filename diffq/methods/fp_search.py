@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -31,14 +31,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
-from diffq.config import SearchConfig
 from diffq.errors import CalibrationError, ConfigError
 from diffq.eval.cost import count_layer_inputs
 from diffq.formats import FPFormat
-from diffq.methods import METHODS
+from diffq.methods import METHODS, SETTINGS
 from diffq.methods.common import calibrate_activations, calibrate_weights, split_shortcuts
 from diffq.model_quant import float_mode, prepare
 from diffq.quantizer import Quantizer
+from diffq.settings import typed
 from diffq.spec import LayerSpec, TensorQuant
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,20 @@ _EPS = 1e-12
 _CHUNK_ELEMENTS = 2**24  # candidates evaluated together stay under this many elements
 
 
+@SETTINGS.register("search")
+@dataclass
+class SearchConfig:
+    """Per-layer FP format and scale search (``quant.search``, method ``fp_search``)."""
+
+    weight: bool = True  # search the weight format and per-channel clipping of FP layers
+    act: bool = True  # search the input-activation format (and clipping of static ranges)
+    alpha_min: float = 0.1  # clipping grid: maxval = alpha * amax, alpha in [alpha_min, alpha_max] (and 1)
+    alpha_max: float = 1.2
+    alphas: int = 100  # points of the clipping grid
+    act_inputs: int = 4  # calibration calls whose layer inputs score the activation candidates
+    memory_mb: int = 2048  # statistics held at once; layers are searched in chunks under it
+
+
 def candidate_formats(tq: TensorQuant) -> list[FPFormat]:
     """The layouts a search tries for ``tq``: its own when pinned, else every layout of its bit-width."""
     if tq.exp is not None or tq.man is not None:
@@ -67,9 +81,9 @@ def candidate_formats(tq: TensorQuant) -> list[FPFormat]:
     return [FPFormat(e, m) for e, m in LAYOUTS[tq.bits]]
 
 
-def alpha_grid(search: Mapping[str, Any]) -> Tensor:
+def alpha_grid(search: SearchConfig) -> Tensor:
     """Clipping ratios: ``alphas`` points in [alpha_min, alpha_max], plus 1 (plain min-max)."""
-    lo, hi, n = float(search["alpha_min"]), float(search["alpha_max"]), int(search["alphas"])
+    lo, hi, n = float(search.alpha_min), float(search.alpha_max), int(search.alphas)
     if not 0 < lo <= hi or n < 1:
         raise ConfigError(f"quant.search: need 0 < alpha_min <= alpha_max and alphas >= 1 (got {lo}, {hi}, {n})")
     return torch.cat([torch.linspace(lo, hi, n), torch.ones(1)]).unique()
@@ -275,13 +289,13 @@ def _stat_bytes(layer: nn.Module, weight: bool, act: bool, input_numel: int, n_k
 
 
 def _plan(layers: Mapping[str, nn.Module], by_name: Mapping[str, LayerSpec],
-          search: Mapping[str, Any]) -> dict[str, tuple[bool, bool]]:
+          search: SearchConfig) -> dict[str, tuple[bool, bool]]:
     """Layer name -> (search its weight, search its input) for every layer with something to search."""
     plan = {}
     for name, layer in layers.items():
         s = by_name[name]
-        w = bool(search["weight"]) and _searchable(layer.weight_quantizer, s.weight)
-        a = bool(search["act"]) and _searchable(layer.input_quantizer, s.act)
+        w = bool(search.weight) and _searchable(layer.weight_quantizer, s.weight)
+        a = bool(search.act) and _searchable(layer.input_quantizer, s.act)
         if w or a:
             plan[name] = (w, a)
     return plan
@@ -319,7 +333,7 @@ def apply(
 ) -> dict[str, Any]:
     """Quantize ``model`` in place like RTN, with every open FP layout and clipping searched per layer
     (``cfg["search"]``); the chosen layouts are written into ``specs``."""
-    search = {**asdict(SearchConfig()), **(cfg.get("search") or {})}  # unset keys: the schema defaults
+    search = typed(SearchConfig, cfg.get("search"), "quant.search")
     if not calib:
         raise CalibrationError("the FP format search needs calibration samples: "
                                "raise calib.num_prompts / calib.num_steps")
@@ -330,13 +344,13 @@ def apply(
     by_name = {s.name: s for s in specs}
     plan = _plan(layers, by_name, search)
     alphas = alpha_grid(search).to(device)
-    n_keep = max(1, int(search["act_inputs"]))
+    n_keep = max(1, int(search.act_inputs))
     keep = set(np.linspace(0, len(calib) - 1, min(n_keep, len(calib))).round().astype(int).tolist())
     sizes = count_layer_inputs(model, list(plan), calib[0], device, dtype).counts
     for n in [n for n in plan if n not in sizes]:  # never called by the denoiser: nothing to score
         log.warning("layer %s receives no input in a denoiser call: its FP format is not searched", n)
         del plan[n]
-    budget = int(search["memory_mb"]) * 2**20
+    budget = int(search.memory_mb) * 2**20
     chunks = _plan_chunks(list(plan), {n: _stat_bytes(layers[n], *plan[n], sizes[n], len(keep)) for n in plan}, budget)
     chosen: dict[str, Counter] = {"weight": Counter(), "act": Counter()}
     searched_acts, ratios = [], []
@@ -374,7 +388,7 @@ def apply(
 def check_specs(specs: Sequence[LayerSpec], cfg: Mapping[str, Any]) -> None:
     """ConfigError, before calibration, for timestep-grouped inputs the search would have to search
     group by group (it searches one format and range per layer input)."""
-    if cfg["search"]["act"]:
+    if typed(SearchConfig, cfg.get("search"), "quant.search").act:
         grouped = [s.name for s in specs if s.quantized and s.act is not None and s.act.timestep_groups > 1]
         if grouped:
             raise ConfigError(f"method fp_search searches one activation format per layer, but {grouped[:3]} have "

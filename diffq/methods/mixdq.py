@@ -29,9 +29,9 @@ import itertools
 import json
 import logging
 import math
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,10 +46,11 @@ from diffq.calib.capture import capture_trajectories
 from diffq.errors import ConfigError
 from diffq.eval.cost import FP_BITS, count_layer_inputs
 from diffq.eval.fidelity import SSIM_WINDOWS, sqnr, ssim
-from diffq.methods import METHODS, MethodContext, rtn
+from diffq.methods import METHODS, SETTINGS, MethodContext, rtn
 from diffq.methods.common import calibrate_activations, split_shortcuts
 from diffq.model_quant import act_parts, float_mode, prepare
 from diffq.models import generate_images, sample_seeds
+from diffq.settings import typed
 from diffq.spec import LayerSpec, Rule
 
 log = logging.getLogger(__name__)
@@ -58,50 +59,90 @@ SEARCH_STREAM = "mixdq-search"  # the search prompts' seeds: never the evaluatio
 GROUPS = ("content", "quality")
 
 
-def content_names(specs: Sequence[LayerSpec], mc: Mapping[str, Any]) -> set[str]:
+@SETTINGS.register("mixdq")
+@dataclass
+class MixDQConfig:
+    """MixDQ's mixed-precision search (``quant.mixdq``, method ``mixdq``)."""
+
+    weight_bits: float = 8.0  # target parameter-weighted average weight bits
+    weight_mb: Optional[float] = None  # or a memory budget for the quantized weights (MB), replacing weight_bits
+    act_bits: float = 8.0  # target element-weighted average activation bits
+    weight_bits_content: List[int] = field(default_factory=lambda: [2, 4, 8])
+    weight_bits_quality: List[int] = field(default_factory=lambda: [4, 8])
+    act_bits_candidates: List[int] = field(default_factory=lambda: [4, 8])
+    # the most activation-sensitive layers of each group (content by its SSIM, quality by its SQNR, at
+    # the lowest candidate width) keep FP inputs: ceil(fraction x group size) per group; they count
+    # at 16 bits inside act_bits, the rest are lowered to keep the whole at or under it
+    fp_act_fraction: float = 0.01
+    content_roles: List[str] = field(default_factory=lambda: ["ffn_up", "ffn_down", "cross_attn_q", "cross_attn_kv"])
+    content_names: List[str] = field(default_factory=lambda: ["*.attn2.to_out.*"])
+    band: float = 0.02  # each program's average bits lie in [target - 2 band, target]: never over budget
+    # the code's family: content/quality budget ratios k x budgets target + offset (linspace(target - 0.3,
+    # target, 10)); weights are chosen first (activations FP), then activations given those weights
+    k_weight: List[float] = field(default_factory=lambda: [round(float(x), 4) for x in np.linspace(0.46, 1.36, 10)])
+    k_act: List[float] = field(default_factory=lambda: [round(float(x), 4) for x in np.linspace(0.94, 1.09, 20)])
+    budget_offsets: List[float] = field(default_factory=lambda: [round(float(x), 4) for x in np.linspace(-0.3, 0, 10)])
+    num_prompts: int = 32  # search prompts (seeds apart from the evaluation's) scoring content and choosing plans
+    plan_prompts: int = 8  # the first search prompts whose images choose among the plans (the code: 1 image)
+    sqnr_calls: int = 32  # denoiser calls of the search prompts' FP trajectories the quality group's SQNR runs on
+    ssim_window: str = "global"  # content SSIM window: global (the code's 511 px on 512) | local (11 px Gaussian)
+    decoupled: bool = True  # SSIM for the content group, SQNR for the quality group (false: SQNR for all)
+    control: bool = False  # the control: uniform weight_bits / act_bits with exactly the plan's FP inputs
+    plan: Optional[str] = None  # a written mixdq_plan.yaml: reuse its bits, skip the search
+
+
+def settings_of(mc: Mapping[str, Any] | MixDQConfig | MixDQConfig | None) -> MixDQConfig:
+    """The typed settings of a (partial) ``quant.mixdq`` section."""
+    return typed(MixDQConfig, mc, "quant.mixdq")
+
+
+def content_names(specs: Sequence[LayerSpec], mc: Mapping[str, Any] | MixDQConfig) -> set[str]:
     """The quantized layers of the content group: those with a ``content_roles`` role or a name
     matching ``content_names``."""
-    rules = [Rule(0, roles=tuple(mc["content_roles"]))] * bool(mc["content_roles"])
-    rules += [Rule(0, names=tuple(mc["content_names"]))] * bool(mc["content_names"])
+    mc = settings_of(mc)
+    rules = [Rule(0, roles=tuple(mc.content_roles))] * bool(mc.content_roles)
+    rules += [Rule(0, names=tuple(mc.content_names))] * bool(mc.content_names)
     return {s.name for s in specs if s.quantized and any(r.matches(s.name, s.role) for r in rules)}
 
 
-def weight_target(mc: Mapping[str, Any], specs: Sequence[LayerSpec]) -> float:
+def weight_target(mc: Mapping[str, Any] | MixDQConfig, specs: Sequence[LayerSpec]) -> float:
     """The average weight bits asked for (``weight_mb`` turned into bits over the quantized weights)."""
-    if mc.get("weight_mb"):
+    mc = settings_of(mc)
+    if mc.weight_mb:
         params = sum(s.params for s in specs if s.quantized and s.weight is not None)
-        return float(mc["weight_mb"]) * 8 * 2**20 / params
-    return float(mc["weight_bits"])
+        return float(mc.weight_mb) * 8 * 2**20 / params
+    return float(mc.weight_bits)
 
 
-def check_budget(specs: Sequence[LayerSpec], mc: Mapping[str, Any]) -> None:
+def check_budget(specs: Sequence[LayerSpec], mc: Mapping[str, Any] | MixDQConfig) -> None:
     """ConfigError, before calibration, for candidate widths the formats cannot take, a weight or
     activation budget out of reach, or a control without one uniform width."""
+    mc = settings_of(mc)
     ws = [s for s in specs if s.quantized and s.weight is not None]
     acts = [s for s in specs if s.quantized and s.act is not None]
     for key, tq in (("weight_bits_content", ws), ("weight_bits_quality", ws), ("act_bits_candidates", acts)):
-        for b in mc[key] if tq else ():
+        for b in getattr(mc, key) if tq else ():
             try:
                 replace(tq[0].weight if key.startswith("weight") else tq[0].act, bits=b).build_format()
             except ConfigError as e:
-                raise ConfigError(f"quant.mixdq.{key}={list(mc[key])}: {e}") from None
-    if mc["ssim_window"] not in SSIM_WINDOWS:
-        raise ConfigError(f"quant.mixdq.ssim_window={mc['ssim_window']!r}: use one of {list(SSIM_WINDOWS)}")
+                raise ConfigError(f"quant.mixdq.{key}={list(getattr(mc, key))}: {e}") from None
+    if mc.ssim_window not in SSIM_WINDOWS:
+        raise ConfigError(f"quant.mixdq.ssim_window={mc.ssim_window!r}: use one of {list(SSIM_WINDOWS)}")
     content = content_names(specs, mc)
-    cands = sorted({*mc["weight_bits_content"], *mc["weight_bits_quality"]})
-    allowed = np.array([[b in (mc["weight_bits_content"] if s.name in content else mc["weight_bits_quality"])
+    cands = sorted({*mc.weight_bits_content, *mc.weight_bits_quality})
+    allowed = np.array([[b in (mc.weight_bits_content if s.name in content else mc.weight_bits_quality)
                          for b in cands] for s in ws])
     lo, hi = feasible_range([s.params for s in ws], cands, allowed)
     target = weight_target(mc, specs)
-    if not lo - mc["band"] <= target <= hi + mc["band"]:
+    if not lo - mc.band <= target <= hi + mc.band:
         raise ConfigError(f"quant.mixdq: an average of {target:.3f} weight bits is out of reach; with the candidate "
                           f"widths the average lies in [{lo:.3f}, {hi:.3f}]")
-    a = mc["act_bits_candidates"]
-    if not min(a) <= mc["act_bits"]:
-        raise ConfigError(f"quant.mixdq.act_bits={mc['act_bits']} is out of reach of the candidates {list(a)}")
-    if mc["control"] and (target != int(target) or mc["act_bits"] != int(mc["act_bits"])):
+    a = mc.act_bits_candidates
+    if not min(a) <= mc.act_bits:
+        raise ConfigError(f"quant.mixdq.act_bits={mc.act_bits} is out of reach of the candidates {list(a)}")
+    if mc.control and (target != int(target) or mc.act_bits != int(mc.act_bits)):
         raise ConfigError(f"quant.mixdq.control uses one uniform width: weight_bits ({target:g}) and act_bits "
-                          f"({mc['act_bits']:g}) must be whole numbers")
+                          f"({mc.act_bits:g}) must be whole numbers")
 
 
 class Candidates:
@@ -270,10 +311,11 @@ def write_sensitivity(sens: Mapping[str, Any], content: set[str], ssim_layers: s
     plt.close(fig)
 
 
-def fp_inputs(sens: Mapping[str, Any], content: set[str], mc: Mapping[str, Any]) -> dict[str, list[str]]:
+def fp_inputs(sens: Mapping[str, Any], content: set[str], mc: Mapping[str, Any] | MixDQConfig) -> dict[str, list[str]]:
     """Per group, the ``ceil(fp_act_fraction x group size)`` layers whose input is the most sensitive
     at the lowest candidate width by the group's own metric (the lowest SSIM or SQNR)."""
-    low, frac = min(mc["act_bits_candidates"]), float(mc["fp_act_fraction"])
+    mc = settings_of(mc)
+    low, frac = min(mc.act_bits_candidates), float(mc.fp_act_fraction)
     out = {}
     for g in GROUPS:
         names = sorted(n for n in sens if sens[n]["act"] and (n in content) == (g == "content"))
@@ -323,13 +365,15 @@ def group_plan(what: str, sens: Mapping[str, Any], names: Sequence[str], content
 
 
 def family(what: str, sens: Mapping[str, Any], names: Sequence[str], content: set[str], sizes: Mapping[str, int],
-           cands: Mapping[str, list], top: float, ks: Sequence[float], mc: Mapping[str, Any]) -> list[dict[str, Any]]:
+           cands: Mapping[str, list], top: float, ks: Sequence[float],
+           mc: Mapping[str, Any] | MixDQConfig) -> list[dict[str, Any]]:
     """The distinct plans of ``ks`` x budgets ``top + budget_offsets`` (infeasible splits skipped, as
     the code skips them), each with the (k, budget) pairs that gave it and its size-weighted average."""
+    mc = settings_of(mc)
     plans: dict[tuple, dict[str, Any]] = {}
-    for k, off in itertools.product(ks, mc["budget_offsets"]):
+    for k, off in itertools.product(ks, mc.budget_offsets):
         try:
-            bits, programs = group_plan(what, sens, names, content, sizes, cands, top + off, k, mc["band"])
+            bits, programs = group_plan(what, sens, names, content, sizes, cands, top + off, k, mc.band)
         except ConfigError as e:
             log.debug("mixdq %s plan k=%s budget=%.3f skipped: %s", what, k, top + off, e)
             continue
@@ -383,8 +427,8 @@ def plan_rules(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
 def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSample], cfg: Any, *,
           device: torch.device, dtype: torch.dtype, context: MethodContext | None = None) -> dict[str, Any]:
     """Quantize ``model`` in place with MixDQ's mixed-precision plan (see the module docstring)."""
-    mc = cfg["mixdq"]
-    if mc["plan"]:  # a written plan: its rules are in the specs, calibrate them as RTN does
+    mc = settings_of(cfg.get("mixdq"))
+    if mc.plan:  # a written plan: its rules are in the specs, calibrate them as RTN does
         return rtn.apply(model, specs, calib, cfg, device=device, dtype=dtype)
     if context is None or context.pipe is None:
         raise ConfigError(needs_pipeline(cfg))
@@ -393,14 +437,14 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
     n_splits = split_shortcuts(model, calib, device, dtype) if cfg.get("split_shortcut") else 0
     by = {s.name: s for s in specs if s.name in layers}
     content = content_names(specs, mc)
-    ssim_layers = content if mc["decoupled"] else set()  # not decoupled: SQNR for every layer (the ablation)
+    ssim_layers = content if mc.decoupled else set()  # not decoupled: SQNR for every layer (the ablation)
     wtarget = weight_target(mc, specs)
-    wbits = {n: sorted({*(mc["weight_bits_content"] if n in content else mc["weight_bits_quality"]),
-                        *([int(wtarget)] if mc["control"] else [])}) for n in by}
-    abits = sorted({*mc["act_bits_candidates"], *([int(mc["act_bits"])] if mc["control"] else [])})
+    wbits = {n: sorted({*(mc.weight_bits_content if n in content else mc.weight_bits_quality),
+                        *([int(wtarget)] if mc.control else [])}) for n in by}
+    abits = sorted({*mc.act_bits_candidates, *([int(mc.act_bits)] if mc.control else [])})
     cands = Candidates(layers, by, wbits, abits, calib, model, device, dtype)
-    prompts = [context.prompts[i % len(context.prompts)] for i in range(mc["num_prompts"])]
-    probe = Probe(model, context, prompts, mc["sqnr_calls"], mc["ssim_window"], device, dtype)
+    prompts = [context.prompts[i % len(context.prompts)] for i in range(mc.num_prompts)]
+    probe = Probe(model, context, prompts, mc.sqnr_calls, mc.ssim_window, device, dtype)
     key = cache_key({"model": context.model_key, "specs": [s.to_dict() for s in by.values()],
                      "calib": [s.step for s in calib], "calib_sums": [round(float(c.kwargs[k].double().sum()), 6)
                                                                       for c in calib[:4] for k in sorted(c.kwargs)
@@ -408,7 +452,8 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
                      "prompts": prompts, "seed": context.seed,
                      "sampling": {k: v for k, v in asdict(context.sampling).items() if k != "batch_size"},
                      "search": [SEARCH_STREAM, len(probe.calls)], "wbits": wbits, "abits": abits,
-                     "mixdq": {k: mc[k] for k in ("content_roles", "content_names", "ssim_window", "decoupled")}})
+                     "mixdq": {k: getattr(mc, k) for k in ("content_roles", "content_names", "ssim_window",
+                                                            "decoupled")}})
     path = Path(context.cache_dir).expanduser() / "mixdq" / f"{key}.json"
     if path.exists():
         sens = {n: {w: {int(b): v for b, v in d.items()} for w, d in k.items()} for n, k in
@@ -423,35 +468,35 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
     fp = fp_inputs(sens, content, mc)
     fp_set = {n for g in GROUPS for n in fp[g]}
     act_names = [n for n in cands.acts if n not in fp_set]
-    rest_max = rest_budget(counts, act_names, float(mc["act_bits"]))
-    if rest_max < min(mc["act_bits_candidates"]) and not mc["control"]:
-        raise ConfigError(f"quant.mixdq.act_bits={mc['act_bits']:g}: with {len(fp_set)} FP-kept inputs and the layers "
+    rest_max = rest_budget(counts, act_names, float(mc.act_bits))
+    if rest_max < min(mc.act_bits_candidates) and not mc.control:
+        raise ConfigError(f"quant.mixdq.act_bits={mc.act_bits:g}: with {len(fp_set)} FP-kept inputs and the layers "
                           f"left FP at 16 bits, the quantized inputs would need {rest_max:.2f} bits on average, under "
-                          f"the narrowest candidate {min(mc['act_bits_candidates'])}; raise act_bits or lower "
+                          f"the narrowest candidate {min(mc.act_bits_candidates)}; raise act_bits or lower "
                           "quant.mixdq.fp_act_fraction")
-    stats: dict[str, Any] = {"sensitivity_cache": str(path), "control": bool(mc["control"]),
+    stats: dict[str, Any] = {"sensitivity_cache": str(path), "control": bool(mc.control),
                              "content_layers": len(content), "fp_inputs": fp, "act_budget": {
-                                 "target": float(mc["act_bits"]), "quantized_inputs_max": round(rest_max, 4)},
+                                 "target": float(mc.act_bits), "quantized_inputs_max": round(rest_max, 4)},
                              "search": {"prompts": len(prompts), "sqnr_calls": len(probe.calls),
-                                        "seed_stream": SEARCH_STREAM, "ssim_window": mc["ssim_window"],
-                                        "plan_prompts": min(mc["plan_prompts"], len(prompts))}}
+                                        "seed_stream": SEARCH_STREAM, "ssim_window": mc.ssim_window,
+                                        "plan_prompts": min(mc.plan_prompts, len(prompts))}}
     fp_none: dict[str, int | None] = dict.fromkeys(fp_set)
-    if mc["control"]:  # uniform widths, the plan's FP inputs
+    if mc.control:  # uniform widths, the plan's FP inputs
         best = {"weight": dict.fromkeys(cands.weights, int(wtarget)),
-                "act": {**dict.fromkeys(act_names, int(mc["act_bits"])), **fp_none}}
+                "act": {**dict.fromkeys(act_names, int(mc.act_bits)), **fp_none}}
     else:
         sizes_w = {n: by[n].params for n in cands.weights}
-        cw = {"content": mc["weight_bits_content"], "quality": mc["weight_bits_quality"]}
-        wplans = family("weight", sens, list(cands.weights), content, sizes_w, cw, wtarget, mc["k_weight"], mc)
+        cw = {"content": mc.weight_bits_content, "quality": mc.weight_bits_quality}
+        wplans = family("weight", sens, list(cands.weights), content, sizes_w, cw, wtarget, mc.k_weight, mc)
         for n in cands.acts:  # weight plans are scored with FP activations, as the code does
             cands.set_act(n, None)
-        wbest = choose(wplans, lambda p: install(cands, {"weight": p["bits"], "act": {}}), probe, mc["plan_prompts"],
+        wbest = choose(wplans, lambda p: install(cands, {"weight": p["bits"], "act": {}}), probe, mc.plan_prompts,
                        "weight")
         install(cands, {"weight": wbest["bits"], "act": {}})
-        ca = dict.fromkeys(GROUPS, list(mc["act_bits_candidates"]))
-        aplans = family("act", sens, act_names, content, counts, ca, rest_max, mc["k_act"], mc)
+        ca = dict.fromkeys(GROUPS, list(mc.act_bits_candidates))
+        aplans = family("act", sens, act_names, content, counts, ca, rest_max, mc.k_act, mc)
         abest = choose(aplans, lambda p: install(cands, {"weight": {}, "act": {**p["bits"], **fp_none}}), probe,
-                       mc["plan_prompts"], "activation")
+                       mc.plan_prompts, "activation")
         best = {"weight": wbest["bits"], "act": {**abest["bits"], **fp_none}}
         for what, plans, chosen in (("weight", wplans, wbest), ("act", aplans, abest)):
             stats[f"{what}_plans"] = [{k: v for k, v in p.items() if k != "bits"} for p in plans]
@@ -473,20 +518,21 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
         1, sum(by[n].params for n in best["weight"]))
     stats["act_bits_avg"] = model_act_average(counts, best["act"])
     log.info("mixdq%s: weights %.3f bits on average, inputs %.3f (budget %g, FP inputs %s)",
-             " control" if mc["control"] else "", stats["weight_bits_avg"], stats["act_bits_avg"], mc["act_bits"],
+             " control" if mc.control else "", stats["weight_bits_avg"], stats["act_bits_avg"], mc.act_bits,
              sorted(fp_set))
     return {"layers_quantized": len(layers), "shortcut_splits": n_splits, "mixdq": stats}
 
 
 def check_specs(specs: Sequence[LayerSpec], cfg: Mapping[str, Any]) -> None:
     """The job's check before calibration: the budget is reachable (nothing to check with a written plan)."""
-    if not cfg["mixdq"]["plan"]:
-        check_budget(specs, cfg["mixdq"])
+    mc = settings_of(cfg.get("mixdq"))
+    if not mc.plan:
+        check_budget(specs, mc)
 
 
 def needs_pipeline(cfg: Mapping[str, Any]) -> str | None:
     """Why this config needs the pipeline, not the bare denoiser (None with a written plan)."""
-    if cfg["mixdq"]["plan"]:
+    if settings_of(cfg.get("mixdq")).plan:
         return None
     return ("quant.method=mixdq generates images to measure sensitivity: pass the pipeline (not the bare denoiser) "
             "or a written plan (quant.mixdq.plan=<run>/mixdq_plan.yaml)")

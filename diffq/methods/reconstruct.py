@@ -29,10 +29,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from omegaconf import SI
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,6 +44,7 @@ from diffq.methods import RECON_MODES, get_recon_mode
 from diffq.methods.adaround import AdaRound, beta_schedule
 from diffq.methods.blocks import Unit, find_units, quant_layers
 from diffq.model_quant import act_parts, float_mode
+from diffq.settings import typed
 from diffq.timestep_groups import call_timesteps, router_of
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,28 @@ class ReconMode:
 
     layerwise: bool  # every quantized layer is a unit (else recon.unit: block or pair)
     joint: bool  # one loop over rounding and step sizes (EDA-DM) instead of rounding, then step sizes (BRECQ)
+
+
+@dataclass
+class ReconConfig:
+    """Reconstruction settings (the ``recon`` group); the defaults are BRECQ's paper values."""
+
+    name: str = "paper"
+    iters: int = 20000  # rounding steps per unit (fbr: the joint loop)
+    lr: float = 1e-3  # Adam lr of the rounding variables
+    reg_weight: float = 0.01  # lambda of the rounding regulariser
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2  # fraction of iters with the regulariser off
+    act_iters: int = 5000  # LSQ steps on activation step sizes after rounding (layer/block)
+    act_lr: float = 4e-4
+    fine_grained_weight: float = 1.0  # fbr: weight of the inner layers' output MSE (EDA-DM add_loss)
+    fbr_regularizer: bool = False  # fbr: keep the rounding regulariser in the joint loop
+    qdrop: float = 0.0  # probability of an FP input element (QDrop); EDA-DM uses 0.5
+    scale_aware: bool = False  # FP4DiT: rounding variable V' = s*V with s each weight's FP step
+    unit: str = "block"  # block (whole UNet blocks) | pair (BRECQ's ResNet + Transformer pairs); block/fbr modes
+    batch_size: Optional[int] = None  # rows per step drawn across calibration calls (null: one call's rows)
+    seed: int = SI("${seed}")
 
 
 RECON_MODES.register("layer")(ReconMode(layerwise=True, joint=False))
@@ -278,39 +302,39 @@ def _batch_index(bank: _Bank, batch_size: int | None, rng: np.random.Generator) 
     return bank.calls[int(rng.integers(len(bank.calls)))]
 
 
-def _optimise(model: nn.Module, trainee: _Trainee, bank: _Bank, fp_bank: _Bank, rc: Mapping[str, Any], joint: bool,
+def _optimise(model: nn.Module, trainee: _Trainee, bank: _Bank, fp_bank: _Bank, rc: ReconConfig, joint: bool,
               stage: str, rng: np.random.Generator, gen: torch.Generator) -> float:
     """One optimisation loop; returns the final loss (mean of the last 10% of steps)."""
     if stage == "round":
-        iters = rc["iters"]
-        groups = [{"params": trainee.rounding_params(), "lr": rc["lr"]}]
+        iters = rc.iters
+        groups = [{"params": trainee.rounding_params(), "lr": rc.lr}]
         if joint and trainee.acts:
-            groups.append({"params": trainee.act_params(), "lr": rc["act_lr"]})
+            groups.append({"params": trainee.act_params(), "lr": rc.act_lr})
     else:
-        iters = rc["act_iters"]
-        groups = [{"params": trainee.act_params(), "lr": rc["act_lr"]}]
+        iters = rc.act_iters
+        groups = [{"params": trainee.act_params(), "lr": rc.act_lr}]
     if iters <= 0 or not any(g["params"] for g in groups):
         return float("nan")
     opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters) if joint else None
-    fine = rc["fine_grained_weight"] if joint else 0.0
+    fine = rc.fine_grained_weight if joint else 0.0
     outputs: dict[str, torch.Tensor] = {}
     hooks = ([m.register_forward_hook(lambda mod, a, o, n=n: outputs.__setitem__(n, o)) for n, m in
               _inner_layers(trainee.unit).items()] if fine else [])
     losses = []
     try:
         for step in range(iters):
-            index = _batch_index(bank, rc.get("batch_size"), rng)
+            index = _batch_index(bank, rc.batch_size, rng)
             inputs, _, _ = bank.rows(index)
             fp_inputs, targets, layer_targets = fp_bank.rows(index)
             bank.route(model, index)
-            loss = _recon_loss(_run_unit(trainee.unit, _mix(inputs, fp_inputs, rc["qdrop"], gen)), targets)
+            loss = _recon_loss(_run_unit(trainee.unit, _mix(inputs, fp_inputs, rc.qdrop, gen)), targets)
             if fine:  # EDA-DM sums the inner layers' losses
                 loss = loss + fine * sum(feature_loss(outputs[n], t) for n, t in layer_targets.items() if n in outputs)
-            if stage == "round" and (not joint or rc["fbr_regularizer"]):
-                beta = beta_schedule(step, iters, rc["warmup"], rc["beta_start"], rc["beta_end"])
+            if stage == "round" and (not joint or rc.fbr_regularizer):
+                beta = beta_schedule(step, iters, rc.warmup, rc.beta_start, rc.beta_end)
                 if beta is not None:
-                    loss = loss + rc["reg_weight"] * trainee.regularizer(beta)
+                    loss = loss + rc.reg_weight * trainee.regularizer(beta)
             _check(loss.detach(), trainee, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -339,9 +363,10 @@ def _unit_error(model: nn.Module, unit: Unit, bank: _Bank, fp_bank: _Bank) -> fl
     return float(np.mean(losses))
 
 
-def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str, Any], mode: str, *,
+def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str, Any] | ReconConfig, mode: str, *,
                 device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Reconstruct ``model`` (already RTN-calibrated, FP weights kept) unit by unit; returns stats."""
+    rc = typed(ReconConfig, rc, "recon")
     recon_mode = get_recon_mode(mode)
     if not calib:
         raise CalibrationError("reconstruction needs calibration samples: raise calib.num_prompts / calib.num_steps")
@@ -349,11 +374,11 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
                    if layer.frozen and layer.weight_fq.data_ptr() == layer.weight.data_ptr()]
     if overwritten:
         raise ConfigError("reconstruction needs the FP weights: set quant.keep_fp_weights=true")
-    granularity = "layer" if recon_mode.layerwise else rc.get("unit", "block")
+    granularity = "layer" if recon_mode.layerwise else rc.unit
     with float_mode(model):
         units = find_units(model, granularity, lambda: model(**calib[0].to(device, dtype), return_dict=False))
-    rng = np.random.default_rng(rc["seed"])
-    gen = torch.Generator().manual_seed(int(rc["seed"]))
+    rng = np.random.default_rng(rc.seed)
+    gen = torch.Generator().manual_seed(int(rc.seed))
     stats: dict[str, Any] = {"recon": mode, "recon_unit": granularity, "recon_units": len(units), "recon_loss": {}}
     t0 = time.perf_counter()
     for unit in tqdm(units, desc=f"reconstruct ({mode}, {granularity})", unit="unit"):
@@ -361,8 +386,8 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
             fp_bank = _capture(model, unit, calib, device, dtype, _inner_layers(unit) if recon_mode.joint else None)
         bank = _capture(model, unit, calib, device, dtype)
         before = _unit_error(model, unit, bank, fp_bank)
-        trainee = _Trainee(unit, learn_acts=rc["act_iters"] > 0 or recon_mode.joint,
-                           scale_aware=rc.get("scale_aware", False))
+        trainee = _Trainee(unit, learn_acts=rc.act_iters > 0 or recon_mode.joint,
+                           scale_aware=rc.scale_aware)
         for m in unit.modules:
             m.train(False)
         _optimise(model, trainee, bank, fp_bank, rc, recon_mode.joint, "round", rng, gen)

@@ -6,23 +6,23 @@ import json
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import diffusers
 import torch
 from diffusers import DiffusionPipeline
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from packaging.version import Version
 from torch import nn
 
-from diffq.config import ModelConfig
 from diffq.errors import CheckpointError, ConfigError
 from diffq.models.tiny import FAMILIES, PIPELINE_CLASSES, build_tiny_pipeline
 from diffq.roles import detect_family
 from diffq.testbed.assets import check_asset_folder, is_testbed_asset
 
 __all__ = [
-    "DTYPES", "load_pipeline", "resolve_dtype", "denoiser_of", "set_denoiser", "text_encoders_of",
+    "DTYPES", "ModelConfig", "load_pipeline", "resolve_dtype", "denoiser_of", "set_denoiser", "text_encoders_of",
     "family_of_pipeline",
 ]
 
@@ -32,6 +32,35 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 _DENOISER_NAMES = ("unet", "transformer")
 # diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns)
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
+@dataclass
+class ModelConfig:
+    """Which diffusion pipeline to load and how to sample it (the ``model`` group)."""
+
+    name: str = MISSING
+    family: str = MISSING  # sd | sdxl | dit | pixart | sd3 | flux
+    source: str = "tiny"  # tiny (random, built from config) | pretrained (hub id or local folder)
+    pretrained: Optional[str] = None  # hub id or local folder when source=pretrained
+    pipeline_class: str = MISSING  # diffusers pipeline class name
+    resolution: int = 32
+    steps: int = 10
+    guidance: float = 5.0
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+    variant: Optional[str] = None  # e.g. fp16 weights variant on the hub
+    seed: int = 0  # seed of the random weights of a tiny model
+    tiny: Dict[str, Any] = field(default_factory=dict)  # size overrides for tiny builders
+    call_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra pipeline __call__ kwargs
+    # prompts this model understands, replacing calib/eval prompts when set (class labels of
+    # class-conditional models such as DiT)
+    prompts: List[str] = field(default_factory=list)
+    # fail early on prompts with words the model's word-level tokenizer does not know (testbed)
+    vocabulary_check: bool = False
+    # the procedural world the model was trained on ("shapes" for the testbed): eval=quick then
+    # draws its prompts from the world's GenEval set and scores them with the world's detector
+    world: Optional[str] = None
+    # CLIP model for clip_score (hub id or folder): the one the paper evaluations use
+    clip_model: Optional[str] = None
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -63,5 +63,7 @@ class Recipe(ABC):
 
 
 RECIPES: Registry[type[Recipe]] = Registry("finetune.recipe", package=__name__)
+# a recipe's settings dataclass, registered beside it as ``finetune.<section>`` (read with diffq.settings.typed)
+SETTINGS: Registry[type] = Registry("finetune settings section", package=__name__)
 
-__all__ = ["RECIPES", "Recipe", "RecipeContext", "Stage"]
+__all__ = ["RECIPES", "Recipe", "RecipeContext", "SETTINGS", "Stage"]

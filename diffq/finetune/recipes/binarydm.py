@@ -14,13 +14,29 @@ trains for the remaining steps, validated as ``finetune.keep`` says. Without it:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from diffq.errors import ConfigError
-from diffq.finetune.recipes import RECIPES, Recipe, RecipeContext, Stage
+from diffq.finetune.recipes import RECIPES, SETTINGS, Recipe, RecipeContext, Stage
 from diffq.finetune.select import plan_selection
 from diffq.levels import middle_out_groups
 from diffq.roles import ROLES
+from diffq.settings import typed
+
+
+@SETTINGS.register("binarydm")
+@dataclass
+class BinaryDMTrainConfig:
+    """BinaryDM's progressive initialisation (``finetune.binarydm``, recipe ``binarydm``)."""
+
+    progressive: bool = True  # binarise group by group from the middle outwards (inputs quantized with their layer)
+    progressive_steps: int = 1  # steps per group (the released code: one training step per group)
+
+
+def settings_of(ft: Mapping[str, Any]) -> BinaryDMTrainConfig:
+    """The typed ``finetune.binarydm`` settings of a finetuning config."""
+    return typed(BinaryDMTrainConfig, ft.get("binarydm"), "finetune.binarydm")
 
 
 @RECIPES.register("binarydm")
@@ -28,20 +44,22 @@ class BinaryDM(Recipe):
     """Progressive binarisation stages, then the full QAT stage."""
 
     def check(self, ft: Mapping[str, Any]) -> None:  # noqa: D102
-        if ft["binarydm"]["progressive"] and ft["binarydm"]["progressive_steps"] < 1:
+        b = settings_of(ft)
+        if b.progressive and b.progressive_steps < 1:
             raise ConfigError(f"finetune.binarydm.progressive_steps must be at least 1 (got "
-                              f"{ft['binarydm']['progressive_steps']}; the code's is 1), or set progressive=false")
+                              f"{b.progressive_steps}; the code's is 1), or set progressive=false")
 
     def stages(self, ctx: RecipeContext) -> list[Stage]:  # noqa: D102
         ft = ctx.ft
         plan = plan_selection(ctx.layers, ctx.specs, ft["train"], ROLES, ctx.attn_names, ctx.attn_static,
                               model=ctx.model)
-        if not ft["binarydm"]["progressive"]:
+        b = settings_of(ft)
+        if not b.progressive:
             return [Stage("qat", plan, dict(ft))]
         quantized = {s.name for s in ctx.specs if s.quantized}
         groups = [[n for n in g if n in quantized] for g in middle_out_groups(ctx.model)]
         groups = [g for g in groups if g]
-        per = int(ft["binarydm"]["progressive_steps"])
+        per = int(b.progressive_steps)
         rest = int(ft["steps"]) - per * len(groups)
         if rest < 1:
             raise ConfigError(f"finetune.steps={ft['steps']} leaves no steps after the progressive initialisation "

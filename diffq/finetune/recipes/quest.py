@@ -26,13 +26,15 @@ LSQ trains the activation scale only.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, List, Mapping
 
 from diffq.errors import ConfigError
-from diffq.finetune.recipes import RECIPES, Recipe, RecipeContext, Stage
+from diffq.finetune.recipes import RECIPES, SETTINGS, Recipe, RecipeContext, Stage
 from diffq.finetune.select import plan_selection
 from diffq.finetune.sensitivity import most_sensitive
 from diffq.roles import ROLES
+from diffq.settings import typed
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +43,41 @@ SENSITIVE = ("released", "measured")
 TRAIN = ["weight", "bias", "act_scale"]
 
 
-def check_quest(q: Mapping[str, Any]) -> None:
+@SETTINGS.register("quest")
+@dataclass
+class QuestConfig:
+    """QuEST's selective finetuning (``finetune.quest``, recipe ``quest``)."""
+
+    select: str = "both"  # temporal (TLA) | sensitive (CMA) | both (TLA then CMA) | all (TLA, then every layer)
+    sensitive: str = "released"  # released (sensitive_roles) | measured (activation-bit sweep per layer)
+    temporal_roles: List[str] = field(default_factory=lambda: ["time_proj", "adanorm"])
+    sensitive_roles: List[str] = field(default_factory=lambda: ["ffn_up", "ffn_down"])  # the released choice (SD)
+    fraction: float = 0.15  # measured: the most sensitive fraction of the candidate layers
+    sweep_bits: List[int] = field(default_factory=lambda: [8, 6, 4])  # measured: ranked by SQNR at the lowest
+    sweep_calls: int = 8  # measured: calibration calls each probe runs on
+    tla_fraction: float = 0.3  # of finetune.steps spent in the TLA stage when both stages run
+    tla_act_scale_lr: float = 1.0e-5  # step-size lr of the TLA stage (CMA: finetune.optim.act_scale_lr)
+    layer_weight: float = 1.0  # weight of L_TLA and L_CMA (the denoiser's L_G: finetune.distill_weight)
+
+
+def settings_of(ft: Mapping[str, Any]) -> QuestConfig:
+    """The typed ``finetune.quest`` settings of a finetuning config."""
+    return typed(QuestConfig, ft.get("quest"), "finetune.quest")
+
+
+def check_quest(q: Mapping[str, Any] | QuestConfig) -> None:
     """ConfigError for QuEST settings that cannot work (before any model loads)."""
-    if q["select"] not in SELECTIONS:
-        raise ConfigError(f"unknown finetune.quest.select {q['select']!r}: use one of {', '.join(SELECTIONS)}")
-    if q["sensitive"] not in SENSITIVE:
-        raise ConfigError(f"unknown finetune.quest.sensitive {q['sensitive']!r}: use one of {', '.join(SENSITIVE)}")
-    bad = [r for r in [*q["temporal_roles"], *q["sensitive_roles"]] if r not in ROLES]
+    q = typed(QuestConfig, q, "finetune.quest")
+    if q.select not in SELECTIONS:
+        raise ConfigError(f"unknown finetune.quest.select {q.select!r}: use one of {', '.join(SELECTIONS)}")
+    if q.sensitive not in SENSITIVE:
+        raise ConfigError(f"unknown finetune.quest.sensitive {q.sensitive!r}: use one of {', '.join(SENSITIVE)}")
+    bad = [r for r in [*q.temporal_roles, *q.sensitive_roles] if r not in ROLES]
     if bad:
         raise ConfigError(f"finetune.quest: unknown role(s) {bad}; valid roles are {list(ROLES)}")
-    if not 0 < q["fraction"] <= 1 or not 0 < q["tla_fraction"] < 1:
+    if not 0 < q.fraction <= 1 or not 0 < q.tla_fraction < 1:
         raise ConfigError("finetune.quest.fraction must be in (0, 1] and finetune.quest.tla_fraction in (0, 1)")
-    if q["sensitive"] == "measured" and not q["sweep_bits"]:
+    if q.sensitive == "measured" and not q.sweep_bits:
         raise ConfigError("finetune.quest.sensitive=measured needs finetune.quest.sweep_bits (e.g. [8, 6, 4])")
 
 
@@ -61,24 +86,24 @@ class Quest(Recipe):
     """TLA and/or CMA stages as ``finetune.quest`` says."""
 
     def check(self, ft: Mapping[str, Any]) -> None:  # noqa: D102
-        check_quest(ft["quest"])
+        check_quest(settings_of(ft))
 
     def stages(self, ctx: RecipeContext) -> list[Stage]:  # noqa: D102
-        q, ft = ctx.ft["quest"], ctx.ft
-        temporal = {"roles": list(q["temporal_roles"])}
+        q, ft = settings_of(ctx.ft), ctx.ft
+        temporal = {"roles": list(q.temporal_roles)}
         sensitive = self._sensitive(ctx)
-        runs_tla, runs_cma = q["select"] != "sensitive", q["select"] != "temporal"
-        cma_layers = {} if q["select"] == "all" else sensitive  # {}: every layer
+        runs_tla, runs_cma = q.select != "sensitive", q.select != "temporal"
+        cma_layers = {} if q.select == "all" else sensitive  # {}: every layer
 
         def layer_loss(layers: Mapping[str, Any]) -> list[dict[str, Any]]:  # a stage's loss is over its own layers
-            return [{"name": "layer_mse", "weight": q["layer_weight"], **layers}] if q["layer_weight"] else []
+            return [{"name": "layer_mse", "weight": q.layer_weight, **layers}] if q.layer_weight else []
 
         steps = int(ft["steps"])
-        tla_steps = round(steps * q["tla_fraction"]) if runs_tla and runs_cma else steps * runs_tla
+        tla_steps = round(steps * q.tla_fraction) if runs_tla and runs_cma else steps * runs_tla
         stages = []
         if runs_tla:
             plan = self._plan(ctx, [{**temporal, "kinds": TRAIN}], "temporal")
-            optim = {**ft["optim"], "act_scale_lr": q["tla_act_scale_lr"]}
+            optim = {**ft["optim"], "act_scale_lr": q.tla_act_scale_lr}
             stages.append(Stage("tla", plan, {**ft, "steps": tla_steps, "optim": optim,
                                               "extra_losses": layer_loss(temporal)}))
         if runs_cma:
@@ -102,19 +127,19 @@ class Quest(Recipe):
     @staticmethod
     def _sensitive(ctx: RecipeContext) -> dict[str, list[str]]:
         """Matchers of the sensitive layers: the released roles, or the measured layers' names."""
-        q = ctx.ft["quest"]
-        if q["sensitive"] == "released":
-            return {"roles": list(q["sensitive_roles"])}
-        temporal = set(q["temporal_roles"])
+        q = settings_of(ctx.ft)
+        if q.sensitive == "released":
+            return {"roles": list(q.sensitive_roles)}
+        temporal = set(q.temporal_roles)
         candidates = [s.name for s in ctx.specs if s.quantized and s.act is not None and not s.act.dynamic
                       and s.act.granularity.split(":")[0] in ("tensor", "channel") and s.role not in temporal]
         if not candidates:
             raise ConfigError("finetune.quest.sensitive=measured: no layer has a static input quantizer to sweep")
         if ctx.measure is None:  # before calibration: any candidate may be chosen
             return {"names": candidates}
-        scores = ctx.measure(candidates, [int(b) for b in q["sweep_bits"]], int(q["sweep_calls"]))
-        chosen = most_sensitive(scores, float(q["fraction"]))
-        ctx.info["sensitivity"] = {"bits": list(q["sweep_bits"]), "sqnr_db": scores, "chosen": chosen}
+        scores = ctx.measure(candidates, [int(b) for b in q.sweep_bits], int(q.sweep_calls))
+        chosen = most_sensitive(scores, float(q.fraction))
+        ctx.info["sensitivity"] = {"bits": list(q.sweep_bits), "sqnr_db": scores, "chosen": chosen}
         log.info("QuEST measured selection: the %d most activation-sensitive of %d layers: %s", len(chosen),
                  len(candidates), ", ".join(chosen))
         return {"names": chosen}
