@@ -30,7 +30,6 @@ import logging
 import math
 import resource
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,14 +38,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffq.calib.capture import map_tensors
 from diffq.distributed import process_state
 from diffq.errors import ConfigError, TrainingError
 from diffq.finetune.checkpoint import load_checkpoint, save_checkpoint
-from diffq.finetune.data import Pool, TrainBatch, TrainingData, collate
+from diffq.finetune.data import Pool, TrainBatch, TrainingData
 from diffq.finetune.losses import ExtraLoss
 from diffq.finetune.select import Selection
-from diffq.layers import is_quant_layer
+from diffq.finetune.validation import (
+    Validator,
+    build_validation,
+    eval_interval,
+    load_extra,
+    student_output,
+    to_device,
+    validation_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,6 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULES = ("cosine", "constant")
 KEEP = ("best", "last")
 DECAYED = ("weight", "bias", "lora", "other")  # kinds weight decay applies to
-VAL_ITEMS = 64  # most validation items (denoiser calls of one trajectory each)
 
 
 def check_optim(optim: Mapping[str, Any]) -> None:
@@ -170,7 +175,7 @@ def train_step(student: nn.Module, model: nn.Module, sel: Selection, masters: Ma
                extra: Sequence[ExtraLoss], cfg: Mapping[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
                device: torch.device, dtype: torch.dtype, step: int) -> float:
     """One optimisation step; returns the loss (TrainingError when it is not finite)."""
-    kwargs = _to(batch.kwargs, device, dtype)
+    kwargs = to_device(batch.kwargs, device, dtype)
     teacher = None
     if cfg["distill_weight"] or extra:  # the extra losses compare with the teacher's features
         with torch.no_grad(), sel.teacher_mode():
@@ -179,7 +184,7 @@ def train_step(student: nn.Module, model: nn.Module, sel: Selection, masters: Ma
             teacher = model(**kwargs, return_dict=False)[0]
     for e in extra:
         e.begin("student")
-    out = _student_out(student, kwargs, cfg, device)
+    out = student_output(student, kwargs, cfg, device)
     loss = out.new_zeros(())
     if cfg["distill_weight"]:
         loss = loss + cfg["distill_weight"] * F.mse_loss(out, teacher.float())
@@ -202,182 +207,86 @@ def train_step(student: nn.Module, model: nn.Module, sel: Selection, masters: Ma
     return float(loss.detach())
 
 
-def _to(kwargs: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    return map_tensors(dict(kwargs), lambda t: t.to(device, dtype if t.is_floating_point() else None))
+def _resume(state_dir: Path | None, cfg: Mapping[str, Any], steps: int, params: dict[str, torch.Tensor],
+            optimizer: torch.optim.Optimizer, scheduler: Any, gen: torch.Generator, masters: MasterWeights,
+            extra: Sequence[ExtraLoss]) -> tuple[int, list[float], dict[str, Any], dict[str, Any]]:
+    """(start step, losses, record, best state): a checkpoint's in ``state_dir`` when resuming, else fresh."""
+    record: dict[str, Any] = {"val_curve": [], "probes": [], "lr_curve": [], "best_step": None, "best_val_loss": None}
+    fresh: tuple[int, list[float], dict[str, Any], dict[str, Any]] = (0, [], record, {"params": {}, "extra": {}})
+    if state_dir is None or not cfg["resume"]:
+        return fresh
+    meta = load_checkpoint(state_dir, params=params, optimizer=optimizer, scheduler=scheduler, generator=gen)
+    if meta is None:
+        return fresh
+    start = int(meta["step"])
+    masters.write_back()
+    load_extra(extra, meta["extra"])
+    if start > steps:
+        raise ConfigError(f"finetuning checkpoint in {state_dir} is at step {start}, past finetune.steps="
+                          f"{steps}: delete it or raise finetune.steps")
+    log.info("finetuning resumes at step %d of %d from %s", start, steps, state_dir)
+    return start, list(meta["losses"]), meta["record"], meta["best"]
 
 
-def _student_out(student: nn.Module, kwargs: Mapping[str, Any], cfg: Mapping[str, Any],
-                 device: torch.device) -> torch.Tensor:
-    """The student's output (float32) as training computes it (bfloat16 autocast on CUDA when asked)."""
-    autocast = bool(cfg["autocast"]) and device.type == "cuda"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        return student(**kwargs, return_dict=False)[0].float()
+def _optimisation(sel: Selection, optim: Mapping[str, Any], steps: int
+                  ) -> tuple[MasterWeights, torch.optim.Optimizer, Any, int]:
+    """The float32 masters, the optimiser, its schedule and the index of the weights' parameter group."""
+    masters = MasterWeights(sel.parameters, [p for k in ("act_scale", "weight_scale") for p in sel.groups.get(k, [])])
+    optimizer = make_optimizer(sel, optim, masters)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, optim["warmup"], optim["schedule"]))
+    lr_group = next((i for i, g in enumerate(optimizer.param_groups) if g["kind"] == "weight"), 0)
+    return masters, optimizer, scheduler, lr_group
 
 
-# ----------------------------------------------------------------------------- validation
+def _gradient_checkpointing(model: nn.Module, on: bool) -> bool:
+    """Turn on diffusers' gradient checkpointing when asked and the model has it; whether it is on."""
+    on = on and hasattr(model, "enable_gradient_checkpointing")
+    if on:
+        model.enable_gradient_checkpointing()
+    return on
 
 
-def eval_interval(eval_every: int | None, steps: int) -> int:
-    """Steps between validations: ``finetune.eval_every``, null meaning ``max(1, steps // 10)``; 0: none."""
-    return max(1, steps // 10) if eval_every is None else int(eval_every)
-
-
-def validation_items(pool: Pool, cap: int = VAL_ITEMS) -> list[tuple[int, int, int]]:
-    """The validation items of ``pool``, ordered by sampler call, then trajectory: all of them, or
-    ``cap`` evenly spaced ones (so every step of the sampler is represented alike)."""
-    items = sorted(pool.items, key=lambda it: (it[2], pool.trajectory(it)))
-    if len(items) <= cap:
-        return items
-    return [items[i] for i in torch.linspace(0, len(items) - 1, cap).round().long().tolist()]
-
-
-@dataclass
-class Validation:
-    """Fixed validation batches (denoiser kwargs, on the CPU) and the teacher's outputs on them (float32)."""
-
-    batches: list[dict[str, Any]]
-    teacher: list[torch.Tensor]
-
-
-@torch.no_grad()
-def build_validation(model: nn.Module, sel: Selection, pool: Pool, items: Sequence[tuple[int, int, int]],
-                     batch_size: int, device: torch.device, dtype: torch.dtype) -> Validation:
-    """``items`` of ``pool`` in batches of ``batch_size`` and the teacher's outputs on them, computed once."""
-    batches = [collate([pool.kwargs(it) for it in items[i : i + batch_size]]) for i in range(0, len(items), batch_size)]
-    with sel.teacher_mode():
-        teacher = [model(**_to(b, device, dtype), return_dict=False)[0].float().cpu() for b in batches]
-    return Validation(batches, teacher)
-
-
-@torch.no_grad()
-def validation_loss(model: nn.Module, val: Validation, cfg: Mapping[str, Any], device: torch.device,
-                    dtype: torch.dtype) -> float:
-    """Mean over the validation set of the squared error between the student's and the stored
-    teacher's outputs (the distillation term; extra losses and the data loss are not in it)."""
-    sse = torch.zeros((), dtype=torch.float64, device=device)
-    for kwargs, teacher in zip(val.batches, val.teacher):
-        out = _student_out(model, _to(kwargs, device, dtype), cfg, device)
-        sse += (out - teacher.to(device)).pow(2).sum(dtype=torch.float64)
-    return float(sse) / sum(t.numel() for t in val.teacher)
-
-
-@torch.no_grad()
-def teacher_drift(model: nn.Module, sel: Selection, val: Validation, device: torch.device,
-                  dtype: torch.dtype) -> float:
-    """Max abs difference of the teacher's output on the first validation batch now to the stored one
-    (0 unless training changed the FP teacher)."""
-    with sel.teacher_mode():
-        out = model(**_to(val.batches[0], device, dtype), return_dict=False)[0].float()
-    return float((out - val.teacher[0].to(device)).abs().max())
-
-
-@torch.no_grad()
-def weight_stats(sel: Selection) -> dict[str, float | None]:
-    """Over the selection's quantized layers with a weight quantizer: ``zero_fraction``, the fraction
-    of quantized weight elements exactly 0, and ``latent_to_scale``, the layers' mean of
-    mean|latent weight| / mean(scale) (formats with a per-tensor/channel scale only; None without).
-    Ternary training saturating its codes to +-1 shows as both falling."""
-    modules = dict(sel.model.named_modules())
-    layers = [m for m in map(modules.get, sel.plan) if is_quant_layer(m) and m.weight_quantizer is not None]
-    zeros, total, ratios = [], 0, []
-    for layer in layers:
-        w = layer.quantized_weight()
-        zeros.append((w == 0).sum())
-        total += w.numel()
-        q = layer.weight_quantizer
-        if "scale" in q.fmt.param_names(q.symmetric) and not q.fmt.block_size:
-            latent = layer.latent_weight()
-            scale = q.qparams(q.view(latent))["scale"]
-            ratios.append(latent.float().abs().mean() / scale.float().mean())
-    return {"zero_fraction": float(torch.stack(zeros).sum()) / total if total else None,
-            "latent_to_scale": float(torch.stack(ratios).mean()) if ratios else None}
-
-
-def _snapshot(params: Mapping[str, torch.Tensor], extra: Sequence[ExtraLoss]) -> dict[str, dict[str, torch.Tensor]]:
-    """A CPU copy of the trainable state: the (master) parameters and the extra losses' state."""
-    return {"params": {n: p.detach().to("cpu", copy=True) for n, p in params.items()},
-            "extra": {f"{i}/{k}": v.detach().to("cpu", copy=True) for i, e in enumerate(extra)
-                      for k, v in e.state().items()}}
-
-
-def _load_extra(extra: Sequence[ExtraLoss], tensors: Mapping[str, torch.Tensor]) -> None:
-    for i, e in enumerate(extra):
-        e.load_state({k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == str(i)})
+def _restore_best(params: Mapping[str, torch.Tensor], best: Mapping[str, Any], masters: MasterWeights,
+                  extra: Sequence[ExtraLoss]) -> None:
+    """Put the best validated state back (the checkpoint keeps the last: a rerun restores the same)."""
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(best["params"][n])
+    masters.write_back()
+    load_extra(extra, best["extra"])
 
 
 def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str, Any], *,
           extra: Sequence[ExtraLoss] = (), device: torch.device, dtype: torch.dtype,
           state_dir: Path | None = None, val: Pool | None = None) -> dict[str, Any]:
-    """Finetune the selected parameters of ``model`` for ``cfg["steps"]`` steps (resuming from
-    ``state_dir`` when it holds a checkpoint), validating on items of the held-out pool ``val``
-    every ``cfg["eval_every"]`` steps (no pool: no validation) and keeping the ``cfg["keep"]``
-    state; returns the loss, validation and learning-rate curves, the probes, wall time and peak memory."""
+    """Finetune the selected parameters of ``model`` for ``cfg["steps"]`` steps (resuming from ``state_dir``'s
+    checkpoint), validating on the held-out pool ``val`` every ``cfg["eval_every"]`` steps and keeping the
+    ``cfg["keep"]`` state; returns the loss, validation and lr curves, probes, wall time and peak memory."""
     steps, every = int(cfg["steps"]), int(cfg["checkpoint_every"])
     interval = eval_interval(cfg["eval_every"], steps) if val is not None else 0
     keep_best = interval > 0 and cfg["keep"] == "best"
     state = process_state()
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + state.process_index)
-    masters = MasterWeights(sel.parameters, [p for k in ("act_scale", "weight_scale") for p in sel.groups.get(k, [])])
-    optimizer = make_optimizer(sel, cfg["optim"], masters)
-    o = cfg["optim"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, o["warmup"], o["schedule"]))
-    lr_group = next((i for i, g in enumerate(optimizer.param_groups) if g["kind"] == "weight"), 0)
+    masters, optimizer, scheduler, lr_group = _optimisation(sel, cfg["optim"], steps)
     params = {n: masters.of(p) for n, p in sel.named_trainable().items()}
-    losses: list[float] = []
-    record: dict[str, Any] = {"val_curve": [], "probes": [], "lr_curve": [], "best_step": None, "best_val_loss": None}
-    best: dict[str, dict[str, torch.Tensor]] = {"params": {}, "extra": {}}
-    start, meta = 0, None
-    if state_dir is not None and cfg["resume"]:
-        meta = load_checkpoint(state_dir, params=params, optimizer=optimizer, scheduler=scheduler, generator=gen)
-        if meta is not None:
-            start, losses, record, best = int(meta["step"]), list(meta["losses"]), meta["record"], meta["best"]
-            masters.write_back()
-            _load_extra(extra, meta["extra"])
-            if start > steps:
-                raise ConfigError(f"finetuning checkpoint in {state_dir} is at step {start}, past finetune.steps="
-                                  f"{steps}: delete it or raise finetune.steps")
-            log.info("finetuning resumes at step %d of %d from %s", start, steps, state_dir)
+    start, losses, record, best = _resume(state_dir, cfg, steps, params, optimizer, scheduler, gen, masters, extra)
     model.train(False)
     items = validation_items(val) if interval else []
-    vset = None
+    validate = None
     if items and start < steps:
+        log.info("finetuning validates every %d steps on %d held-out items", interval, len(items))
         vset = build_validation(model, sel, val, items, int(cfg["batch_size"]), device, dtype)
-        log.info("finetuning validates every %d steps on %d held-out items (%d batches)", interval, len(items),
-                 len(vset.batches))
-    val_time = 0.0
-
-    def validate(done: int) -> None:
-        nonlocal val_time
-        t = time.perf_counter()
-        loss = validation_loss(model, vset, cfg, device, dtype)
-        if not math.isfinite(loss):
-            raise TrainingError(f"finetuning validation loss is {loss} at step {done}; fix: lower finetune.optim.lr "
-                                "(and the step-size lrs), or train in float32")
-        drift = teacher_drift(model, sel, vset, device, dtype)
-        if drift != 0:
-            log.warning("the FP teacher drifted at step %d: its output differs by up to %g from the start", done, drift)
-        record["val_curve"].append([done, loss])
-        record["probes"].append({"step": done, "teacher_drift": drift, **weight_stats(sel)})
-        if record["best_val_loss"] is None or loss < record["best_val_loss"]:
-            record["best_step"], record["best_val_loss"] = done, loss
-            if keep_best:
-                best.update(_snapshot(params, extra))
-        val_time += time.perf_counter() - t
-        log.info("finetuning validation loss %.6g at step %d of %d (best %.6g at step %d)", loss, done, steps,
-                 record["best_val_loss"], record["best_step"])
-
+        validate = Validator(model, sel, vset, cfg, record, best, params, extra, keep_best, steps, device, dtype)
     student = _ddp(model, device)
-    checkpointing = bool(cfg["grad_checkpointing"]) and hasattr(model, "enable_gradient_checkpointing")
-    if checkpointing:
-        model.enable_gradient_checkpointing()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="finetune", unit="step",
                disable=not state.is_main_process or start >= steps)
+    checkpointing = _gradient_checkpointing(model, bool(cfg["grad_checkpointing"]))
     try:
-        if vset is not None and start == 0:
+        if validate is not None and start == 0:
             validate(0)  # the PTQ start may be the best state
         for step in bar:
             batch = data.draw(int(cfg["batch_size"]), gen)
@@ -386,7 +295,7 @@ def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str
                                      dtype, step))
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             done = step + 1
-            if vset is not None and (done % interval == 0 or done == steps):
+            if validate is not None and (done % interval == 0 or done == steps):
                 validate(done)
             if state_dir is not None and state.is_main_process and (done % every == 0 or done == steps):
                 save_checkpoint(state_dir, step=done, params=params, optimizer=optimizer, scheduler=scheduler,
@@ -399,17 +308,18 @@ def train(model: nn.Module, sel: Selection, data: TrainingData, cfg: Mapping[str
     wall = time.perf_counter() - t0
     if state.num_processes > 1:
         _check_in_sync(params.values())
-    if keep_best:  # the checkpoint keeps the last state: a rerun restores the same best one
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(best["params"][n])
-        masters.write_back()
-        _load_extra(extra, best["extra"])
+    if keep_best:
+        _restore_best(params, best, masters, extra)
     peak, kind = _peak_memory_mb(device)
-    tail = max(1, len(losses) // 10)
-    return {"steps": steps, "resumed_from": start, "wall_s": round(wall, 2), "val_s": round(val_time, 2),
-            "processes": state.num_processes, "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
-            "train_state_mb": round(_state_mb(optimizer, masters), 3),
-            "loss_start": sum(losses[:tail]) / tail if losses else None,
-            "loss_end": sum(losses[-tail:]) / tail if losses else None, "loss_curve": losses,
+    return {"steps": steps, "resumed_from": start, "wall_s": round(wall, 2),
+            "val_s": round(validate.seconds if validate is not None else 0.0, 2), "processes": state.num_processes,
+            "peak_memory_mb": round(peak, 1), "peak_memory_kind": kind,
+            "train_state_mb": round(_state_mb(optimizer, masters), 3), **_loss_ends(losses), "loss_curve": losses,
             "eval_every": interval, "keep": "best" if keep_best else "last", "val_items": len(items), **record}
+
+
+def _loss_ends(losses: Sequence[float]) -> dict[str, float | None]:
+    """The mean training loss over the first and the last tenth of the steps."""
+    tail = max(1, len(losses) // 10)
+    return {"loss_start": sum(losses[:tail]) / tail if losses else None,
+            "loss_end": sum(losses[-tail:]) / tail if losses else None}
