@@ -65,7 +65,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     setting = sample_setting(cfg, evalset, target.sampling)
     with timed(timings, "sampling_fp_s"):
         fp = fp_samples(pipe, cfg, evalset, setting, target.sampling, shard)
-    calib_info, finetuned = quantized_model(cfg, target, specs, calib_prompts, timings)
+    calib_info, finetuned = quantize(cfg, target, specs, calib_prompts, timings)
     if shard.is_main:
         (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn, finetuned) + describe_side_branches(denoiser))
         if finetuned is not None:
@@ -227,7 +227,7 @@ def check_vocabulary(pipe: Any, prompts: list[str]) -> None:
 # ----------------------------------------------------------------------------- quantize or load
 
 
-def quantized_model(cfg: DictConfig, target: stage.Target, specs: list[LayerSpec], calib_prompts: list[str],
+def quantize(cfg: DictConfig, target: stage.Target, specs: list[LayerSpec], calib_prompts: list[str],
                     timings: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Load the export (``load=``), or calibrate, quantize and finetune the denoiser in place;
     the calibration facts and the finetuning's for metrics.json."""

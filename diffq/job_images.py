@@ -89,9 +89,7 @@ def make_samples(pipe: Any, cfg: DictConfig, folder: SampleFolder, seeds: list[i
     lock = cache_lock(folder.root.with_name(f"{folder.root.name}.shard{shard.rank}"), f"{desc} (shard {shard.rank})") \
         if shared else contextlib.nullcontext()
     with lock:  # released before the barrier: another job's other ranks may hold the other shards' locks
-        made = generate_samples(pipe, cfg.model.family, folder, seeds, shard=shard, batch_size=smp.batch_size,
-                                desc=desc, steps=smp.steps, guidance=smp.guidance, resolution=smp.resolution,
-                                call_kwargs=smp.call_kwargs)
+        made = generate_samples(pipe, cfg.model.family, folder, seeds, shard=shard, desc=desc, **smp.sampler_kwargs())
     wait_for_everyone()
     return Samples(folder, made)
 
@@ -124,5 +122,5 @@ def quantized_samples(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cf
 
 def count_one_call(pipe: Any, cfg: DictConfig, smp: Sampling, prompt: str, seed: int) -> None:
     """Run the sampler briefly on one prompt so input-element counters see a denoiser call."""
-    generate_images(pipe, cfg.model.family, [prompt], [seed], steps=2, guidance=smp.guidance,
-                    resolution=smp.resolution, batch_size=1, call_kwargs=smp.call_kwargs, progress=False)
+    generate_images(pipe, cfg.model.family, [prompt], [seed], **smp.sampler_kwargs(steps=2, batch_size=1),
+                    progress=False)

@@ -72,10 +72,10 @@ def calibrate(pipe: Any, family: str, *, model_key: dict[str, Any], prompts: Seq
     c = calib_settings(settings)
     steps = int(c.steps or sampling.steps)
     return load_or_capture(
-        pipe, family, model_key=model_key, prompts=prompts, seed=int(c.seed), steps=steps,
-        guidance=sampling.guidance, resolution=sampling.resolution, keep_steps=min(int(c.num_steps), steps),
-        batch_size=c.batch_size, call_kwargs=sampling.call_kwargs, cache_dir=cache_dir if c.cache else None,
-        selection=c.selection, num_samples=c.num_samples, edadm=asdict(c.edadm))
+        pipe, family, model_key=model_key, prompts=prompts, seed=int(c.seed),
+        **sampling.sampler_kwargs(steps=steps, batch_size=c.batch_size), keep_steps=min(int(c.num_steps), steps),
+        cache_dir=cache_dir if c.cache else None, selection=c.selection, num_samples=c.num_samples,
+        edadm=asdict(c.edadm))
 
 
 def calibration_prompts(prompts: Sequence[str], prompts_file: str | None, count: int) -> list[str]:

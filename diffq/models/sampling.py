@@ -20,6 +20,12 @@ class Sampling:
     batch_size: int
     call_kwargs: dict[str, Any]
 
+    def sampler_kwargs(self, **changes: Any) -> dict[str, Any]:
+        """The keywords the sampler functions take (``generate_images``, ``generate_samples``,
+        ``capture_trajectories``, ``training_pool``...), with ``changes`` (e.g. ``steps=2``) applied."""
+        return {"steps": self.steps, "guidance": self.guidance, "resolution": self.resolution,
+                "batch_size": self.batch_size, "call_kwargs": self.call_kwargs, **changes}
+
 
 def sampling_of(cfg: DictConfig) -> Sampling:
     """Steps/guidance/batch from ``sampler`` overrides or the model defaults."""
