@@ -47,7 +47,7 @@ from diffq.models import (
 )
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table, validate_quant_args
 from diffq.sweep.rows import bits_label, method_label
-from diffq.testbed.prompts import evaluation_metadata
+from diffq.worlds import get_world, is_world
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def geneval_entries(cfg: DictConfig) -> list[dict[str, Any]] | None:
     g = cfg.eval.geneval
     if not g.metadata:
         return None
-    entries = list(evaluation_metadata()) if g.metadata == "shapes" else load_metadata(g.metadata)
+    entries = get_world(g.metadata).evaluation_metadata() if is_world(g.metadata) else load_metadata(g.metadata)
     entries = entries[:: max(1, g.stride)]
     if g.images_per_task is None:
         return entries

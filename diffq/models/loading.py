@@ -19,7 +19,7 @@ from diffq.config import ModelConfig
 from diffq.errors import CheckpointError, ConfigError
 from diffq.models.tiny import FAMILIES, PIPELINE_CLASSES, build_tiny_pipeline
 from diffq.roles import detect_family
-from diffq.testbed.assets import check_asset_folder, is_testbed_asset
+from diffq.worlds import world_of
 
 __all__ = [
     "DTYPES", "load_pipeline", "resolve_dtype", "denoiser_of", "set_denoiser", "text_encoders_of",
@@ -100,8 +100,8 @@ def _from_pretrained(cfg: ModelConfig | DictConfig, cls: type[DiffusionPipeline]
         raise ConfigError(
             f"model {cfg.name} has source=pretrained but no model.pretrained: set it to a hub id or a local folder"
         )
-    if is_testbed_asset(str(cfg.pretrained)):
-        check_asset_folder(str(cfg.pretrained))
+    if (world := world_of(str(cfg.pretrained))) is not None:  # a world's shipped model: name what is missing
+        world.check_asset_folder(str(cfg.pretrained))
     folder = _local_folder(str(cfg.pretrained))
     saved_class = _saved_pipeline_class(folder) if folder is not None else None
     families = {c: f for f, c in PIPELINE_CLASSES.items()}
