@@ -3,8 +3,8 @@ detector, its training examples (the real images of FID references and of finetu
 the trained model folders it ships.
 
 A world is a :class:`World` subclass in its own package, registered with ``@register_world``;
-``WORLDS`` imports the world packages' modules on first lookup, so the layers below name a world
-only by the string users pass (``model.world``, ``eval.geneval.metadata``, ``eval.fid.reference``).
+``WORLDS`` imports the modules of ``WORLD_PACKAGES`` on first lookup, so the layers below name a
+world only by the string users pass (``model.world``, ``eval.geneval.metadata``, ``eval.fid.reference``).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from diffq.registry import Registry
 if TYPE_CHECKING:
     import numpy as np
 
-# the package whose modules register the worlds shipped with diffq (imported on first lookup)
-WORLD_PACKAGE = "diffq.testbed"
+# the packages whose modules register the worlds (imported on first lookup)
+WORLD_PACKAGES = ("diffq.testbed",)
 
 
 class Examples(NamedTuple):
@@ -60,7 +60,7 @@ class World(ABC):
 
 W = TypeVar("W", bound=type[World])
 
-WORLDS: Registry[type[World]] = Registry("model.world", package=WORLD_PACKAGE)
+WORLDS: Registry[type[World]] = Registry("model.world", package=WORLD_PACKAGES)
 
 
 def register_world(cls: W) -> W:
