@@ -21,7 +21,7 @@ from diffq.methods.reconstruct import ReconConfig
 from diffq.models.loading import ModelConfig
 from diffq.settings import with_sections
 from diffq.tensor_quant import TensorQuant
-from diffq.testbed.assets import asset_path
+from diffq.worlds import world_asset
 
 
 @dataclass
@@ -95,7 +95,7 @@ class FinetuneDataConfig:
     """Training data, built from the FP teacher's sampler trajectories over prompts."""
 
     # trajectory (the teacher's own calls, on-policy) | noised (its final latents noised afresh at the
-    # sampler's timesteps) | images (the world's images through the VAE, diffusion loss; testbed only)
+    # sampler's timesteps) | images (the world's images through the VAE, diffusion loss; needs model.world)
     source: str = "trajectory"
     # calib (the calibration prompts) | world (the world's training captions) | file | auto (world on a
     # model with a world, else prompts_file when set, else calib)
@@ -185,7 +185,7 @@ class SamplerConfig:
 class FidConfig:
     """FID/KID settings (see diffq/eval/fid.py)."""
 
-    reference: Optional[str] = None  # real images: "shapes" (testbed world renders) or a folder
+    reference: Optional[str] = None  # real images: a registered world's name (its renders) or a folder
     num_reference: int = 1000
     backend: str = "torchmetrics"  # torchmetrics | clean-fid
     resize: str = "tf_bilinear"  # tf_bilinear (TF / torch-fidelity numbers) | clean (clean-fid)
@@ -197,7 +197,7 @@ class FidConfig:
 class GenEvalConfig:
     """GenEval prompts and scoring (diffq/eval/geneval.py; real backend: diffq/eval/geneval_detector.py)."""
 
-    # prompts: "shapes" (the testbed world's set, 201 prompts) or a path to an evaluation_metadata.jsonl
+    # prompts: a registered world's name (its GenEval set) or a path to an evaluation_metadata.jsonl
     # (the official 553); they replace eval.prompts, and every `stride`-th entry is used (before
     # images_per_task balancing)
     metadata: Optional[str] = None
@@ -206,7 +206,7 @@ class GenEvalConfig:
     # (new seeds) or an evenly spaced subset is kept (diffq.eval.geneval.balanced_entries);
     # null = every prompt once, the official protocol
     images_per_task: Optional[int] = None
-    backend: str = "auto"  # auto (shapes for the shapes world, else mask2former) | shapes | mask2former
+    backend: str = "auto"  # auto (metadata's world's own detector, else mask2former) | <world> | mask2former
     detector: str = "facebook/mask2former-swin-small-coco-instance"  # hub id or folder (mask2former backend)
     # [shortest_edge, longest_edge] the detector's image processor resizes to ([800, 1333]: the
     # official mmdet evaluator's scale); null = the processor's configured size
@@ -293,8 +293,8 @@ SCHEMAS: dict[str, type] = {"quant": QuantConfig, "recon": ReconConfig, "finetun
 def register_configs() -> None:
     """Register the job schema (``diffq_schema``, the defaults list's first entry) so every group's YAML is
     validated against its typed field at compose time; no group lists a ``schema`` option."""
-    if not OmegaConf.has_resolver("testbed_asset"):
-        OmegaConf.register_new_resolver("testbed_asset", asset_path)
+    if not OmegaConf.has_resolver("world_asset"):  # ${world_asset:<world>,<folder>}: a world's trained model
+        OmegaConf.register_new_resolver("world_asset", world_asset)
     if not OmegaConf.has_resolver("add"):  # ${add:1234,${seed}}: a seed offset from the top-level seed
         OmegaConf.register_new_resolver("add", lambda *xs: sum(xs))
     from hydra.core.config_store import ConfigStore

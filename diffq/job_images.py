@@ -20,7 +20,7 @@ from diffq.eval.suite import check_geneval_classes
 from diffq.finetune.stage import enabled as finetune_enabled
 from diffq.models import Sampling, generate_images, model_key, sample_seeds
 from diffq.spec import LayerSpec
-from diffq.testbed.prompts import evaluation_metadata
+from diffq.worlds import get_world, is_world
 
 
 @dataclass
@@ -50,7 +50,7 @@ def geneval_entries(cfg: DictConfig) -> list[dict[str, Any]] | None:
     g = cfg.eval.geneval
     if not g.metadata:
         return None
-    entries = list(evaluation_metadata()) if g.metadata == "shapes" else load_metadata(g.metadata)
+    entries = get_world(g.metadata).evaluation_metadata() if is_world(g.metadata) else load_metadata(g.metadata)
     entries = entries[:: max(1, g.stride)]
     if g.images_per_task is None:
         return entries

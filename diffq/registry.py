@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Sequence, TypeVar
 
 from diffq.errors import ConfigError
 
@@ -12,12 +12,13 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A named registry; ``what`` is the config key users set (e.g. ``quant.method``)."""
+    """A named registry; ``what`` is the config key users set (e.g. ``quant.method``); the modules of
+    ``package`` (one name or several) are imported on first lookup so every module's registration runs."""
 
-    def __init__(self, what: str, package: str | None = None) -> None:
+    def __init__(self, what: str, package: str | Sequence[str] | None = None) -> None:
         self.what = what
         self._items: dict[str, T] = {}
-        self._package = package  # imported on first lookup so every module's registration runs
+        self._packages = (package,) if isinstance(package, str) else tuple(package or ())
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name`` (names are unique)."""
@@ -31,8 +32,8 @@ class Registry(Generic[T]):
         return add
 
     def _load(self) -> None:
-        if self._package is not None:
-            package, self._package = self._package, None
+        packages, self._packages = self._packages, ()
+        for package in packages:
             pkg = importlib.import_module(package)
             for info in pkgutil.iter_modules(pkg.__path__):
                 importlib.import_module(f"{package}.{info.name}")

@@ -7,7 +7,7 @@ import torch
 from diffq.errors import CheckpointError, ConfigError
 from diffq.eval import fid as fid_mod
 from diffq.eval import inception
-from diffq.eval.fid import extract_features, fid_kid, reference_features, world_images
+from diffq.eval.fid import extract_features, fid_kid, reference_features, reference_images
 from diffq.eval.inception import InceptionFeatures
 
 
@@ -25,7 +25,7 @@ def test_offline_copy_gives_torch_fidelitys_features(extractor, tmp_path):
     torch.save(state, tmp_path / inception.TORCH_FIDELITY_FILE)
     standard = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                            feature_extractor_weights_path=str(tmp_path / inception.TORCH_FIDELITY_FILE))
-    images = world_images(3, seed=4)
+    images = reference_images("shapes", 3, seed=4)
     ours = extractor(images)
     with torch.no_grad():
         theirs = standard(images)[0]
@@ -37,7 +37,7 @@ def test_offline_copy_gives_torch_fidelitys_features(extractor, tmp_path):
 
 
 def test_resize_modes_differ_and_are_recorded(extractor):
-    images = world_images(2, seed=1)
+    images = reference_images("shapes", 2, seed=1)
     clean = InceptionFeatures("clean", weights=inception.offline_weights_path())
     assert clean.resize == "clean" and extractor.resize == "tf_bilinear"
     assert (clean(images) - extractor(images)).abs().max() > 1e-2  # antialiased bicubic vs TF bilinear
@@ -47,10 +47,10 @@ def test_resize_modes_differ_and_are_recorded(extractor):
 
 @pytest.mark.slow
 def test_backends_agree_and_fid_ranks_damage(extractor):
-    real = extract_features(world_images(16, seed=0), extractor)
-    same = extract_features(world_images(16, seed=1), extractor)
+    real = extract_features(reference_images("shapes", 16, seed=0), extractor)
+    same = extract_features(reference_images("shapes", 16, seed=1), extractor)
     noise = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    noisy_images = world_images(16, seed=1).float() + noise * 40
+    noisy_images = reference_images("shapes", 16, seed=1).float() + noise * 40
     noisy = extract_features(noisy_images.clamp(0, 255).to(torch.uint8), extractor)
     tm = fid_kid(real, same, extractor, "torchmetrics", kid_subset_size=8, kid_subsets=10)
     cf = fid_kid(real, same, extractor, "clean-fid", kid_subset_size=8, kid_subsets=10)
@@ -63,7 +63,7 @@ def test_backends_agree_and_fid_ranks_damage(extractor):
 def test_reference_features_are_cached(extractor, tmp_path, monkeypatch):
     first, hit = reference_features("shapes", 3, extractor, tmp_path)
     assert not hit and first.shape == (3, 2048)
-    monkeypatch.setattr(fid_mod, "world_images", lambda *a, **k: pytest.fail("recomputed a cached reference"))
+    monkeypatch.setattr(fid_mod, "reference_images", lambda *a, **k: pytest.fail("recomputed a cached reference"))
     again, hit = reference_features("shapes", 3, extractor, tmp_path)
     assert hit and torch.equal(first, again)
 

@@ -13,7 +13,7 @@ from diffq.cache import save_tensors
 from diffq.errors import CheckpointError, ConfigError
 from diffq.finetune import engine
 from diffq.finetune.checkpoint import STATE_FILE, load_checkpoint
-from diffq.finetune.data import Pool, TrajectoryData, collate, world_examples
+from diffq.finetune.data import Pool, TrajectoryData, collate
 from diffq.finetune.select import plan_selection, select_trainable
 from diffq.finetune.stage import check_finetune, finetune_denoiser, validation_prompts
 from diffq.layers import is_quant_layer
@@ -21,6 +21,7 @@ from diffq.methods import rtn
 from diffq.models import Sampling
 from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import resolve_spec
+from diffq.worlds import get_world
 from tests.helpers import A8, KEEP_FP, denoiser, interrupt_training, pipeline_and_calib
 
 W4 = {"format": "int", "bits": 4, "granularity": "channel", "symmetric": True}
@@ -224,8 +225,8 @@ def test_validation_prompts_are_held_out(compose):
                                 .finetune, resolve=True)
     assert validation_prompts(ft, ["a", "b", "c", "d"], ["a", "b", "c"]) == ["d", "a", "b"]  # cycled on
     world = {**ft, "data": {**ft["data"], "prompts": "world", "val_prompts": 8}}
-    train = world_examples(300, ft["data"]["seed"])[0]
-    drawn = world_examples(8, ft["data"]["val_seed"])[0]
+    train = get_world("shapes").training_examples(300, ft["data"]["seed"])[0]
+    drawn = get_world("shapes").training_examples(8, ft["data"]["val_seed"])[0]
     held = validation_prompts(world, [], train, "shapes")
     assert held == [c for c in drawn if c not in set(train)] and 0 < len(held) < 8  # the shared ones dropped
 

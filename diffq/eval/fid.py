@@ -7,7 +7,7 @@ the maths each library does:
   :class:`~diffq.eval.inception.InceptionFeatures` as their feature network;
 - ``clean-fid``: ``cleanfid.fid.frechet_distance`` / ``kernel_distance``.
 
-Reference features of real images (a folder, or renders of the shapes world) are computed
+Reference features of real images (a folder, or a registered world's training renders) are computed
 once and cached content-addressed under ``<cache_dir>/fid_reference/``.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from diffq.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.errors import CheckpointError, ConfigError
 from diffq.eval.inception import InceptionFeatures
+from diffq.worlds import get_world, is_world
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """Float images in [0, 1] ``[N, 3, H, W]`` -> uint8 ``[N, H, W, 3]`` arrays (the GenEval detectors' input)."""
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -153,25 +159,24 @@ def load_image_folder(folder: str | Path, limit: int | None = None) -> torch.Ten
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def world_images(n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` real images of the shapes world (training-distribution scenes), uint8 ``[N, 3, 32, 32]``."""
-    from diffq.testbed.prompts import training_example
-    from diffq.testbed.world import render
-
-    rng = np.random.default_rng(seed)
-    images = np.stack([render(training_example(rng).scene) for _ in range(n)])
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+def reference_images(reference: str, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` real images, uint8 ``[N, 3, H, W]``: a registered world's training examples drawn with
+    ``seed`` when ``reference`` names a world, else the images of the folder ``reference``."""
+    if is_world(reference):
+        images = get_world(reference).training_examples(n, seed).images
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return load_image_folder(reference, n)
 
 
 def reference_features(reference: str, n: int, extractor: InceptionFeatures, cache_dir: str | Path | None,
                        seed: int = 0) -> tuple[torch.Tensor, bool]:
-    """Features of ``n`` real images: ``reference`` is ``shapes`` (world renders) or a folder.
+    """Features of ``n`` real images: ``reference`` is a registered world's name (its renders) or a folder.
 
     Cached by content: the folder's file names, sizes and modification times (or the world seed),
     ``n``, the resize mode and the weights. Returns (features, cache hit).
     """
-    if reference == "shapes":
-        source: dict[str, Any] = {"world": "shapes", "seed": seed}
+    if is_world(reference):
+        source: dict[str, Any] = {"world": reference, "seed": seed}
     else:
         root = Path(reference).expanduser()
         files = image_files(root)
@@ -182,7 +187,7 @@ def reference_features(reference: str, n: int, extractor: InceptionFeatures, cac
     if path is not None and (hit := load_tensors(path)) is not None:
         log.info("FID reference features loaded from cache %s", path)
         return hit[0]["features"], True
-    images = world_images(n, seed) if reference == "shapes" else load_image_folder(reference, n)
+    images = reference_images(reference, n, seed)
     features = extract_features(images, extractor, desc="inception features (reference)")
     if path is not None:
         save_tensors(path, {"features": features}, {"reference": source, "n": len(features)})

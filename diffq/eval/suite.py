@@ -7,12 +7,12 @@ wall ``seconds`` it took. Metrics:
 - ``psnr``, ``ssim``, ``lpips``: fidelity of each quantized image to the FP image of the same
   seed (``quant`` only);
 - ``fid``: FID and KID of FP and of quantized images against real images (``eval.fid.reference``:
-  ``shapes`` renders the testbed world, or a folder);
+  a registered world's name renders that world, or a folder; :mod:`diffq.worlds`);
 - ``fid_fp``: FID and KID of the quantized images against the FP images;
 - ``clip_score``: CLIP score of FP and quantized images against their prompts;
 - ``geneval``: GenEval of FP and quantized images, overall and per task with standard errors,
   and the quantized-minus-FP difference with its paired bootstrap interval (``delta``;
-  ``eval.geneval``: the shapes detector on the testbed world, Mask2Former + CLIP on real
+  ``eval.geneval``: a world's own detector on its prompts, Mask2Former + CLIP on real
   prompts; :mod:`diffq.eval.geneval_stats`).
 
 The Inception features of the FP and quantized images are computed once per job, so the first
@@ -31,9 +31,10 @@ from omegaconf import DictConfig
 from diffq.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.errors import ConfigError
 from diffq.eval.fidelity import fidelity_metrics
+from diffq.worlds import get_world, is_world, world_names
 
 METRICS = ("psnr", "ssim", "lpips", "fid", "fid_fp", "clip_score", "geneval")
-GENEVAL_BACKENDS = ("auto", "shapes", "mask2former")
+GENEVAL_BACKENDS = ("auto", "mask2former")  # and every registered world's name (its own detector)
 
 
 def check_eval(ev: DictConfig) -> None:
@@ -48,7 +49,8 @@ def check_eval(ev: DictConfig) -> None:
         raise ConfigError(f"unknown eval metric(s) {unknown}: choose from {', '.join(METRICS)}")
     if "fid" in names and not ev.fid.reference:
         raise ConfigError("eval metric fid needs real images: set eval.fid.reference to a folder of images "
-                          "(or shapes for the testbed world), or use fid_fp for FID against the FP model")
+                          f"(or a world's name: {', '.join(world_names())}), or use fid_fp for FID against the "
+                          "FP model")
     if {"fid", "fid_fp"} & set(names) and ev.fid.backend not in BACKENDS:
         raise ConfigError(f"unknown eval.fid.backend {ev.fid.backend!r}: use one of {', '.join(BACKENDS)}")
     if {"fid", "fid_fp"} & set(names) and ev.fid.resize not in RESIZE_MODES:
@@ -60,26 +62,28 @@ def check_eval(ev: DictConfig) -> None:
                           "(openai/clip-vit-large-patch14) or a local folder")
     if "geneval" in names and not ev.geneval.metadata:
         raise ConfigError("eval metric geneval needs prompts: set eval.geneval.metadata to an "
-                          "evaluation_metadata.jsonl (or shapes on the testbed), "
+                          f"evaluation_metadata.jsonl (or a world's name: {', '.join(world_names())}), "
                           "e.g. eval=geneval eval.geneval.metadata=/path/to/it")
-    if ev.geneval.backend not in GENEVAL_BACKENDS:
+    if ev.geneval.backend not in GENEVAL_BACKENDS and not is_world(ev.geneval.backend):
         raise ConfigError(f"unknown eval.geneval.backend {ev.geneval.backend!r}: "
-                          f"use one of {', '.join(GENEVAL_BACKENDS)}")
+                          f"use one of {', '.join([*GENEVAL_BACKENDS, *world_names()])}")
     size = ev.geneval.detector_size
     if size is not None and not (len(size) == 2 and 0 < size[0] <= size[1]):
         raise ConfigError(f"eval.geneval.detector_size={list(size)} must be [shortest_edge, longest_edge] with "
                           "0 < shortest <= longest, e.g. [800, 1333] as the official evaluator, or null for the "
                           "detector's own processor size")
-    if ev.geneval.metadata and geneval_backend(ev) == "shapes" and ev.geneval.metadata != "shapes":
-        raise ConfigError("the shapes detector scores only the shapes world's prompts: "
-                          "use eval.geneval.metadata=shapes or eval.geneval.backend=mask2former")
+    backend = geneval_backend(ev)
+    if ev.geneval.metadata and is_world(backend) and ev.geneval.metadata != backend:
+        raise ConfigError(f"the {backend} detector scores only the {backend} world's prompts: "
+                          f"use eval.geneval.metadata={backend} or eval.geneval.backend=mask2former")
 
 
 def geneval_backend(ev: DictConfig) -> str:
-    """The GenEval backend in use: ``auto`` is the shapes detector on the shapes world, else Mask2Former."""
+    """The GenEval backend in use: ``auto`` is the world's own detector when the metadata names a
+    registered world, else Mask2Former; a world's name is that world's detector."""
     if ev.geneval.backend != "auto":
         return ev.geneval.backend
-    return "shapes" if ev.geneval.metadata == "shapes" else "mask2former"
+    return ev.geneval.metadata if is_world(ev.geneval.metadata) else "mask2former"
 
 
 def check_geneval_classes(ev: DictConfig, entries: list[dict[str, Any]] | None) -> None:
@@ -217,16 +221,14 @@ def _clip(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[s
 
 def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: list[dict[str, Any]],
              device: str | torch.device) -> dict[str, Any]:
+    from diffq.eval.fid import to_uint8_hwc
     from diffq.eval.geneval import score
     from diffq.eval.geneval_stats import paired_difference, standard_errors, task_outcomes
-    from diffq.testbed.evaluate import to_uint8
 
     g, k = ev.geneval, ev.images_per_prompt
     backend = geneval_backend(ev)
-    if backend == "shapes":
-        from diffq.testbed.detector import ShapesDetector
-
-        detector, settings = ShapesDetector(), {"detector": "shapes"}
+    if is_world(backend):
+        detector, settings = get_world(backend).detector(), {"detector": backend}
     else:
         from diffq.eval.geneval_detector import Mask2FormerClipDetector
 
@@ -241,7 +243,7 @@ def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: lis
     out: dict[str, Any] = {}
     outcomes: dict[str, Any] = {}
     for side, images in (("fp", fp), ("quant", quant)):
-        r = score(entries, detector(to_uint8(images)), k, **thresholds)
+        r = score(entries, detector(to_uint8_hwc(images)), k, **thresholds)
         outcomes[side] = task_outcomes(r)
         out[side] = {"overall": r.overall, "tasks": r.tasks, **standard_errors(outcomes[side])}
     diff = paired_difference(outcomes["fp"], outcomes["quant"])

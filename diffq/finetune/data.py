@@ -191,16 +191,6 @@ class ImageData(NoisedData):
 # ----------------------------------------------------------------------------- prompts and images
 
 
-def world_examples(n: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """``n`` training captions of the shapes world and their rendered images (uint8 [n, H, W, 3])."""
-    from diffq.testbed.prompts import training_example
-    from diffq.testbed.world import render
-
-    rng = np.random.default_rng(seed)
-    examples = [training_example(rng) for _ in range(n)]
-    return [e.caption for e in examples], np.stack([render(e.scene) for e in examples])
-
-
 @torch.no_grad()
 def encode_images(pipe: Any, family: str, images: np.ndarray, batch: int = 64) -> torch.Tensor:
     """VAE latents of uint8 images in the denoiser's input layout: posterior mean, minus the VAE's

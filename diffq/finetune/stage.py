@@ -16,7 +16,7 @@ from diffq.attention import attention_modules
 from diffq.cache import cache_key
 from diffq.calib import CalibSample
 from diffq.errors import ConfigError
-from diffq.finetune.data import DATA_SOURCES, Pool, image_data_inputs, world_examples
+from diffq.finetune.data import DATA_SOURCES, Pool, image_data_inputs
 from diffq.finetune.engine import KEEP, check_optim, eval_interval, train
 from diffq.finetune.lora import check_lora
 from diffq.finetune.losses import EXTRA_LOSSES, build_extra_losses
@@ -28,6 +28,7 @@ from diffq.models import Sampling, denoiser_of
 from diffq.roles import ROLES, quantizable_layers
 from diffq.spec import LayerSpec
 from diffq.tensor_quant import TensorQuant
+from diffq.worlds import get_world, is_world, world_names
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,10 @@ def check_finetune(ft: Mapping[str, Any], *, load: bool, keep_fp_weights: bool, 
     if ft["weight_scale"] not in WEIGHT_SCALE_MODES:
         raise ConfigError(f"unknown finetune.weight_scale {ft['weight_scale']!r}: use one of "
                           f"{', '.join(WEIGHT_SCALE_MODES)}")
-    if (d["source"] == "images" or d["prompts"] == "world") and world != "shapes":
+    if (d["source"] == "images" or d["prompts"] == "world") and not is_world(world):
         raise ConfigError("finetune.data: the world's captions and images exist for the testbed models only "
-                          "(model.world=shapes); use finetune.data.prompts=calib or file and a data-free source")
+                          f"(model.world set to a registered world: {', '.join(world_names())}); "
+                          "use finetune.data.prompts=calib or file and a data-free source")
     if ft["batch_size"] < 1 or ft["checkpoint_every"] < 1:
         raise ConfigError("finetune.batch_size and finetune.checkpoint_every must be at least 1")
     if not ft["distill_weight"] and not (d["source"] == "images" and ft["data_weight"]):
@@ -118,7 +120,7 @@ def prompt_source(d: Mapping[str, Any], world: str | None) -> str:
     world's captions on a model with a world, else the prompt file when set, else the calibration prompts)."""
     if d["prompts"] != "auto":
         return str(d["prompts"])
-    return "world" if world == "shapes" else "file" if d["prompts_file"] else "calib"
+    return "world" if is_world(world) else "file" if d["prompts_file"] else "calib"
 
 
 def training_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str], world: str | None = None
@@ -129,7 +131,7 @@ def training_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str], world:
     n = int(d["num_prompts"])
     source = prompt_source(d, world)
     if source == "world" or d["source"] == "images":
-        return world_examples(n, int(d["seed"]))
+        return get_world(str(world)).training_examples(n, int(d["seed"]))
     given = list(calib_prompts) if source == "calib" else None
     return calibration.calibration_prompts(given or [], d["prompts_file"] if given is None else None, n), None
 
@@ -143,7 +145,7 @@ def validation_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str], trai
     d = ft["data"]
     n = int(d["val_prompts"])
     if prompt_source(d, world) == "world" or d["source"] == "images":
-        captions, _ = world_examples(n, int(d["val_seed"]))
+        captions = get_world(str(world)).training_examples(n, int(d["val_seed"])).captions
         seen = set(train)
         return [c for c in captions if c not in seen] or captions
     given = list(calib_prompts) if prompt_source(d, world) == "calib" else None

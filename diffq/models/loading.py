@@ -19,7 +19,7 @@ from torch import nn
 from diffq.errors import CheckpointError, ConfigError
 from diffq.models.tiny import FAMILIES, PIPELINE_CLASSES, build_tiny_pipeline
 from diffq.roles import detect_family
-from diffq.testbed.assets import check_asset_folder, is_testbed_asset
+from diffq.worlds import world_of
 
 __all__ = [
     "DTYPES", "ModelConfig", "load_pipeline", "resolve_dtype", "denoiser_of", "set_denoiser", "text_encoders_of",
@@ -56,7 +56,7 @@ class ModelConfig:
     prompts: List[str] = field(default_factory=list)
     # fail early on prompts with words the model's word-level tokenizer does not know (testbed)
     vocabulary_check: bool = False
-    # the procedural world the model was trained on ("shapes" for the testbed): eval=quick then
+    # the procedural world the model was trained on (a registered world, diffq/worlds.py): eval=quick then
     # draws its prompts from the world's GenEval set and scores them with the world's detector
     world: Optional[str] = None
     # CLIP model for clip_score (hub id or folder): the one the paper evaluations use
@@ -129,8 +129,8 @@ def _from_pretrained(cfg: ModelConfig | DictConfig, cls: type[DiffusionPipeline]
         raise ConfigError(
             f"model {cfg.name} has source=pretrained but no model.pretrained: set it to a hub id or a local folder"
         )
-    if is_testbed_asset(str(cfg.pretrained)):
-        check_asset_folder(str(cfg.pretrained))
+    if (world := world_of(str(cfg.pretrained))) is not None:  # a world's shipped model: name what is missing
+        world.check_asset_folder(str(cfg.pretrained))
     folder = _local_folder(str(cfg.pretrained))
     saved_class = _saved_pipeline_class(folder) if folder is not None else None
     families = {c: f for f, c in PIPELINE_CLASSES.items()}

@@ -14,7 +14,7 @@ _WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 
 
 def asset_path(name: str) -> str:
-    """Absolute path of a testbed asset folder (the OmegaConf resolver ``${testbed_asset:...}``)."""
+    """Absolute path of a testbed asset folder (the OmegaConf resolver ``${world_asset:shapes,...}``)."""
     return str(ASSETS_DIR / name)
 
 

@@ -6,23 +6,19 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from diffq.eval import fid
+from diffq.eval.fid import to_uint8_hwc as to_uint8
 from diffq.eval.geneval import GenEvalResult, chance_levels, score
-from diffq.models import generate_images, sample_seeds
 from diffq.testbed.detector import ShapesDetector
 from diffq.testbed.groundtruth import render_entry
 from diffq.testbed.prompts import evaluation_metadata
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float [N, 3, H, W] in [0, 1] -> uint8 [N, H, W, 3] (the detectors' input)."""
-    return fid.to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def geneval_images(
     pipe: Any, family: str, entries: Sequence[dict], images_per_prompt: int, seed: int, **sampling: Any
 ) -> torch.Tensor:
     """Prompt-major images for ``entries`` (image j of prompt i uses seed ``sample_seeds(seed)[i*k+j]``)."""
+    from diffq.models import generate_images, sample_seeds  # the pipelines' stack, loaded when generating
+
     prompts = [e["prompt"] for e in entries for _ in range(images_per_prompt)]
     return generate_images(pipe, family, prompts, sample_seeds(seed, len(prompts)), **sampling)
 
