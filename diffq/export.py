@@ -31,6 +31,7 @@ from diffq.model_quant import input_splits, prepare
 from diffq.quantizer import Quantizer
 from diffq.registry import Registry
 from diffq.spec import LayerSpec
+from diffq.weight_sources import PackedCodes
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,8 @@ def export_quantized(
         wq = layer.weight_quantizer
         if wq is None:
             continue
-        source = layer.weight_fq if layer.learned_rounding else layer.weight  # grid values re-quantize to themselves
-        codes, params = encode_tensor(wq, source.detach())
+        src = layer.weight_source  # a learned rounding's grid values re-quantize to themselves
+        codes, params = encode_tensor(wq, (src.weight(layer) if src.learned else layer.weight).detach())
         params.pop("shape")
         half = wq.storage_dtype or half_of(layer.weight.dtype)
         stored, layout = _encode_codes(codes, wq.fmt, codec)
@@ -327,14 +328,15 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, pack
         if dtype is not None:
             layout = {**layout, "weight_dtype": str(dtype).removeprefix("torch.")}
         if packed and layout["storage"] in PACKED_STORAGE:
-            layer.packed = PackedWeight(raw, layout)
-            layer.weight = nn.Parameter(torch.empty(0, dtype=layer.packed.dtype), requires_grad=False)
+            codes = PackedWeight(raw, layout)
+            layer.use_source(PackedCodes(codes))
+            layer.weight = nn.Parameter(torch.empty(0, dtype=codes.dtype), requires_grad=False)
             continue
         codes = _decode_codes(raw, layout)
         w = decode_tensor(wq, codes, {**params, "shape": torch.tensor(layout["weight_shape"])})
         w = w.to(getattr(torch, layout["weight_dtype"])).contiguous()
         layer.weight.data = w
-        layer.weight_fq = layer.weight.data
+        layer.cache_weight(layer.weight.data)
     expected = {k for k, v in model.state_dict().items() if v.numel() > 0} - {f"{n}.weight" for n in meta["packed"]}
     missing = sorted(k for k in expected - set(stored) if "quantizer" not in k)
     if missing:

@@ -15,6 +15,15 @@ from torch import nn
 
 from diffq.quantizer import Quantizer
 from diffq.spec import LayerSpec
+from diffq.weight_sources import (
+    FrozenWeight,
+    HeldLearnedRounding,
+    PackedCodes,
+    RoundingSource,
+    TrainedRounding,
+    WeightSource,
+    live_source,
+)
 
 
 class SideBranch(nn.Module):
@@ -40,51 +49,43 @@ class SideBranch(nn.Module):
         return f"rank={self.rank}, scale={self.scale:g}, dtype={str(self.A.dtype).removeprefix('torch.')}"
 
 
+_SOURCE_VIEWS = frozenset({"weight_fq", "learned_rounding", "rounding", "packed"})
+
+
 class QuantMixin:
-    """Behaviour shared by quantized Linear and Conv2d layers."""
+    """Behaviour shared by quantized Linear and Conv2d layers. The weight they compute with comes from
+    their :class:`~diffq.weight_sources.WeightSource` (``weight_source``), switched by the methods below;
+    ``weight_fq``, ``learned_rounding``, ``rounding`` and ``packed`` are views of it (setting one installs
+    the matching source)."""
 
     weight_quantizer: Quantizer | None
     input_quantizer: Quantizer | None
+    weight_source: WeightSource
 
     def _init_quant(self, weight_q: Quantizer | None, input_q: Quantizer | None) -> None:
         self.weight_quantizer = weight_q
         self.input_quantizer = input_q
-        self.register_buffer("weight_fq", None, persistent=False)
+        self.weight_source = live_source(weight_q)
         self.register_buffer("bos_weight", None)  # FP weight of token 0 (BOS-aware K/V projections)
-        self.rounding: nn.Module | None = None  # learned rounding being trained (reconstruction) or held (finetuning)
         self.adapter: nn.Module | None = None  # low-rank FP weight update, added before quantization (finetuning)
         self.side: SideBranch | None = None  # low-rank FP branch beside the quantized weight, kept at inference
         self.quant_enabled = True  # False: compute in floating point (FP targets during reconstruction)
-        self.learned_rounding = False  # weight_fq holds a learned rounding: export it, not RTN of weight
-        self.packed: nn.Module | None = None  # packed inference backend: the codes, unpacked at each forward
 
-    @property
-    def frozen(self) -> bool:
-        """True once the fake-quantized weight is cached."""
-        return self.weight_fq is not None
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _SOURCE_VIEWS:  # the property's setter: nn.Module would register a module or tensor itself
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
-    def latent_weight(self) -> torch.Tensor:
-        """The FP weight the quantizer sees: the weight plus the adapter's update, if any."""
-        if self.adapter is None:
-            return self.weight
-        return self.weight + self.adapter().to(self.weight.dtype)
+    def use_source(self, source: WeightSource) -> WeightSource:
+        """Compute with ``source`` from now on; returns the source it replaces."""
+        previous = self.weight_source
+        self.weight_source = source
+        return previous
 
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        """The weight's shape (also when it is held packed)."""
-        return self.packed.shape if self.packed is not None else tuple(self.weight.shape)
-
-    def quantized_weight(self) -> torch.Tensor:
-        """The weight the layer computes with (packed codes, frozen cache, live fake-quant, or FP)."""
-        if self.packed is not None:
-            return self.packed(self.weight_quantizer)
-        if self.rounding is not None:
-            return self.rounding(self.latent_weight())
-        if self.weight_fq is not None:
-            return self.weight_fq
-        if self.weight_quantizer is not None:
-            return self.weight_quantizer(self.latent_weight())
-        return self.latent_weight()
+    def unfreeze(self) -> WeightSource:
+        """Quantize the latent weight live again (round to nearest; FP without a weight quantizer)."""
+        return self.use_source(live_source(self.weight_quantizer))
 
     @torch.no_grad()
     def freeze(self, keep_original: bool = True) -> None:
@@ -96,11 +97,94 @@ class QuantMixin:
         if self.weight_quantizer is None:
             return
         wq = self.weight_quantizer(self.latent_weight()).detach()
-        if keep_original:
-            self.weight_fq = wq
-        else:
+        if not keep_original:
             self.weight.data.copy_(wq)
-            self.weight_fq = self.weight.data
+            wq = self.weight.data
+        self.cache_weight(wq)
+
+    def cache_weight(self, values: torch.Tensor, learned: bool = False) -> WeightSource:
+        """Compute with the fixed ``values`` from now on; ``learned``: they are a learned rounding's grid
+        values, which an export stores as they are."""
+        return self.use_source(FrozenWeight(values, learned))
+
+    def train_rounding(self, rounding: nn.Module) -> WeightSource:
+        """Compute with a rounding under training (AdaRound) applied to the latent weight."""
+        return self.use_source(TrainedRounding(rounding))
+
+    def hold_rounding(self, rounding: nn.Module) -> WeightSource:
+        """Compute with a learned rounding held while the FP weight trains (``HeldRounding``)."""
+        return self.use_source(HeldLearnedRounding(rounding))
+
+    @property
+    def frozen(self) -> bool:
+        """True once the fake-quantized weight is cached."""
+        return isinstance(self.weight_source, FrozenWeight)
+
+    @property
+    def weight_fq(self) -> torch.Tensor | None:
+        """The cached weight of a frozen layer, else None; setting a tensor caches it (keeping the
+        learned flag of a frozen layer), setting None quantizes live again."""
+        return self.weight_source.cache if self.frozen else None
+
+    @weight_fq.setter
+    def weight_fq(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self.cache_weight(value, self.frozen and self.weight_source.learned)
+        elif self.frozen:
+            self.unfreeze()
+
+    @property
+    def learned_rounding(self) -> bool:
+        """Whether the weight is a learned rounding's grid values (an export stores them, not RTN of
+        the weight); settable on a frozen layer."""
+        return self.weight_source.learned
+
+    @learned_rounding.setter
+    def learned_rounding(self, value: bool) -> None:
+        if self.frozen:
+            self.cache_weight(self.weight_source.cache, bool(value))
+        elif value and not self.weight_source.learned:
+            raise ValueError("only a frozen weight (weight_fq) can hold a learned rounding")
+
+    @property
+    def rounding(self) -> nn.Module | None:
+        """The rounding module the layer computes with (trained or held), else None; setting a module
+        trains it, setting None quantizes live again."""
+        return self.weight_source.rounding if isinstance(self.weight_source, RoundingSource) else None
+
+    @rounding.setter
+    def rounding(self, value: nn.Module | None) -> None:
+        if value is not None:
+            self.train_rounding(value)
+        elif isinstance(self.weight_source, RoundingSource):
+            self.unfreeze()
+
+    @property
+    def packed(self) -> nn.Module | None:
+        """The packed codes the layer computes with (:class:`diffq.export.PackedWeight`), else None."""
+        return self.weight_source.packed if isinstance(self.weight_source, PackedCodes) else None
+
+    @packed.setter
+    def packed(self, value: nn.Module | None) -> None:
+        if value is not None:
+            self.use_source(PackedCodes(value))
+        elif isinstance(self.weight_source, PackedCodes):
+            self.unfreeze()
+
+    def latent_weight(self) -> torch.Tensor:
+        """The FP weight the quantizer sees: the weight plus the adapter's update, if any."""
+        if self.adapter is None:
+            return self.weight
+        return self.weight + self.adapter().to(self.weight.dtype)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The weight's shape (also when it is held packed)."""
+        return self.weight_source.shape(self)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the layer computes with: its source's."""
+        return self.weight_source.weight(self)
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -182,11 +266,10 @@ def dequantize_layer_(module: nn.Module) -> nn.Module:
     if not is_quant_layer(module):
         return module
     module._buffers.pop("bos_weight", None)
-    for attr in ("weight_quantizer", "input_quantizer", "adapter", "side", "packed"):
+    for attr in ("weight_quantizer", "input_quantizer", "weight_source", "adapter", "side"):
         if attr in module._modules:
             del module._modules[attr]
         module.__dict__.pop(attr, None)
-    module._buffers.pop("weight_fq", None)
     module.__class__ = module._diffq_base
     return module
 

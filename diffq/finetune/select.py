@@ -213,9 +213,8 @@ class Selection:
         for m in self.model.modules():
             if is_quant_layer(m):
                 merge_adapter(m)
-                if isinstance(m.rounding, HeldRounding):  # the held rounding's result is the learned rounding now
-                    m.weight_fq = m.rounding(m.weight).detach().contiguous()
-                    m.rounding, m.learned_rounding = None, True
+                if m in self.held:  # the held rounding's result is the learned rounding now
+                    m.cache_weight(m.quantized_weight().detach().contiguous(), learned=True)
                     start = self.held.pop(m)
                     moved, total = self.codes_moved
                     self.codes_moved = (moved + int((m.weight_fq != start).sum()), total + start.numel())
@@ -245,9 +244,10 @@ def _make_live(sel: Selection, layer: nn.Module) -> None:
     if not layer.frozen:
         return
     if layer.learned_rounding:
-        layer.rounding = HeldRounding(layer.weight_quantizer, layer.latent_weight().detach(), layer.weight_fq)
         sel.held[layer] = layer.weight_fq
-    layer.weight_fq, layer.learned_rounding = None, False
+        layer.hold_rounding(HeldRounding(layer.weight_quantizer, layer.latent_weight().detach(), layer.weight_fq))
+    else:
+        layer.unfreeze()
 
 
 def _add(sel: Selection, kind: str, params: Sequence[nn.Parameter]) -> None:

@@ -52,6 +52,7 @@ from diffq.model_quant import act_parts, float_mode, prepare
 from diffq.models import generate_images, sample_seeds
 from diffq.settings import typed
 from diffq.spec import LayerSpec, Rule
+from diffq.weight_sources import FloatWeight
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,6 @@ class Candidates:
         layer, wq = self.layers[name], self.layers[name].weight_quantizer
         wq.set_format(replace(self.specs[name].weight, bits=bits).build_format())
         wq.set_params(**self.weights[name][bits])
-        layer.weight_fq = None
         layer.freeze(keep_original=True)
 
     def set_act(self, name: str, bits: int | None) -> None:
@@ -197,7 +197,7 @@ def only(layers: Mapping[str, nn.Module], name: str, what: str) -> Iterator[None
     layer = layers[name]
     inputs = act_parts(layer.input_quantizer)
     enabled = [q.enabled for q in inputs]
-    wq, cached = layer.weight_quantizer, layer.weight_fq
+    source = layer.weight_source
     try:
         for m in layers.values():
             m.quant_enabled = False
@@ -205,16 +205,15 @@ def only(layers: Mapping[str, nn.Module], name: str, what: str) -> Iterator[None
         if what == "weight":
             for q in inputs:
                 q.enabled = False
-        elif wq is not None:
-            wq.enabled, layer.weight_fq = False, None
+        else:
+            layer.use_source(FloatWeight())
         yield
     finally:
         for n, m in layers.items():
             m.quant_enabled = saved[n]
         for q, e in zip(inputs, enabled):
             q.enabled = e
-        if wq is not None:
-            wq.enabled, layer.weight_fq = True, cached
+        layer.use_source(source)
 
 
 class Probe:

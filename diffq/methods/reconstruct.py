@@ -46,6 +46,7 @@ from diffq.methods.blocks import Unit, find_units, quant_layers
 from diffq.model_quant import act_parts, float_mode
 from diffq.settings import typed
 from diffq.timestep_groups import call_timesteps, router_of
+from diffq.weight_sources import WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -236,15 +237,16 @@ class _Trainee:
         self.unit, self.name = unit, unit.name
         self.layers = _inner_layers(unit)
         self.roundings: dict[str, AdaRound] = {}
+        self._saved_sources: dict[str, WeightSource] = {}  # the RTN weights, put back by revert()
         for n, layer in self.layers.items():
             if layer.weight_quantizer is not None:
-                layer.rounding = self.roundings[n] = AdaRound(layer.weight_quantizer, layer.weight, scale_aware)
+                self.roundings[n] = AdaRound(layer.weight_quantizer, layer.weight, scale_aware)
+                self._saved_sources[n] = layer.train_rounding(self.roundings[n])
         self.acts = []
         if learn_acts:
             parts = [p for layer in self.layers.values() for p in act_parts(layer.input_quantizer)]
             self.acts = [q for q in parts if not q.dynamic and q.scale.numel()]
         self._saved_scales = [q.scale.detach().clone() for q in self.acts]
-        self._saved_weights = {n: self.layers[n].weight_fq for n in self.roundings}
 
     def rounding_params(self) -> list[nn.Parameter]:
         return [r.V for r in self.roundings.values()]
@@ -262,9 +264,7 @@ class _Trainee:
         """Hard rounding into the layers' frozen weights."""
         for n, r in self.roundings.items():
             layer = self.layers[n]
-            layer.weight_fq = r.hard().to(layer.weight.dtype).contiguous()  # same conv kernels as a reload
-            layer.learned_rounding = True
-            layer.rounding = None
+            layer.cache_weight(r.hard().to(layer.weight.dtype).contiguous(), learned=True)  # same kernels as a reload
 
     def fix_step_sizes(self) -> None:
         """Stop training the activation step sizes."""
@@ -274,10 +274,8 @@ class _Trainee:
     def revert(self) -> None:
         """Back to the RTN weights and the observed step sizes (after a failure, or when the learned
         unit reproduces its FP output worse than RTN did)."""
-        for n in self.roundings:
-            layer = self.layers[n]
-            layer.rounding = None
-            layer.weight_fq, layer.learned_rounding = self._saved_weights[n], False
+        for n, source in self._saved_sources.items():
+            self.layers[n].use_source(source)
         with torch.no_grad():
             for q, s in zip(self.acts, self._saved_scales):
                 q.scale.copy_(s)
