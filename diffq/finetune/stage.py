@@ -16,7 +16,7 @@ from diffq.attention import attention_modules
 from diffq.cache import cache_key
 from diffq.calib import CalibSample
 from diffq.errors import ConfigError
-from diffq.finetune.data import DATA_SOURCES, Pool, image_data_inputs
+from diffq.finetune.data import DATA_SOURCES, Pool, TrainingData, image_data_inputs
 from diffq.finetune.engine import KEEP, check_optim, eval_interval, train
 from diffq.finetune.lora import check_lora
 from diffq.finetune.losses import EXTRA_LOSSES, build_extra_losses
@@ -154,16 +154,12 @@ def validation_prompts(ft: Mapping[str, Any], calib_prompts: Sequence[str], trai
     return cycled[-n:]
 
 
-def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Mapping[str, Any],
-                      attn: Mapping[str, Any], *, calib: Sequence[CalibSample], calib_prompts: Sequence[str],
-                      smp: Sampling, model_key: dict[str, Any], cache_dir: str, state_key: Mapping[str, Any],
-                      device: torch.device, world: str | None = None) -> dict[str, Any]:
-    """Train the quantized denoiser of ``pipe`` against its FP self as ``ft`` says, stage by stage
-    (``calib`` feeds recipes that measure the quantized model); returns the facts for metrics.json
-    (what trained, the loss and validation curves, the best states, time, memory), the stages' summed
-    and each one's; step numbers at the top level count from the first stage's start."""
+def teacher_data(pipe: Any, family: str, ft: Mapping[str, Any], calib_prompts: Sequence[str], smp: Sampling,
+                 model_key: dict[str, Any], cache_dir: str, world: str | None = None
+                 ) -> tuple[TrainingData, Pool | None, dict[str, Any]]:
+    """The training data (the FP teacher's trajectories over the training prompts, as the data source
+    serves them), the held-out validation pool (None when not validating) and what they are."""
     _, denoiser = denoiser_of(pipe)
-    dtype = next(denoiser.parameters()).dtype
     d = ft["data"]
     prompts, images = training_prompts(ft, calib_prompts, world)
     validating = eval_interval(ft["eval_every"], int(ft["steps"])) > 0
@@ -172,9 +168,8 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
     def pool(texts: Sequence[str], seed: int) -> Path:
         with torch.no_grad(), float_mode(denoiser):  # the teacher's data: the FP model's own trajectories
             return calibration.training_pool(
-                pipe, family, model_key=model_key, prompts=texts, seed=seed, steps=int(d["steps"] or smp.steps),
-                guidance=smp.guidance, resolution=smp.resolution, batch_size=int(d["batch_size"]),
-                call_kwargs=smp.call_kwargs, cache_dir=cache_dir)
+                pipe, family, model_key=model_key, prompts=texts, seed=seed, cache_dir=cache_dir,
+                **smp.sampler_kwargs(steps=int(d["steps"] or smp.steps), batch_size=int(d["batch_size"])))
 
     folder = pool(prompts, int(d["seed"]))
     val_folder = pool(val_prompts, int(d["val_seed"])) if validating else None
@@ -184,49 +179,52 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
                  int(d["val_seed"]), len(val.items), val_folder)
     extra_inputs = image_data_inputs(pipe, family, images) if d["source"] == "images" else {}
     data = DATA_SOURCES.get(d["source"])(Pool(folder), **extra_inputs)
+    return data, val, {"source": d["source"], "prompts": len(prompts), "pool": str(folder),
+                       "val_prompts": len(val_prompts), "val_pool": None if val_folder is None else str(val_folder)}
 
-    def measure(names: Sequence[str], bits: Sequence[int], calls: int) -> dict[str, dict[int, float]]:
-        return activation_sensitivity(denoiser, specs, names, bits, calib[:calls], device, dtype)
 
-    stages, info = plan_stages(denoiser, family, specs, ft, attn, measure)
-    root = Path(cache_dir).expanduser() / "finetune" / cache_key(dict(state_key))
-    teacher: dict = {}
-    results, trained = [], {}
-    for i, stage in enumerate(stages):
-        last = i == len(stages) - 1
-        sel = select_trainable(denoiser, stage.plan, int(ft["lora"]["rank"]), float(ft["lora"]["alpha"]),
-                               int(ft["seed"]), teacher=teacher, weight_scale=stage.settings["weight_scale"],
-                               lora_mode=ft["lora"]["mode"])
-        total = sum(p.numel() for p in denoiser.parameters())  # learned step sizes are parameters now
-        summary = sel.summary(total)
-        kind_of = {id(p): kind for kind, ps in sel.groups.items() for p in ps}
-        trained.update({n: (kind_of[id(p)], p.numel()) for n, p in sel.named_trainable().items()})
-        log.info("finetuning stage %s: %d parameters (%.2f%% of the denoiser) in %d layers: %s", stage.name,
-                 summary["params"], 100 * summary["fraction"], summary["layers_trained"],
-                 ", ".join(f"{k} {v}" for k, v in summary["params_by_kind"].items()))
-        extra = build_extra_losses(stage.settings["extra_losses"], quantizable_layers(denoiser, family), ROLES,
-                                   denoiser)
-        state_dir = root / stage.name if len(stages) > 1 else root
-        try:
-            with partial_quant(denoiser, stage.quantized, stage.acts):
-                stats = train(denoiser, sel, data, stage.settings, extra=extra, device=device, dtype=dtype,
-                              state_dir=state_dir, val=val)
-        finally:
-            for e in extra:
-                e.remove()
-            sel.finish(release_teacher=last)
-        moved, held = sel.codes_moved
-        if held:
-            stats["codes_moved"] = moved / held
-            log.info("finetuning stage %s: %d of %d weights under a held learned rounding changed their code (%.3f%%)",
-                     stage.name, moved, held, 100 * moved / held)
-        if stats["best_step"] is not None:
-            kept = "kept" if stats["keep"] == "best" else f"the last state kept: {stats['val_curve'][-1][1]:.6g}"
-            log.info("finetuning stage %s: best validation loss %.6g at step %d of %d (%s)", stage.name,
-                     stats["best_val_loss"], stats["best_step"], stats["steps"], kept)
-        results.append({"name": stage.name, **summary, **stats, "lr": stage.settings["optim"]["lr"],
-                        "act_scale_lr": stage.settings["optim"]["act_scale_lr"],
-                        "extra_losses": stage.settings["extra_losses"]})
+def run_stage(denoiser: nn.Module, family: str, stage: Stage, ft: Mapping[str, Any], data: TrainingData,
+              val: Pool | None, teacher: dict, *, last: bool, state_dir: Path,
+              device: torch.device) -> tuple[dict[str, Any], dict[str, tuple[str, int]], int]:
+    """Train one recipe stage (select, train resuming from ``state_dir``, undo the set-up); its result
+    for metrics.json, ``{trained parameter: (kind, size)}`` and the denoiser's parameter count while it trained."""
+    sel = select_trainable(denoiser, stage.plan, int(ft["lora"]["rank"]), float(ft["lora"]["alpha"]),
+                           int(ft["seed"]), teacher=teacher, weight_scale=stage.settings["weight_scale"],
+                           lora_mode=ft["lora"]["mode"])
+    total = sum(p.numel() for p in denoiser.parameters())  # learned step sizes are parameters now
+    summary = sel.summary(total)
+    kind_of = {id(p): kind for kind, ps in sel.groups.items() for p in ps}
+    trained = {n: (kind_of[id(p)], p.numel()) for n, p in sel.named_trainable().items()}
+    log.info("finetuning stage %s: %d parameters (%.2f%% of the denoiser) in %d layers: %s", stage.name,
+             summary["params"], 100 * summary["fraction"], summary["layers_trained"],
+             ", ".join(f"{k} {v}" for k, v in summary["params_by_kind"].items()))
+    extra = build_extra_losses(stage.settings["extra_losses"], quantizable_layers(denoiser, family), ROLES, denoiser)
+    try:
+        with partial_quant(denoiser, stage.quantized, stage.acts):
+            stats = train(denoiser, sel, data, stage.settings, extra=extra, device=device,
+                          dtype=next(denoiser.parameters()).dtype, state_dir=state_dir, val=val)
+    finally:
+        for e in extra:
+            e.remove()
+        sel.finish(release_teacher=last)
+    moved, held = sel.codes_moved
+    if held:
+        stats["codes_moved"] = moved / held
+        log.info("finetuning stage %s: %d of %d weights under a held learned rounding changed their code (%.3f%%)",
+                 stage.name, moved, held, 100 * moved / held)
+    if stats["best_step"] is not None:
+        kept = "kept" if stats["keep"] == "best" else f"the last state kept: {stats['val_curve'][-1][1]:.6g}"
+        log.info("finetuning stage %s: best validation loss %.6g at step %d of %d (%s)", stage.name,
+                 stats["best_val_loss"], stats["best_step"], stats["steps"], kept)
+    return {"name": stage.name, **summary, **stats, "lr": stage.settings["optim"]["lr"],
+            "act_scale_lr": stage.settings["optim"]["act_scale_lr"],
+            "extra_losses": stage.settings["extra_losses"]}, trained, total
+
+
+def merge_stages(results: Sequence[Mapping[str, Any]], trained: Mapping[str, tuple[str, int]], total: int,
+                 recipe: str) -> dict[str, Any]:
+    """The stages' results summed: what trained in any stage, the curves end to end (step numbers from
+    the first stage's start), times and memory, the last stage's validation outcome."""
     layers: dict[str, list[str]] = {}
     for r in results:
         for n, kinds in r["layers"].items():
@@ -235,8 +233,8 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
     params = sum(n for _, n in trained.values())
     offsets = [sum(r["steps"] for r in results[:i]) for i in range(len(results))]
     final = results[-1]
-    merged = {
-        "recipe": ft["recipe"], "layers": layers, "layers_trained": len(layers), "params": params,
+    return {
+        "recipe": recipe, "layers": layers, "layers_trained": len(layers), "params": params,
         "params_by_kind": {k: sum(n for kind, n in trained.values() if kind == k)
                            for k in dict.fromkeys(kind for kind, _ in trained.values())},
         "fraction": params / max(1, total), "teacher_copy_mb": max(r["teacher_copy_mb"] for r in results),
@@ -253,7 +251,32 @@ def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Ma
         "best_val_loss": final["best_val_loss"], "keep": final["keep"], "eval_every": final["eval_every"],
         "val_items": final["val_items"], "val_s": round(sum(r["val_s"] for r in results), 2),
     }
-    return {**merged, **info, "stages": results if len(stages) > 1 else None,
-            "data": {"source": d["source"], "prompts": len(prompts), "pool": str(folder),
-                     "val_prompts": len(val_prompts), "val_pool": None if val_folder is None else str(val_folder)},
+
+
+def finetune_denoiser(pipe: Any, family: str, specs: Sequence[LayerSpec], ft: Mapping[str, Any],
+                      attn: Mapping[str, Any], *, calib: Sequence[CalibSample], calib_prompts: Sequence[str],
+                      smp: Sampling, model_key: dict[str, Any], cache_dir: str, state_key: Mapping[str, Any],
+                      device: torch.device, world: str | None = None) -> dict[str, Any]:
+    """Train the quantized denoiser of ``pipe`` against its FP self as ``ft`` says, stage by stage
+    (``calib`` feeds recipes that measure the quantized model); returns the facts for metrics.json
+    (what trained, the loss and validation curves, the best states, time, memory), the stages' summed
+    and each one's; step numbers at the top level count from the first stage's start."""
+    _, denoiser = denoiser_of(pipe)
+    dtype = next(denoiser.parameters()).dtype
+    data, val, data_info = teacher_data(pipe, family, ft, calib_prompts, smp, model_key, cache_dir, world)
+
+    def measure(names: Sequence[str], bits: Sequence[int], calls: int) -> dict[str, dict[int, float]]:
+        return activation_sensitivity(denoiser, specs, names, bits, calib[:calls], device, dtype)
+
+    stages, info = plan_stages(denoiser, family, specs, ft, attn, measure)
+    root = Path(cache_dir).expanduser() / "finetune" / cache_key(dict(state_key))
+    teacher: dict = {}
+    results, trained = [], {}
+    for i, stage in enumerate(stages):
+        result, params, total = run_stage(denoiser, family, stage, ft, data, val, teacher, last=i == len(stages) - 1,
+                                   state_dir=root / stage.name if len(stages) > 1 else root, device=device)
+        results.append(result)
+        trained.update(params)
+    merged = merge_stages(results, trained, total, ft["recipe"])
+    return {**merged, **info, "stages": results if len(stages) > 1 else None, "data": data_info,
             "checkpoint": str(root)}

@@ -23,15 +23,11 @@ integer programming, with BOS-aware cross-attention K/V layers (a rule option, `
 """
 from __future__ import annotations
 
-import contextlib
-import csv
 import itertools
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Any, Iterator, List, Mapping, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,23 +36,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.bit_allocation import allocate_bits, feasible_range, split_budget
-from diffq.cache import cache_key
 from diffq.calib import CalibSample
-from diffq.calib.capture import capture_trajectories
 from diffq.errors import ConfigError
 from diffq.eval.cost import FP_BITS, count_layer_inputs
-from diffq.eval.fidelity import SSIM_WINDOWS, sqnr, ssim
+from diffq.eval.fidelity import SSIM_WINDOWS
 from diffq.methods import METHODS, SETTINGS, MethodContext, rtn
 from diffq.methods.common import calibrate_activations, split_shortcuts
-from diffq.model_quant import act_parts, float_mode, prepare
-from diffq.models import generate_images, sample_seeds
+from diffq.methods.mixdq_probe import SEARCH_STREAM, Candidates, Probe, sensitivities, write_sensitivity
+from diffq.model_quant import prepare
 from diffq.settings import typed
 from diffq.spec import LayerSpec, Rule
-from diffq.weight_sources import FloatWeight
 
 log = logging.getLogger(__name__)
 
-SEARCH_STREAM = "mixdq-search"  # the search prompts' seeds: never the evaluation's (sample_seeds' default stream)
 GROUPS = ("content", "quality")
 
 
@@ -92,7 +84,7 @@ class MixDQConfig:
     plan: Optional[str] = None  # a written mixdq_plan.yaml: reuse its bits, skip the search
 
 
-def settings_of(mc: Mapping[str, Any] | MixDQConfig | MixDQConfig | None) -> MixDQConfig:
+def settings_of(mc: Mapping[str, Any] | MixDQConfig | None) -> MixDQConfig:
     """The typed settings of a (partial) ``quant.mixdq`` section."""
     return typed(MixDQConfig, mc, "quant.mixdq")
 
@@ -144,170 +136,6 @@ def check_budget(specs: Sequence[LayerSpec], mc: Mapping[str, Any] | MixDQConfig
     if mc.control and (target != int(target) or mc.act_bits != int(mc.act_bits)):
         raise ConfigError(f"quant.mixdq.control uses one uniform width: weight_bits ({target:g}) and act_bits "
                           f"({mc.act_bits:g}) must be whole numbers")
-
-
-class Candidates:
-    """Every candidate width's quantizer parameters per layer, and installing one of them."""
-
-    def __init__(self, layers: Mapping[str, nn.Module], specs: Mapping[str, LayerSpec], wbits: Mapping[str, list],
-                 abits: Sequence[int], calib: Sequence[CalibSample], model: nn.Module, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        self.layers, self.specs = layers, specs
-        self.weights: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-        for name, layer in layers.items():
-            wq = layer.weight_quantizer
-            if wq is None:
-                continue
-            self.weights[name] = {}
-            for b in wbits[name]:
-                wq.set_format(replace(specs[name].weight, bits=b).build_format())
-                wq.calibrate_weight(layer.weight)
-                self.weights[name][b] = wq.params()
-        self.acts: dict[str, dict[int, list[dict[str, torch.Tensor]]]] = {n: {} for n, m in layers.items()
-                                                                          if m.input_quantizer is not None}
-        for b in abits:
-            for name in self.acts:
-                for q in act_parts(layers[name].input_quantizer):
-                    q.set_format(replace(specs[name].act, bits=b).build_format())
-            calibrate_activations(model, calib, device, dtype)
-            for name in self.acts:
-                self.acts[name][b] = [q.params() for q in act_parts(layers[name].input_quantizer)]
-
-    def set_weight(self, name: str, bits: int) -> None:
-        """Quantize the layer's weight at ``bits`` (and cache it)."""
-        layer, wq = self.layers[name], self.layers[name].weight_quantizer
-        wq.set_format(replace(self.specs[name].weight, bits=bits).build_format())
-        wq.set_params(**self.weights[name][bits])
-        layer.freeze(keep_original=True)
-
-    def set_act(self, name: str, bits: int | None) -> None:
-        """Quantize the layer's input at ``bits`` (None: keep it floating point)."""
-        stored = self.acts[name][bits or min(self.acts[name])]
-        for q, params in zip(act_parts(self.layers[name].input_quantizer), stored):
-            q.enabled = bits is not None
-            if bits is not None:
-                q.set_format(replace(self.specs[name].act, bits=bits).build_format())
-                q.set_params(**params)
-
-
-@contextlib.contextmanager
-def only(layers: Mapping[str, nn.Module], name: str, what: str) -> Iterator[None]:
-    """Only layer ``name``'s weight (``what="weight"``) or input (``"act"``) quantized."""
-    saved = {n: m.quant_enabled for n, m in layers.items()}
-    layer = layers[name]
-    inputs = act_parts(layer.input_quantizer)
-    enabled = [q.enabled for q in inputs]
-    source = layer.weight_source
-    try:
-        for m in layers.values():
-            m.quant_enabled = False
-        layer.quant_enabled = True
-        if what == "weight":
-            for q in inputs:
-                q.enabled = False
-        else:
-            layer.use_source(FloatWeight())
-        yield
-    finally:
-        for n, m in layers.items():
-            m.quant_enabled = saved[n]
-        for q, e in zip(inputs, enabled):
-            q.enabled = e
-        layer.use_source(source)
-
-
-class Probe:
-    """The two metrics of one configuration of the model on the search prompts: SQNR of the denoiser
-    output on calls of their FP trajectories, and their images (SSIM and MSE vs FP, in float)."""
-
-    def __init__(self, model: nn.Module, context: MethodContext, prompts: list[str], sqnr_calls: int,
-                 ssim_window: str, device: torch.device, dtype: torch.dtype) -> None:
-        self.model, self.ctx, self.prompts, self.window = model, context, prompts, ssim_window
-        self.device, self.dtype = device, dtype
-        self.seeds = sample_seeds(context.seed, len(prompts), stream=SEARCH_STREAM)
-        s = context.sampling
-        batches = math.ceil(len(prompts) / s.batch_size)
-        with float_mode(model):
-            self.calls = capture_trajectories(
-                context.pipe, context.family, prompts, self.seeds, steps=s.steps, guidance=s.guidance,
-                resolution=s.resolution, keep_steps=math.ceil(sqnr_calls / batches), batch_size=s.batch_size,
-                call_kwargs=s.call_kwargs)[:sqnr_calls]
-            self.ref = self.outputs()
-            self.fp_images = self.images()
-
-    @torch.no_grad()
-    def outputs(self) -> list[torch.Tensor]:
-        """The denoiser's outputs on the recorded calls."""
-        return [self.model(**c.to(self.device, self.dtype), return_dict=False)[0].float().cpu() for c in self.calls]
-
-    def images(self, n: int | None = None) -> torch.Tensor:
-        """Images of the (first ``n``) search prompts, float in [0, 1]."""
-        s, n = self.ctx.sampling, n or len(self.prompts)
-        return generate_images(self.ctx.pipe, self.ctx.family, self.prompts[:n], self.seeds[:n], steps=s.steps,
-                               guidance=s.guidance, resolution=s.resolution, batch_size=s.batch_size,
-                               call_kwargs=s.call_kwargs, progress=False)
-
-    def sqnr(self) -> float:
-        """SQNR (dB) of the current model against FP on the recorded calls."""
-        return sqnr(self.ref, self.outputs())
-
-    def ssim(self) -> float:
-        """Mean SSIM of the current model's images against FP's."""
-        return float(ssim(self.fp_images, self.images(), window=self.window).mean())
-
-    def image_mse(self, n: int | None = None) -> float:
-        """Mean squared error of the current model's images of the first ``n`` search prompts against
-        FP's (float, not the code's wrapped uint8)."""
-        n = n or len(self.prompts)
-        return float((self.images(n) - self.fp_images[:n]).square().mean())
-
-
-def measure(cands: Candidates, probe: Probe, ssim_layers: set[str], wbits: Mapping[str, list], abits: Sequence[int]
-            ) -> dict[str, dict[str, dict[int, float]]]:
-    """``{layer: {"weight": {bits: score}, "act": {bits: score}}}``, one layer quantized at a time:
-    SSIM of images for ``ssim_layers``, SQNR of the denoiser output for the others."""
-    out: dict[str, dict[str, dict[int, float]]] = {}
-    jobs = [(n, "weight", b) for n in cands.weights for b in wbits[n]] + [(n, "act", b) for n in cands.acts
-                                                                           for b in abits]
-    for name, what, b in tqdm(jobs, desc="mixdq sensitivity", unit="probe"):
-        if what == "weight":
-            cands.set_weight(name, b)
-        else:
-            cands.set_act(name, b)
-        with only(cands.layers, name, what):
-            score = probe.ssim() if name in ssim_layers else probe.sqnr()
-        out.setdefault(name, {"weight": {}, "act": {}})[what][b] = score
-    return out
-
-
-def write_sensitivity(sens: Mapping[str, Any], content: set[str], ssim_layers: set[str], folder: Path) -> None:
-    """mixdq_sensitivity.csv and .png (score per layer and width, the groups coloured)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(folder / "mixdq_sensitivity.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["layer", "group", "metric", "what", "bits", "score"])
-        for name, kinds in sens.items():
-            group = "content" if name in content else "quality"
-            for what, scores in kinds.items():
-                for b, v in scores.items():
-                    w.writerow([name, group, "ssim" if name in ssim_layers else "sqnr_db", what, b, round(v, 6)])
-    fig, axes = plt.subplots(2, 2, figsize=(12, 6))
-    for row, group in enumerate(("content", "quality")):
-        for col, what in enumerate(("weight", "act")):
-            ax = axes[row, col]
-            names = [n for n in sens if (n in content) == (group == "content") and sens[n][what]]
-            for b in sorted({b for n in names for b in sens[n][what]}):
-                ax.plot([sens[n][what].get(b, np.nan) for n in names], marker=".", lw=0.8, label=f"{b} bit")
-            metric = "SSIM" if names and names[0] in ssim_layers else "SQNR dB"
-            ax.set(title=f"{group} group, {what}s ({metric})", xlabel="layer")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "mixdq_sensitivity.png", dpi=90)
-    plt.close(fig)
 
 
 def fp_inputs(sens: Mapping[str, Any], content: set[str], mc: Mapping[str, Any] | MixDQConfig) -> dict[str, list[str]]:
@@ -422,6 +250,60 @@ def plan_rules(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rules
 
 
+def search_plan(cands: Candidates, probe: Probe, sens: Mapping[str, Any], content: set[str],
+                counts: Mapping[str, int], by: Mapping[str, LayerSpec], wtarget: float,
+                mc: MixDQConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The plan ``{"weight": {layer: bits}, "act": {layer: bits or None}}`` (the control's uniform one,
+    or the best of the weight plans, then of the activation plans given it) and what the search reports."""
+    fp = fp_inputs(sens, content, mc)
+    fp_set = {n for g in GROUPS for n in fp[g]}
+    act_names = [n for n in cands.acts if n not in fp_set]
+    rest_max = rest_budget(counts, act_names, float(mc.act_bits))
+    if rest_max < min(mc.act_bits_candidates) and not mc.control:
+        raise ConfigError(f"quant.mixdq.act_bits={mc.act_bits:g}: with {len(fp_set)} FP-kept inputs and the layers "
+                          f"left FP at 16 bits, the quantized inputs would need {rest_max:.2f} bits on average, under "
+                          f"the narrowest candidate {min(mc.act_bits_candidates)}; raise act_bits or lower "
+                          "quant.mixdq.fp_act_fraction")
+    stats: dict[str, Any] = {"control": bool(mc.control), "content_layers": len(content), "fp_inputs": fp,
+                             "act_budget": {"target": float(mc.act_bits), "quantized_inputs_max": round(rest_max, 4)}}
+    fp_none: dict[str, int | None] = dict.fromkeys(fp_set)
+    if mc.control:  # uniform widths, the plan's FP inputs
+        return {"weight": dict.fromkeys(cands.weights, int(wtarget)),
+                "act": {**dict.fromkeys(act_names, int(mc.act_bits)), **fp_none}}, stats
+    sizes_w = {n: by[n].params for n in cands.weights}
+    cw = {"content": mc.weight_bits_content, "quality": mc.weight_bits_quality}
+    wplans = family("weight", sens, list(cands.weights), content, sizes_w, cw, wtarget, mc.k_weight, mc)
+    for n in cands.acts:  # weight plans are scored with FP activations, as the code does
+        cands.set_act(n, None)
+    wbest = choose(wplans, lambda p: install(cands, {"weight": p["bits"], "act": {}}), probe, mc.plan_prompts,
+                   "weight")
+    install(cands, {"weight": wbest["bits"], "act": {}})
+    ca = dict.fromkeys(GROUPS, list(mc.act_bits_candidates))
+    aplans = family("act", sens, act_names, content, counts, ca, rest_max, mc.k_act, mc)
+    abest = choose(aplans, lambda p: install(cands, {"weight": {}, "act": {**p["bits"], **fp_none}}), probe,
+                   mc.plan_prompts, "activation")
+    for what, plans, chosen in (("weight", wplans, wbest), ("act", aplans, abest)):
+        stats[f"{what}_plans"] = [{k: v for k, v in p.items() if k != "bits"} for p in plans]
+        stats.setdefault("chosen", {})[what] = chosen["k_budget"][0]
+    return {"weight": wbest["bits"], "act": {**abest["bits"], **fp_none}}, stats
+
+
+def finish(model: nn.Module, layers: Mapping[str, nn.Module], specs: Sequence[LayerSpec], cands: Candidates,
+           best: Mapping[str, Any], calib: Sequence[CalibSample], device: torch.device, dtype: torch.dtype) -> None:
+    """Install the chosen plan, drop the quantizers of FP-kept inputs (as the written plan's rules do),
+    calibrate the final widths' ranges through the final weights and write the widths into ``specs``."""
+    install(cands, best)
+    for name, b in best["act"].items():
+        if b is None:
+            layers[name].input_quantizer = None
+    calibrate_activations(model, calib, device, dtype)
+    for s in specs:
+        if s.name in best["weight"]:
+            s.weight = replace(s.weight, bits=best["weight"][s.name])
+        if s.name in best["act"]:
+            s.act = None if best["act"][s.name] is None else replace(s.act, bits=best["act"][s.name])
+
+
 @METHODS.register("mixdq")
 def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSample], cfg: Any, *,
           device: torch.device, dtype: torch.dtype, context: MethodContext | None = None) -> dict[str, Any]:
@@ -444,72 +326,16 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
     cands = Candidates(layers, by, wbits, abits, calib, model, device, dtype)
     prompts = [context.prompts[i % len(context.prompts)] for i in range(mc.num_prompts)]
     probe = Probe(model, context, prompts, mc.sqnr_calls, mc.ssim_window, device, dtype)
-    key = cache_key({"model": context.model_key, "specs": [s.to_dict() for s in by.values()],
-                     "calib": [s.step for s in calib], "calib_sums": [round(float(c.kwargs[k].double().sum()), 6)
-                                                                      for c in calib[:4] for k in sorted(c.kwargs)
-                                                                      if torch.is_tensor(c.kwargs[k])],
-                     "prompts": prompts, "seed": context.seed,
-                     "sampling": {k: v for k, v in asdict(context.sampling).items() if k != "batch_size"},
-                     "search": [SEARCH_STREAM, len(probe.calls)], "wbits": wbits, "abits": abits,
-                     "mixdq": {k: getattr(mc, k) for k in ("content_roles", "content_names", "ssim_window",
-                                                            "decoupled")}})
-    path = Path(context.cache_dir).expanduser() / "mixdq" / f"{key}.json"
-    if path.exists():
-        sens = {n: {w: {int(b): v for b, v in d.items()} for w, d in k.items()} for n, k in
-                json.loads(path.read_text()).items()}
-        log.info("mixdq sensitivities loaded from %s", path)
-    else:
-        sens = measure(cands, probe, ssim_layers, wbits, abits)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(sens))
+    scope = {"specs": [s.to_dict() for s in by.values()], "wbits": wbits, "abits": abits,
+             "mixdq": {k: getattr(mc, k) for k in ("content_roles", "content_names", "ssim_window", "decoupled")}}
+    sens, path = sensitivities(cands, probe, calib, ssim_layers, scope)
     counter = count_layer_inputs(model, [s.name for s in specs], calib[0], device, dtype)
     counts = {s.name: counter.counts.get(s.name, 0) for s in specs}  # a layer the call never reaches: 0
-    fp = fp_inputs(sens, content, mc)
-    fp_set = {n for g in GROUPS for n in fp[g]}
-    act_names = [n for n in cands.acts if n not in fp_set]
-    rest_max = rest_budget(counts, act_names, float(mc.act_bits))
-    if rest_max < min(mc.act_bits_candidates) and not mc.control:
-        raise ConfigError(f"quant.mixdq.act_bits={mc.act_bits:g}: with {len(fp_set)} FP-kept inputs and the layers "
-                          f"left FP at 16 bits, the quantized inputs would need {rest_max:.2f} bits on average, under "
-                          f"the narrowest candidate {min(mc.act_bits_candidates)}; raise act_bits or lower "
-                          "quant.mixdq.fp_act_fraction")
-    stats: dict[str, Any] = {"sensitivity_cache": str(path), "control": bool(mc.control),
-                             "content_layers": len(content), "fp_inputs": fp, "act_budget": {
-                                 "target": float(mc.act_bits), "quantized_inputs_max": round(rest_max, 4)},
-                             "search": {"prompts": len(prompts), "sqnr_calls": len(probe.calls),
-                                        "seed_stream": SEARCH_STREAM, "ssim_window": mc.ssim_window,
-                                        "plan_prompts": min(mc.plan_prompts, len(prompts))}}
-    fp_none: dict[str, int | None] = dict.fromkeys(fp_set)
-    if mc.control:  # uniform widths, the plan's FP inputs
-        best = {"weight": dict.fromkeys(cands.weights, int(wtarget)),
-                "act": {**dict.fromkeys(act_names, int(mc.act_bits)), **fp_none}}
-    else:
-        sizes_w = {n: by[n].params for n in cands.weights}
-        cw = {"content": mc.weight_bits_content, "quality": mc.weight_bits_quality}
-        wplans = family("weight", sens, list(cands.weights), content, sizes_w, cw, wtarget, mc.k_weight, mc)
-        for n in cands.acts:  # weight plans are scored with FP activations, as the code does
-            cands.set_act(n, None)
-        wbest = choose(wplans, lambda p: install(cands, {"weight": p["bits"], "act": {}}), probe, mc.plan_prompts,
-                       "weight")
-        install(cands, {"weight": wbest["bits"], "act": {}})
-        ca = dict.fromkeys(GROUPS, list(mc.act_bits_candidates))
-        aplans = family("act", sens, act_names, content, counts, ca, rest_max, mc.k_act, mc)
-        abest = choose(aplans, lambda p: install(cands, {"weight": {}, "act": {**p["bits"], **fp_none}}), probe,
-                       mc.plan_prompts, "activation")
-        best = {"weight": wbest["bits"], "act": {**abest["bits"], **fp_none}}
-        for what, plans, chosen in (("weight", wplans, wbest), ("act", aplans, abest)):
-            stats[f"{what}_plans"] = [{k: v for k, v in p.items() if k != "bits"} for p in plans]
-            stats.setdefault("chosen", {})[what] = chosen["k_budget"][0]
-    install(cands, best)
-    for name, b in best["act"].items():
-        if b is None:  # FP input: no quantizer at all, as the written plan's rules make it
-            layers[name].input_quantizer = None
-    calibrate_activations(model, calib, device, dtype)  # the final widths' ranges, seen through the final weights
-    for s in specs:
-        if s.name in best["weight"]:
-            s.weight = replace(s.weight, bits=best["weight"][s.name])
-        if s.name in best["act"]:
-            s.act = None if best["act"][s.name] is None else replace(s.act, bits=best["act"][s.name])
+    best, stats = search_plan(cands, probe, sens, content, counts, by, wtarget, mc)
+    stats["sensitivity_cache"] = str(path)
+    stats["search"] = {"prompts": len(prompts), "sqnr_calls": len(probe.calls), "seed_stream": SEARCH_STREAM,
+                       "ssim_window": mc.ssim_window, "plan_prompts": min(mc.plan_prompts, len(prompts))}
+    finish(model, layers, specs, cands, best, calib, device, dtype)
     if context.out_dir is not None:
         write_sensitivity(sens, content, ssim_layers, context.out_dir)
         (context.out_dir / "mixdq_plan.yaml").write_text(yaml.safe_dump({"rules": plan_rules(best)}, sort_keys=False))
@@ -518,7 +344,7 @@ def apply(model: nn.Module, specs: Sequence[LayerSpec], calib: Sequence[CalibSam
     stats["act_bits_avg"] = model_act_average(counts, best["act"])
     log.info("mixdq%s: weights %.3f bits on average, inputs %.3f (budget %g, FP inputs %s)",
              " control" if mc.control else "", stats["weight_bits_avg"], stats["act_bits_avg"], mc.act_bits,
-             sorted(fp_set))
+             sorted(n for n, b in best["act"].items() if b is None))
     return {"layers_quantized": len(layers), "shortcut_splits": n_splits, "mixdq": stats}
 
 

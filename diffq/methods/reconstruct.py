@@ -38,14 +38,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.calib import CalibSample
-from diffq.calib.capture import map_tensors
 from diffq.errors import CalibrationError, ConfigError
 from diffq.methods import RECON_MODES, get_recon_mode
 from diffq.methods.adaround import AdaRound, beta_schedule
 from diffq.methods.blocks import Unit, find_units, quant_layers
+from diffq.methods.recon_bank import Bank, capture_unit, mix_inputs, run_unit, tensors_of
 from diffq.model_quant import act_parts, float_mode
 from diffq.settings import typed
-from diffq.timestep_groups import call_timesteps, router_of
 from diffq.weight_sources import WeightSource
 
 log = logging.getLogger(__name__)
@@ -86,138 +85,6 @@ RECON_MODES.register("block")(ReconMode(layerwise=False, joint=False))
 RECON_MODES.register("fbr")(ReconMode(layerwise=False, joint=True))
 
 
-class _Stop(Exception):
-    """Raised by a hook once the unit under reconstruction has run (skips the rest of the model)."""
-
-
-@dataclass
-class _Bank:
-    """A unit's inputs (per module: args, kwargs; the first module's hidden state excluded for the
-    others), target tensors and inner-layer outputs, the calibration calls concatenated row-wise."""
-
-    inputs: list[tuple[tuple, dict[str, Any]]]
-    outputs: list[torch.Tensor]
-    layer_outputs: dict[str, torch.Tensor]
-    calls: list[slice]  # rows of each calibration call
-    batched: set[int]  # ids of the tensors that have one row per sample
-    timesteps: torch.Tensor | None = None  # each row's denoiser timestep (routed to timestep-grouped quantizers)
-
-    def rows(self, index: slice | torch.Tensor) -> tuple[list, list[torch.Tensor], dict[str, torch.Tensor]]:
-        """(inputs, outputs, layer outputs) of the rows ``index``."""
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return t[index] if id(t) in self.batched else t
-        return (map_tensors(self.inputs, take), [take(t) for t in self.outputs],
-                {n: take(t) for n, t in self.layer_outputs.items()})
-
-    def route(self, model: nn.Module, index: slice | torch.Tensor) -> None:
-        """Hand the rows' timesteps to the model's timestep-grouped quantizers (if it has any)."""
-        router = router_of(model)
-        if router is not None:
-            router.route(self.timesteps[index])
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, Mapping):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    if hasattr(obj, "to_tuple"):  # diffusers/transformers output objects
-        return _tensors(obj.to_tuple())
-    return []
-
-
-def _merge(objs: list[Any], sizes: list[int], batched: set[int]) -> Any:
-    """One structure from the per-call ones: tensors with one row per sample concatenated (their ids
-    recorded in ``batched``), others taken from the first call."""
-    first = objs[0]
-    if torch.is_tensor(first):
-        rows = [t.shape[0] if t.dim() else 0 for t in objs]
-        full = [r == n for r, n in zip(rows, sizes)]
-        # batched: one row per sample in every call, or in some calls and one row broadcast in the others
-        # (e.g. a negative prompt's single embedding for all rows of an unconditional call)
-        if any(full) and all(f or r == 1 for f, r in zip(full, rows)):
-            objs = [t if f else t.expand(n, *t.shape[1:]) for t, f, n in zip(objs, full, sizes)]
-            out = torch.cat(objs) if len(objs) > 1 else first
-            batched.add(id(out))
-            return out
-        return first
-    if isinstance(first, Mapping):
-        return {k: _merge([o[k] for o in objs], sizes, batched) for k in first}
-    if isinstance(first, (list, tuple)):
-        return type(first)(_merge(list(parts), sizes, batched) for parts in zip(*objs))
-    return first
-
-
-def _capture(model: nn.Module, unit: Unit, calib: Sequence[CalibSample], device: torch.device, dtype: torch.dtype,
-             layers: Mapping[str, nn.Module] | None = None) -> _Bank:
-    """The unit's inputs and output (and the outputs of ``layers``) over the calibration set; the
-    model stops as soon as the unit has run."""
-    calls: list[dict[str, Any]] = []
-    inner: dict[str, torch.Tensor] = {}
-    last = len(unit.modules) - 1
-
-    def on_input(i: int):
-        def hook(module, args, kwargs):
-            args = map_tensors(args if i == 0 else args[1:], lambda t: t.detach())
-            calls[-1]["inputs"].append((args, map_tensors(kwargs, lambda t: t.detach())))
-        return hook
-
-    def on_output(module, args, kwargs, output):
-        calls[-1]["outputs"] = [t.detach() for t in _tensors(output)]
-        calls[-1]["layers"] = dict(inner)
-        raise _Stop
-
-    hooks = [m.register_forward_pre_hook(on_input(i), with_kwargs=True) for i, m in enumerate(unit.modules)]
-    hooks.append(unit.modules[last].register_forward_hook(on_output, with_kwargs=True))
-    hooks += [m.register_forward_hook(lambda mod, a, o, n=n: inner.__setitem__(n, o.detach()))
-              for n, m in (layers or {}).items()]
-    try:
-        with torch.no_grad():
-            for sample in calib:
-                inner.clear()
-                calls.append({"inputs": []})
-                try:
-                    model(**sample.to(device, dtype), return_dict=False)
-                except _Stop:
-                    pass
-    finally:
-        for h in hooks:
-            h.remove()
-    sizes = [int(c["outputs"][0].shape[0]) for c in calls]
-    offsets = np.cumsum([0, *sizes])
-    batched: set[int] = set()
-    timesteps = torch.cat([call_timesteps(s.kwargs["timestep"], n) for s, n in zip(calib, sizes)]) \
-        if router_of(model) is not None else None
-    return _Bank(_merge([c["inputs"] for c in calls], sizes, batched),
-                 _merge([c["outputs"] for c in calls], sizes, batched),
-                 _merge([c["layers"] for c in calls], sizes, batched),
-                 [slice(int(a), int(b)) for a, b in zip(offsets[:-1], offsets[1:])], batched, timesteps)
-
-
-def _run_unit(unit: Unit, inputs: Sequence[tuple[tuple, dict[str, Any]]]) -> Any:
-    (args, kwargs), *rest = inputs
-    out = unit.modules[0](*args, **kwargs)
-    for module, (args, kwargs) in zip(unit.modules[1:], rest):
-        out = module(out if torch.is_tensor(out) else out[0], *args, **kwargs)
-    return out
-
-
-def _mix(q: Any, fp: Any, p: float, gen: torch.Generator) -> Any:
-    """QDrop: each floating element of the quantized-path input replaced by the FP one with probability p."""
-    if p <= 0:
-        return q
-    if torch.is_tensor(q) and q.is_floating_point():
-        keep_fp = torch.rand(q.shape, generator=gen, device="cpu").to(q.device) < p
-        return torch.where(keep_fp, fp, q)
-    if isinstance(q, Mapping):
-        return {k: _mix(v, fp[k], p, gen) for k, v in q.items()}
-    if isinstance(q, (list, tuple)):
-        return type(q)(_mix(a, b, p, gen) for a, b in zip(q, fp))
-    return q
-
-
 def feature_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``(out - target)^2`` summed over the feature axis (dim 1 of NCHW maps, the last one of token
     sequences), averaged over the rest: the papers' reconstruction loss, in float32."""
@@ -226,7 +93,7 @@ def feature_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _recon_loss(out: Any, targets: Sequence[torch.Tensor]) -> torch.Tensor:
-    pairs = list(zip(_tensors(out), targets))
+    pairs = list(zip(tensors_of(out), targets))
     return sum(feature_loss(o, t) for o, t in pairs) / len(pairs)
 
 
@@ -292,7 +159,7 @@ def _check(loss: torch.Tensor, trainee: _Trainee, step: int) -> None:
         )
 
 
-def _batch_index(bank: _Bank, batch_size: int | None, rng: np.random.Generator) -> slice | torch.Tensor:
+def _batch_index(bank: Bank, batch_size: int | None, rng: np.random.Generator) -> slice | torch.Tensor:
     """Rows of one training step: ``batch_size`` random rows of the whole set, or one call's rows."""
     total = bank.calls[-1].stop
     if batch_size:
@@ -300,7 +167,7 @@ def _batch_index(bank: _Bank, batch_size: int | None, rng: np.random.Generator) 
     return bank.calls[int(rng.integers(len(bank.calls)))]
 
 
-def _optimise(model: nn.Module, trainee: _Trainee, bank: _Bank, fp_bank: _Bank, rc: ReconConfig, joint: bool,
+def _optimise(model: nn.Module, trainee: _Trainee, bank: Bank, fp_bank: Bank, rc: ReconConfig, joint: bool,
               stage: str, rng: np.random.Generator, gen: torch.Generator) -> float:
     """One optimisation loop; returns the final loss (mean of the last 10% of steps)."""
     if stage == "round":
@@ -326,7 +193,7 @@ def _optimise(model: nn.Module, trainee: _Trainee, bank: _Bank, fp_bank: _Bank, 
             inputs, _, _ = bank.rows(index)
             fp_inputs, targets, layer_targets = fp_bank.rows(index)
             bank.route(model, index)
-            loss = _recon_loss(_run_unit(trainee.unit, _mix(inputs, fp_inputs, rc.qdrop, gen)), targets)
+            loss = _recon_loss(run_unit(trainee.unit, mix_inputs(inputs, fp_inputs, rc.qdrop, gen)), targets)
             if fine:  # EDA-DM sums the inner layers' losses
                 loss = loss + fine * sum(feature_loss(outputs[n], t) for n, t in layer_targets.items() if n in outputs)
             if stage == "round" and (not joint or rc.fbr_regularizer):
@@ -351,13 +218,13 @@ def _inner_layers(unit: Unit) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def _unit_error(model: nn.Module, unit: Unit, bank: _Bank, fp_bank: _Bank) -> float:
+def _unit_error(model: nn.Module, unit: Unit, bank: Bank, fp_bank: Bank) -> float:
     """Mean loss of the unit over the calibration calls."""
     losses = []
     for rows in bank.calls:
         inputs, _, _ = bank.rows(rows)
         bank.route(model, rows)
-        losses.append(float(_recon_loss(_run_unit(unit, inputs), fp_bank.rows(rows)[1])))
+        losses.append(float(_recon_loss(run_unit(unit, inputs), fp_bank.rows(rows)[1])))
     return float(np.mean(losses))
 
 
@@ -381,8 +248,8 @@ def reconstruct(model: nn.Module, calib: Sequence[CalibSample], rc: Mapping[str,
     t0 = time.perf_counter()
     for unit in tqdm(units, desc=f"reconstruct ({mode}, {granularity})", unit="unit"):
         with float_mode(model):
-            fp_bank = _capture(model, unit, calib, device, dtype, _inner_layers(unit) if recon_mode.joint else None)
-        bank = _capture(model, unit, calib, device, dtype)
+            fp_bank = capture_unit(model, unit, calib, device, dtype, _inner_layers(unit) if recon_mode.joint else None)
+        bank = capture_unit(model, unit, calib, device, dtype)
         before = _unit_error(model, unit, bank, fp_bank)
         trainee = _Trainee(unit, learn_acts=rc.act_iters > 0 or recon_mode.joint,
                            scale_aware=rc.scale_aware)
