@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _API = ("quantize", "save_pipeline", "load_pipeline", "save_quantized", "presets", "evaluate", "compose_config",
         "Report")
-_EXPORT = ("load_quantized", "export_quantized")
+_EXPORT = ("save_denoiser", "load_denoiser", "export_quantized", "load_quantized")
 __all__ = ["__version__", *_API, *_EXPORT]
 
 

@@ -5,7 +5,7 @@ Quantized weights are stored as integer codes really packed to their storage wid
 1-bit codes eight per byte) next to the scales needed to decode them. Everything else
 (biases, norms, FP layers, activation-quantizer ranges, side branches' ``A`` and ``B`` in their
 dtype) is stored as is. The JSON header holds the model class and config, the per-layer spec, the
-layout of every packed tensor and each side branch's rank and scale, so :func:`load_quantized`
+layout of every packed tensor and each side branch's rank and scale, so :func:`load_denoiser`
 rebuilds the quantized model without pickle and bit-exactly.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -104,7 +105,7 @@ CODECS.register("packed")(Codec(
     decode=lambda stored, layout: unpack_bits(stored, int(layout["bits"]), math.prod(layout["shape"])).reshape(
         layout["shape"]),
 ))
-# chosen by name only (export_quantized(codec="base3")): 1.6 bits a ternary weight instead of 2, slower to unpack
+# chosen by name only (save_denoiser(codec="base3")): 1.6 bits a ternary weight instead of 2, slower to unpack
 CODECS.register("base3")(Codec(
     accepts=lambda fmt: fmt.name == "ternary",
     encode=lambda codes, fmt: pack_base3(codes),
@@ -155,7 +156,7 @@ def _json_config(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def export_quantized(
+def save_denoiser(
     model: nn.Module, specs: list[LayerSpec], folder: str | os.PathLike, attn: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None, codec: str | None = None,
 ) -> Path:
@@ -287,7 +288,7 @@ class PackedWeight(nn.Module):
 
 
 @torch.no_grad()
-def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, packed: bool = False) -> nn.Module:
+def load_denoiser(path: str | os.PathLike, model: nn.Module | None = None, packed: bool = False) -> nn.Module:
     """Rebuild an exported quantized denoiser (into ``model`` when given, else from its config).
 
     ``packed``: weights stored by a sub-byte codec (2-bit, base-3, 4-bit packing) stay packed in
@@ -345,3 +346,17 @@ def load_quantized(path: str | os.PathLike, model: nn.Module | None = None, pack
     for key, value in stored.items():
         _assign(model, key, value)
     return model.eval()
+
+
+def export_quantized(*args: Any, **kwargs: Any) -> Path:
+    """The former name of :func:`save_denoiser` (kept for one release; it warns)."""
+    warnings.warn("diffq.export_quantized is now diffq.save_denoiser (the pair of diffq.load_denoiser)",
+                  DeprecationWarning, stacklevel=2)
+    return save_denoiser(*args, **kwargs)
+
+
+def load_quantized(*args: Any, **kwargs: Any) -> nn.Module:
+    """The former name of :func:`load_denoiser` (kept for one release; it warns)."""
+    warnings.warn("diffq.load_quantized is now diffq.load_denoiser (the pair of diffq.save_denoiser)",
+                  DeprecationWarning, stacklevel=2)
+    return load_denoiser(*args, **kwargs)

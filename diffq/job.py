@@ -25,7 +25,7 @@ from diffq.distributed import Shard, current_shard, process_state
 from diffq.errors import ConfigError
 from diffq.eval.cost import model_cost
 from diffq.eval.suite import check_eval, evaluate, split_per_image
-from diffq.export import load_quantized, packable_layers, read_metadata
+from diffq.export import load_denoiser, packable_layers, read_metadata
 from diffq.finetune.lora import describe_side_branches
 from diffq.job_artifacts import Plan, loss_plot, run_label, spec_text, write_artifacts, write_failure, write_metrics
 from diffq.job_images import (
@@ -249,7 +249,7 @@ def quantize(cfg: DictConfig, target: stage.Target, specs: list[LayerSpec], cali
 def load_export(path: str, denoiser: nn.Module, packed: bool = False) -> dict[str, Any]:
     """Load an exported quantized checkpoint into the denoiser (``packed``: sub-byte weights stay
     packed in memory); returns where it came from and how many layers stay packed."""
-    load_quantized(path, denoiser, packed=packed)
+    load_denoiser(path, denoiser, packed=packed)
     layers = len(packable_layers(read_metadata(path))) if packed else 0
     if packed:
         log.info("packed=true: %d layers stay packed in memory, the others are stored at 8 bits", layers)

@@ -15,7 +15,7 @@ from torch import nn
 
 from diffq.errors import ConfigError
 from diffq.eval.grids import image_grid, spread_indices
-from diffq.export import export_quantized
+from diffq.export import save_denoiser
 from diffq.job_images import EvalSet
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table
 from diffq.sweep.rows import bits_label, method_label
@@ -88,7 +88,7 @@ def write_artifacts(cfg: DictConfig, out_dir: Path, plan: Plan, denoiser: nn.Mod
         image_grid([fp_images[ids], q_images[ids]], ["FP", label], [evalset.prompts[i] for i in ids]).save(
             out_dir / "grid.png")
     if cfg.export:
-        path = export_quantized(denoiser, specs, out_dir / "model", plan.attn,
+        path = save_denoiser(denoiser, specs, out_dir / "model", plan.attn,
                                 extra={"model": cfg.model.name, "quant": plan.name, "method": plan.method},
                                 codec=cfg.export_codec)
         metrics["export"] = {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 4)}

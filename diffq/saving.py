@@ -13,9 +13,7 @@ from typing import Any
 import torch
 
 from diffq.errors import ConfigError
-from diffq.export import export_quantized as save_denoiser
-from diffq.export import load_quantized as load_denoiser
-from diffq.export import read_metadata
+from diffq.export import load_denoiser, read_metadata, save_denoiser
 from diffq.files import use_umask
 from diffq.models import denoiser_of
 from diffq.quantize_stage import QuantizedInfo, mark_quantized, quantized_info

@@ -29,7 +29,7 @@ import diffq
 from diffq import calib as calibration
 from diffq.config import register_configs
 from diffq.eval.cost import resident_mb
-from diffq.export import export_quantized, load_quantized, pack_base3, pack_bits, unpack_base3, unpack_bits
+from diffq.export import load_denoiser, pack_base3, pack_bits, save_denoiser, unpack_base3, unpack_bits
 from diffq.formats import FPFormat
 from diffq.models import denoiser_of, load_pipeline, model_key, sampling_of
 from diffq.quantize_stage import quantized_info
@@ -109,8 +109,8 @@ def packed_backend(fp: torch.nn.Module, samples: list, kwargs: dict, repeats: in
     model = copy.deepcopy(fp)
     diffq.quantize(model, "ternary_w158", calib=[s.kwargs for s in samples], overrides={"finetune.steps": 0})
     with tempfile.TemporaryDirectory() as folder:
-        export_quantized(model, quantized_info(model).specs, folder)
-        packed = load_quantized(folder, copy.deepcopy(fp), packed=True)
+        save_denoiser(model, quantized_info(model).specs, folder)
+        packed = load_denoiser(folder, copy.deepcopy(fp), packed=True)
     with torch.no_grad():
         assert torch.equal(model(**kwargs, return_dict=False)[0], packed(**kwargs, return_dict=False)[0])
     ratios = [step_time(packed, kwargs, repeats) / step_time(fp, kwargs, repeats) for _ in range(3)]

@@ -1,5 +1,5 @@
 """Inference memory of a ternary (or any sub-byte) export: FP denoiser vs the export unpacked vs the
-packed backend (``load_quantized(..., packed=True)``).
+packed backend (``load_denoiser(..., packed=True)``).
 
     python scripts/packed_memory.py outputs/runs/<run>/model [model=testbed_flux]
 
@@ -25,7 +25,7 @@ def _measure(variant: str, export: str, overrides: list[str], out: mp.Queue) -> 
     from diffq import calib as calibration
     from diffq.config import register_configs
     from diffq.eval.cost import resident_mb
-    from diffq.export import load_quantized
+    from diffq.export import load_denoiser
     from diffq.models import denoiser_of, load_pipeline, sampling_of
 
     register_configs()
@@ -42,7 +42,7 @@ def _measure(variant: str, export: str, overrides: list[str], out: mp.Queue) -> 
         if isinstance(module, torch.nn.Module) and module is not denoiser:
             setattr(pipe, name, None)
     if variant != "fp":
-        denoiser = load_quantized(export, denoiser, packed=variant == "packed")
+        denoiser = load_denoiser(export, denoiser, packed=variant == "packed")
     gc.collect()
     with open("/proc/self/statm") as f:  # current resident set, before the call
         base = int(f.read().split()[1]) * resource.getpagesize() / 2**20

@@ -22,6 +22,7 @@ features are cached under ``<cache_dir>/fp_features/`` and every later job of a 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,9 +32,28 @@ from omegaconf import DictConfig
 from diffq.cache import cache_key, cache_path, load_tensors, save_tensors
 from diffq.errors import ConfigError
 from diffq.eval.fidelity import fidelity_metrics
+from diffq.registry import Registry
 from diffq.worlds import get_world, is_world, world_names
 
-METRICS = ("psnr", "ssim", "lpips", "fid", "fid_fp", "clip_score", "geneval")
+
+@dataclass
+class MetricInputs:
+    """What a metric may use: the ``eval`` settings, the FP and quantized images in [0, 1]
+    ``[N, 3, H, W]`` (same seeds), their prompts and GenEval entries, the cache folder, the device and
+    the Inception features every FID metric of the job shares (``inception["fp"]``, ``["quant"]``)."""
+
+    ev: DictConfig
+    fp: torch.Tensor
+    quant: torch.Tensor
+    prompts: list[str]
+    entries: list[dict[str, Any]] | None
+    cache_dir: str
+    device: str | torch.device
+    inception: Any
+
+
+# eval.metrics names: a function (MetricInputs) -> {"fp" and/or "quant": value, "settings": {...}}
+METRICS: Registry[Callable[[MetricInputs], dict[str, Any]]] = Registry("eval metric")
 GENEVAL_BACKENDS = ("auto", "mask2former")  # and every registered world's name (its own detector)
 
 
@@ -46,7 +66,7 @@ def check_eval(ev: DictConfig) -> None:
     names = list(ev.metrics)
     unknown = [n for n in names if n not in METRICS]
     if unknown:
-        raise ConfigError(f"unknown eval metric(s) {unknown}: choose from {', '.join(METRICS)}")
+        raise ConfigError(f"unknown eval metric(s) {unknown}: choose from {', '.join(METRICS.names())}")
     if "fid" in names and not ev.fid.reference:
         raise ConfigError("eval metric fid needs real images: set eval.fid.reference to a folder of images "
                           f"(or a world's name: {', '.join(world_names())}), or use fid_fp for FID against the "
@@ -105,19 +125,11 @@ def evaluate(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: lis
     if ev.geneval.metadata and "geneval" not in names:
         names.append("geneval")
     inception = _InceptionSides(ev, fp, quant, cache_dir if fp_key else None, fp_key)
-    runners: dict[str, Callable[[], dict[str, Any]]] = {
-        "psnr": lambda: _fidelity(fp, quant, "psnr"),
-        "ssim": lambda: _fidelity(fp, quant, "ssim"),
-        "lpips": lambda: _lpips(ev, fp, quant),
-        "fid": lambda: _fid_vs_reference(ev, inception, cache_dir),
-        "fid_fp": lambda: _fid_to_fp(ev, inception),
-        "clip_score": lambda: _clip(ev, fp, quant, prompts),
-        "geneval": lambda: _geneval(ev, fp, quant, entries, device),
-    }
+    inputs = MetricInputs(ev, fp, quant, prompts, entries, cache_dir, device, inception)
     block = {}
     for name in names:
         t0 = time.perf_counter()
-        block[name] = runners[name]()
+        block[name] = METRICS.get(name)(inputs)
         block[name]["settings"]["seed"] = ev.seed  # sample i's noise seed derives from (seed, i)
         block[name]["seconds"] = round(time.perf_counter() - t0, 3)
     return block
@@ -129,15 +141,27 @@ def _fidelity(fp: torch.Tensor, quant: torch.Tensor, name: str) -> dict[str, Any
             "settings": {"pairs": len(fp), "reference": "fp images, same seeds"}}
 
 
+@METRICS.register("psnr")
+def _psnr(x: MetricInputs) -> dict[str, Any]:
+    return _fidelity(x.fp, x.quant, "psnr")
+
+
+@METRICS.register("ssim")
+def _ssim(x: MetricInputs) -> dict[str, Any]:
+    return _fidelity(x.fp, x.quant, "ssim")
+
+
 def split_per_image(block: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Move the per-image fidelity values out of the metrics block: ``{name: {mean, per_image}}``."""
     return {name: {"mean": entry["quant"], "per_image": entry.pop("per_image")}
             for name, entry in block.items() if "per_image" in entry}
 
 
-def _lpips(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor) -> dict[str, Any]:
+@METRICS.register("lpips")
+def _lpips(x: MetricInputs) -> dict[str, Any]:
     from diffq.eval.lpips import load_lpips, lpips_pairs
 
+    ev, fp, quant = x.ev, x.fp, x.quant
     metric, reason = load_lpips(ev.lpips_net)
     settings = {"net": ev.lpips_net, "pairs": len(fp)}
     if metric is None:
@@ -186,9 +210,11 @@ class _InceptionSides:
         return self.features[side]
 
 
-def _fid_vs_reference(ev: DictConfig, inception: _InceptionSides, cache_dir: str) -> dict[str, Any]:
+@METRICS.register("fid")
+def _fid_vs_reference(x: MetricInputs) -> dict[str, Any]:
     from diffq.eval.fid import fid_kid, reference_features
 
+    ev, inception, cache_dir = x.ev, x.inception, x.cache_dir
     extractor = inception.extractor
     real, hit = reference_features(ev.fid.reference, ev.fid.num_reference, extractor, cache_dir)
     out: dict[str, Any] = {}
@@ -201,9 +227,11 @@ def _fid_vs_reference(ev: DictConfig, inception: _InceptionSides, cache_dir: str
     return out
 
 
-def _fid_to_fp(ev: DictConfig, inception: _InceptionSides) -> dict[str, Any]:
+@METRICS.register("fid_fp")
+def _fid_to_fp(x: MetricInputs) -> dict[str, Any]:
     from diffq.eval.fid import fid_kid
 
+    ev, inception = x.ev, x.inception
     r = fid_kid(inception["fp"], inception["quant"], inception.extractor, ev.fid.backend, ev.fid.kid_subset_size)
     return {"quant": {"fid": r.fid, "kid": r.kid_mean, "kid_std": r.kid_std},
             "settings": {"reference": "fp images, same seeds", "n": r.n_real, "backend": ev.fid.backend,
@@ -211,20 +239,23 @@ def _fid_to_fp(ev: DictConfig, inception: _InceptionSides) -> dict[str, Any]:
                          "fp_features_cache_hit": inception.fp_cache_hit}}
 
 
-def _clip(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, prompts: list[str]) -> dict[str, Any]:
+@METRICS.register("clip_score")
+def _clip(x: MetricInputs) -> dict[str, Any]:
     from diffq.eval.clip_score import clip_score, load_clip
 
+    ev, fp, quant, prompts = x.ev, x.fp, x.quant, x.prompts
     model = load_clip(ev.clip_model)
     out = {side: clip_score(images, prompts, model)["mean"] for side, images in (("fp", fp), ("quant", quant))}
     return {**out, "settings": {"model": str(ev.clip_model), "n": len(fp)}}
 
 
-def _geneval(ev: DictConfig, fp: torch.Tensor, quant: torch.Tensor, entries: list[dict[str, Any]],
-             device: str | torch.device) -> dict[str, Any]:
+@METRICS.register("geneval")
+def _geneval(x: MetricInputs) -> dict[str, Any]:
     from diffq.eval.fid import to_uint8_hwc
     from diffq.eval.geneval import score
     from diffq.eval.geneval_stats import paired_difference, standard_errors, task_outcomes
 
+    ev, fp, quant, entries, device = x.ev, x.fp, x.quant, x.entries, x.device
     g, k = ev.geneval, ev.images_per_prompt
     backend = geneval_backend(ev)
     if is_world(backend):

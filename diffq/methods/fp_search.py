@@ -81,8 +81,9 @@ def candidate_formats(tq: TensorQuant) -> list[FPFormat]:
     return [FPFormat(e, m) for e, m in LAYOUTS[tq.bits]]
 
 
-def alpha_grid(search: SearchConfig) -> Tensor:
+def alpha_grid(search: SearchConfig | Mapping[str, Any]) -> Tensor:
     """Clipping ratios: ``alphas`` points in [alpha_min, alpha_max], plus 1 (plain min-max)."""
+    search = typed(SearchConfig, search, "quant.search")
     lo, hi, n = float(search.alpha_min), float(search.alpha_max), int(search.alphas)
     if not 0 < lo <= hi or n < 1:
         raise ConfigError(f"quant.search: need 0 < alpha_min <= alpha_max and alphas >= 1 (got {lo}, {hi}, {n})")
