@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 from torch import nn
 
 from diffq import calib as calibration
@@ -32,7 +31,7 @@ from diffq.eval.cost import count_layer_inputs, model_cost
 from diffq.layers import is_quant_layer
 from diffq.methods import get_method
 from diffq.models import Sampling, denoiser_of, dit_resolution, generate_images, sample_seeds
-from diffq.preset_config import compose_stage, presets
+from diffq.preset_config import apply_overrides, check_preset, compose_stage, custom_quant, presets
 from diffq.quantize_stage import (
     QuantizedInfo,
     StageSettings,
@@ -96,23 +95,12 @@ def compose_config(preset: str | Mapping[str, Any] | QuantConfig = "w8a8",
     ``overrides`` (``{"quant.weight.bits": 4}``), as ``python -m diffq quant=<preset> ...`` composes it."""
     from hydra import compose
 
-    names = presets()
-    if isinstance(preset, str) and preset not in names:
-        raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(names)}")
+    check_preset(preset)
     with _hydra():
         cfg = compose("config", overrides=[f"quant={preset if isinstance(preset, str) else 'w8a8'}"])
     if not isinstance(preset, str):
-        custom = OmegaConf.structured(preset) if isinstance(preset, QuantConfig) else preset
-        try:
-            cfg.quant = OmegaConf.merge(OmegaConf.structured(QuantConfig(name="custom")), custom)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"quantization config: {str(e).splitlines()[0]}") from None
-    for key, value in (overrides or {}).items():
-        try:
-            OmegaConf.update(cfg, key, value, merge=True)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override {key}={value!r}: {str(e).splitlines()[0]}") from None
-    return cfg
+        cfg.quant = custom_quant(preset)
+    return apply_overrides(cfg, overrides)
 
 
 def _split(target: Any) -> tuple[Any, nn.Module]:

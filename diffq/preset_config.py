@@ -81,32 +81,47 @@ def _app_defaults() -> dict[str, str]:
     return {k: str(v) for e in entries if isinstance(e, dict) for k, v in e.items() if k in STAGE_GROUPS}
 
 
-def compose_stage(preset: str | Mapping[str, Any] | Any = "w8a8", overrides: Mapping[str, Any] | None = None,
-                  seed: int = 0) -> DictConfig:
-    """The quantize stage's config (``seed``, ``paths``, ``quant``, ``recon``, ``finetune``, ``calib``)
-    of a preset name (or a quant mapping / QuantConfig), with dotted ``overrides``
-    (``{"quant.weight.bits": 4}``); ConfigError for an unknown preset or a bad key or value."""
-    register_resolvers()
+def check_preset(preset: Any) -> None:
+    """ConfigError for a preset name that is not one of ``conf/quant/``."""
     names = presets()
     if isinstance(preset, str) and preset not in names:
         raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(names)}")
-    options = _app_defaults()
-    quant, picks = _option("quant", preset if isinstance(preset, str) else "w8a8")
-    options.update(picks)
-    cfg = OmegaConf.create({"seed": seed, "paths": OmegaConf.structured(PathsConfig)})
+
+
+def custom_quant(preset: Mapping[str, Any] | Any) -> DictConfig:
+    """A quant mapping or QuantConfig merged onto the schema (name ``custom``); ConfigError for a bad key."""
+    custom = OmegaConf.structured(preset) if not isinstance(preset, Mapping) else preset
     try:
-        for group in STAGE_GROUPS:
-            body = quant if group == "quant" else _option(group, options[group])[0]
-            cfg[group] = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), body)
-        if not isinstance(preset, str):
-            custom = OmegaConf.structured(preset) if not isinstance(preset, Mapping) else preset
-            cfg.quant = OmegaConf.merge(OmegaConf.structured(SCHEMAS["quant"](name="custom")), custom)
+        return OmegaConf.merge(OmegaConf.structured(SCHEMAS["quant"](name="custom")), custom)
     except OmegaConfBaseException as e:
         raise ConfigError(f"quantization config: {str(e).splitlines()[0]}") from None
-    OmegaConf.set_struct(cfg, True)  # an override of a key the schema lacks is an error, as on the command line
+
+
+def apply_overrides(cfg: DictConfig, overrides: Mapping[str, Any] | None) -> DictConfig:
+    """``cfg`` with dotted ``overrides`` (``{"quant.weight.bits": 4}``); ConfigError naming a bad one."""
     for key, value in (overrides or {}).items():
         try:
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {key}={value!r}: {str(e).splitlines()[0]}") from None
     return cfg
+
+
+def compose_stage(preset: str | Mapping[str, Any] | Any = "w8a8", overrides: Mapping[str, Any] | None = None,
+                  seed: int = 0) -> DictConfig:
+    """The quantize stage's config (``seed``, ``paths``, ``quant``, ``recon``, ``finetune``, ``calib``)
+    of a preset name (or a quant mapping / QuantConfig), with dotted ``overrides``
+    (``{"quant.weight.bits": 4}``); ConfigError for an unknown preset or a bad key or value."""
+    register_resolvers()
+    check_preset(preset)
+    options = _app_defaults()
+    quant, picks = _option("quant", preset if isinstance(preset, str) else "w8a8")
+    options.update(picks)
+    cfg = OmegaConf.create({"seed": seed, "paths": OmegaConf.structured(PathsConfig)})
+    for group in STAGE_GROUPS:
+        body = quant if group == "quant" else _option(group, options[group])[0]
+        cfg[group] = OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), body)
+    if not isinstance(preset, str):
+        cfg.quant = custom_quant(preset)
+    OmegaConf.set_struct(cfg, True)  # an override of a key the schema lacks is an error, as on the command line
+    return apply_overrides(cfg, overrides)
