@@ -304,11 +304,10 @@ def evaluate(pipe: Any, fp_pipe: Any, prompts: Sequence[str], metrics: Sequence[
         cfg.paths.cache_dir = cache_dir
     check_eval(cfg.eval)
     seeds = list(seeds) if seeds is not None else sample_seeds(0, len(prompts))
-    res = resolution or _resolution(pipe)
+    smp = Sampling(steps, guidance, resolution or _resolution(pipe), batch_size, {})
 
     def images(p: Any) -> torch.Tensor:
-        return generate_images(p, family, list(prompts), seeds, steps=steps, guidance=guidance, resolution=res,
-                               batch_size=batch_size, progress=False)
+        return generate_images(p, family, list(prompts), seeds, **smp.sampler_kwargs(), progress=False)
 
     return run_suite(cfg.eval, images(fp_pipe), images(pipe), list(prompts), None, str(cfg.paths.cache_dir),
                      next(denoiser_of(pipe)[1].parameters()).device)

@@ -3,8 +3,10 @@ settings sections registered beside their code make the schema, a metric is one 
 save/load come in pairs (old names kept as warning aliases)."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from diffq.registry import Registry
 from diffq.settings import typed, with_sections
 
 STAGE = ("quant", "recon", "finetune", "calib")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("preset", sorted(diffq.presets()))
@@ -32,14 +35,16 @@ def test_presets_compose_without_hydra_as_the_app_does(preset):
         assert OmegaConf.to_container(plain[group], resolve=True) == OmegaConf.to_container(hydra[group], resolve=True)
 
 
-def test_quantize_composes_its_preset_without_starting_hydra():
-    code = ("import sys, diffq\nfrom diffq.preset_config import compose_stage\n"
+def test_quantize_runs_without_hydra():
+    code = ("import copy, sys, diffq\nfrom diffq.preset_config import compose_stage\n"
+            "from diffq.models import denoiser_of\nfrom tests.helpers import pipeline_and_calib\n"
             "cfg = compose_stage('quest_w4a8', {'finetune.steps': 7})\n"
             "assert cfg.finetune.name == 'quest' and cfg.finetune.steps == 7 and cfg.recon.name == 'quick'\n"
+            "pipe, calib = pipeline_and_calib('sd')\nm = copy.deepcopy(denoiser_of(pipe)[1])\n"
+            "diffq.quantize(m, 'w4a8', calib=[s.kwargs for s in calib])\n"
+            "assert m.diffq_report.cost['effective_weight_bits'] < 5\n"
             "assert not any(m == 'hydra' or m.startswith('hydra.') for m in sys.modules), 'hydra was imported'\n")
-    import subprocess
-
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
 
 

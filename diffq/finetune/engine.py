@@ -52,9 +52,13 @@ from diffq.finetune.validation import (
     student_output,
     to_device,
     validation_items,
+    weight_stats,
 )
 
 log = logging.getLogger(__name__)
+
+__all__ = ["KEEP", "MasterWeights", "check_optim", "eval_interval", "make_optimizer", "train", "train_step",
+           "weight_stats"]
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SCHEDULES = ("cosine", "constant")

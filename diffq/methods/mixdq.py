@@ -24,9 +24,11 @@ integer programming, with BOS-aware cross-attention K/V layers (a rule option, `
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -36,13 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffq.bit_allocation import allocate_bits, feasible_range, split_budget
+from diffq.cache import cache_key
 from diffq.calib import CalibSample
 from diffq.errors import ConfigError
 from diffq.eval.cost import FP_BITS, count_layer_inputs
 from diffq.eval.fidelity import SSIM_WINDOWS
 from diffq.methods import METHODS, SETTINGS, MethodContext, rtn
 from diffq.methods.common import calibrate_activations, split_shortcuts
-from diffq.methods.mixdq_probe import SEARCH_STREAM, Candidates, Probe, sensitivities, write_sensitivity
+from diffq.methods.mixdq_probe import SEARCH_STREAM, Candidates, Probe, measure, write_sensitivity
 from diffq.model_quant import prepare
 from diffq.settings import typed
 from diffq.spec import LayerSpec, Rule
@@ -248,6 +251,30 @@ def plan_rules(plan: Mapping[str, Any]) -> list[dict[str, Any]]:
             rule["act"] = {"format": "none"} if plan["act"][n] is None else {"bits": plan["act"][n]}
         rules.append(rule)
     return rules
+
+
+def sensitivities(cands: Candidates, probe: Probe, calib: Sequence[CalibSample], ssim_layers: set[str],
+                  scope: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Every layer's sensitivity at every candidate width (:func:`measure`), from the cache when a run
+    with the same model, calibration, prompts, sampling and ``scope`` (specs, widths, groups) measured it;
+    returns them and the cache file."""
+    ctx = probe.ctx
+    key = cache_key({"model": ctx.model_key, "specs": scope["specs"], "calib": [s.step for s in calib],
+                     "calib_sums": [round(float(c.kwargs[k].double().sum()), 6) for c in calib[:4]
+                                    for k in sorted(c.kwargs) if torch.is_tensor(c.kwargs[k])],
+                     "prompts": probe.prompts, "seed": ctx.seed,
+                     "sampling": {k: v for k, v in asdict(ctx.sampling).items() if k != "batch_size"},
+                     "search": [SEARCH_STREAM, len(probe.calls)], "wbits": scope["wbits"], "abits": scope["abits"],
+                     "mixdq": scope["mixdq"]})
+    path = Path(ctx.cache_dir).expanduser() / "mixdq" / f"{key}.json"
+    if path.exists():
+        log.info("mixdq sensitivities loaded from %s", path)
+        return {n: {w: {int(b): v for b, v in d.items()} for w, d in k.items()} for n, k in
+                json.loads(path.read_text()).items()}, path
+    sens = measure(cands, probe, ssim_layers, scope["wbits"], scope["abits"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sens))
+    return sens, path
 
 
 def search_plan(cands: Candidates, probe: Probe, sens: Mapping[str, Any], content: set[str],

@@ -1,15 +1,14 @@
 """MixDQ's sensitivity probes: every candidate width's quantizer parameters per layer
 (:class:`Candidates`), one layer quantized at a time (:func:`only`), the two metrics of a configuration
-on the search prompts (:class:`Probe`: SQNR of the denoiser output, SSIM of images), the per-layer
-sensitivities cached by everything that determines them, and their CSV and plot."""
+on the search prompts (:class:`Probe`: SQNR of the denoiser output, SSIM of images), every layer's
+sensitivity at every width (:func:`measure`) and their CSV and plot."""
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -18,7 +17,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffq.cache import cache_key
 from diffq.calib import CalibSample
 from diffq.calib.capture import capture_trajectories
 from diffq.eval.fidelity import sqnr, ssim
@@ -116,10 +114,9 @@ class Probe:
         s = context.sampling
         batches = math.ceil(len(prompts) / s.batch_size)
         with float_mode(model):
-            self.calls = capture_trajectories(
-                context.pipe, context.family, prompts, self.seeds, steps=s.steps, guidance=s.guidance,
-                resolution=s.resolution, keep_steps=math.ceil(sqnr_calls / batches), batch_size=s.batch_size,
-                call_kwargs=s.call_kwargs)[:sqnr_calls]
+            self.calls = capture_trajectories(context.pipe, context.family, prompts, self.seeds,
+                                              keep_steps=math.ceil(sqnr_calls / batches),
+                                              **s.sampler_kwargs())[:sqnr_calls]
             self.ref = self.outputs()
             self.fp_images = self.images()
 
@@ -130,10 +127,9 @@ class Probe:
 
     def images(self, n: int | None = None) -> torch.Tensor:
         """Images of the (first ``n``) search prompts, float in [0, 1]."""
-        s, n = self.ctx.sampling, n or len(self.prompts)
-        return generate_images(self.ctx.pipe, self.ctx.family, self.prompts[:n], self.seeds[:n], steps=s.steps,
-                               guidance=s.guidance, resolution=s.resolution, batch_size=s.batch_size,
-                               call_kwargs=s.call_kwargs, progress=False)
+        n = n or len(self.prompts)
+        return generate_images(self.ctx.pipe, self.ctx.family, self.prompts[:n], self.seeds[:n],
+                               **self.ctx.sampling.sampler_kwargs(), progress=False)
 
     def sqnr(self) -> float:
         """SQNR (dB) of the current model against FP on the recorded calls."""
@@ -197,26 +193,3 @@ def write_sensitivity(sens: Mapping[str, Any], content: set[str], ssim_layers: s
     fig.savefig(folder / "mixdq_sensitivity.png", dpi=90)
     plt.close(fig)
 
-
-def sensitivities(cands: Candidates, probe: Probe, calib: Sequence[CalibSample], ssim_layers: set[str],
-                  scope: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
-    """Every layer's sensitivity at every candidate width (:func:`measure`), from the cache when a run
-    with the same model, calibration, prompts, sampling and ``scope`` (specs, widths, groups) measured it;
-    returns them and the cache file."""
-    ctx = probe.ctx
-    key = cache_key({"model": ctx.model_key, "specs": scope["specs"], "calib": [s.step for s in calib],
-                     "calib_sums": [round(float(c.kwargs[k].double().sum()), 6) for c in calib[:4]
-                                    for k in sorted(c.kwargs) if torch.is_tensor(c.kwargs[k])],
-                     "prompts": probe.prompts, "seed": ctx.seed,
-                     "sampling": {k: v for k, v in asdict(ctx.sampling).items() if k != "batch_size"},
-                     "search": [SEARCH_STREAM, len(probe.calls)], "wbits": scope["wbits"], "abits": scope["abits"],
-                     "mixdq": scope["mixdq"]})
-    path = Path(ctx.cache_dir).expanduser() / "mixdq" / f"{key}.json"
-    if path.exists():
-        log.info("mixdq sensitivities loaded from %s", path)
-        return {n: {w: {int(b): v for b, v in d.items()} for w, d in k.items()} for n, k in
-                json.loads(path.read_text()).items()}, path
-    sens = measure(cands, probe, ssim_layers, scope["wbits"], scope["abits"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(sens))
-    return sens, path
