@@ -16,7 +16,7 @@ from torch import nn
 from diffq.errors import ConfigError
 from diffq.eval.grids import image_grid, spread_indices
 from diffq.export import save_denoiser
-from diffq.job_images import EvalSet
+from diffq.job_evalset import EvalSet
 from diffq.spec import LayerSpec, TensorQuant, format_spec_table
 from diffq.sweep.rows import bits_label, method_label
 

@@ -18,7 +18,7 @@ FLOORS: list[tuple[str, set[str]]] = [
     ("pipelines", {"models", "calib", "worlds"}),
     ("algorithms", {"eval", "methods", "finetune"}),
     ("stage", {"config", "preset_config", "quantize_stage", "saving"}),
-    ("front", {"api", "job", "job_images", "job_artifacts", "cli", "sweep", "diffq", "__main__", "testbed"}),
+    ("front", {"api", "job", "job_evalset", "job_artifacts", "cli", "sweep", "diffq", "__main__", "testbed"}),
 ]
 FLOOR = {unit: i for i, (_, units) in enumerate(FLOORS) for unit in units}
 MAX_FILE_LINES = 400

@@ -12,6 +12,7 @@ from diffq.layers import is_quant_layer
 from diffq.methods import reconstruct as recon_module
 from diffq.methods.adaround import AdaRound, beta_schedule
 from diffq.methods.blocks import find_units
+from diffq.methods.recon_bank import Bank
 from diffq.methods.reconstruct import reconstruct
 from diffq.model_quant import float_mode
 from diffq.quantizer import Quantizer
@@ -207,7 +208,7 @@ def test_pair_reconstruction_with_mixed_batches_lowers_the_error():
 def test_training_batches_mix_calibration_calls():
     import numpy as np
 
-    bank = recon_module._Bank([], [], {}, [slice(i * 4, i * 4 + 4) for i in range(4)], set())
+    bank = Bank([], [], {}, [slice(i * 4, i * 4 + 4) for i in range(4)], set())
     rng = np.random.default_rng(0)
     calls = [set((recon_module._batch_index(bank, 4, rng) // 4).tolist()) for _ in range(20)]
     assert sum(len(c) > 1 for c in calls) > 15  # rows from several calls (timesteps) in one batch
