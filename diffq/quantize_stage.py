@@ -112,7 +112,7 @@ def check_settings(s: StageSettings, *, load: bool = False, world: str | None = 
     calibration.check_selection(s.calib.selection)
     check_attn(q["attn"])
     check_finetune(s.finetune, load=load, keep_fp_weights=q["keep_fp_weights"], world=world)
-    plan_rules(q)
+    read_plan_rules(q)
 
 
 def check_recon(quant: Mapping[str, Any], load: bool = False) -> None:
@@ -154,7 +154,7 @@ def check_coverage(s: StageSettings, sampler_steps: int) -> None:
     calibration.check_timestep_coverage(s.quant["act"], calib, int(s.calib.steps or sampler_steps))
 
 
-def plan_rules(quant: Mapping[str, Any]) -> list[dict[str, Any]]:
+def read_plan_rules(quant: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The rules of a written bit plan (``quant.mixdq.plan``), appended to the preset's; ConfigError
     for a missing, unparsable or rule-less file."""
     path = (quant.get("mixdq") or {}).get("plan")
@@ -183,7 +183,7 @@ def resolve_layer_specs(denoiser: nn.Module, family: str | None, quant: Mapping[
     a written MixDQ plan; ConfigError for an impossible rule or a method check that fails."""
     method = get_method(quant["method"])
     model_rules = getattr(method, "model_rules", None)  # a method's rules from the model (before the preset's)
-    rules = ((model_rules(denoiser, quant) if model_rules else []) + list(quant["rules"]) + plan_rules(quant))
+    rules = ((model_rules(denoiser, quant) if model_rules else []) + list(quant["rules"]) + read_plan_rules(quant))
     if any(r.get("bos") for r in rules) and family not in CAUSAL_TEXT_FAMILIES:
         log.info("quant.rules bos: %s does not cross-attend to a causal CLIP sequence (its text tokens are T5's or a "
                  "class label): BOS-aware K/V quantization does not apply and is off", family)
