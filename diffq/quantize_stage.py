@@ -6,7 +6,7 @@ that build a :class:`Target` and :class:`StageSettings` and call these functions
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -235,7 +235,7 @@ def apply_quantization(target: Target, s: StageSettings, specs: Sequence[LayerSp
 def finetune_state_key(model_key: Mapping[str, Any], s: StageSettings) -> dict[str, Any]:
     """Everything that determines the finetuned state (its cache key: a rerun resumes or reuses it)."""
     return {"model": dict(model_key), "quant": s.quant, "recon": s.recon if s.quant["recon"] != "none" else None,
-            "calib": OmegaConf.to_container(OmegaConf.structured(s.calib)), "seed": s.seed,
+            "calib": asdict(s.calib), "seed": s.seed,
             "finetune": {k: v for k, v in s.finetune.items() if k not in ("checkpoint_every", "resume")}}
 
 

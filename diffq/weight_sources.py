@@ -11,19 +11,21 @@ the layer's device and dtype and a rollback (:mod:`diffq.rollback`) puts the pre
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from torch import Tensor, nn
 
 from diffq.quantizer import Quantizer
 
 
-class WeightSource(nn.Module):
+class WeightSource(nn.Module, ABC):
     """The weight a quantized layer computes with."""
 
     learned = False  # its values are a learned rounding on the grid: an export stores them, not RTN of the weight
 
+    @abstractmethod
     def weight(self, layer: nn.Module) -> Tensor:
         """The weight ``layer`` computes with."""
-        raise NotImplementedError
 
     def shape(self, layer: nn.Module) -> tuple[int, ...]:
         """The shape of that weight (the FP weight's, unless the source stores it otherwise)."""
