@@ -279,6 +279,10 @@ class DiffqConfig:
     export_codec: Optional[str] = None  # a named export codec where it applies (base3: ternary at 1.6 bits)
     load: Optional[str] = None  # load an exported quantized denoiser instead of quantizing
     packed: bool = False  # with load=: keep sub-byte weights packed in memory, unpacked per layer at forward
+    # torchao: run the quantized denoiser on real low-bit kernels (diffq.deploy; pip install -e '.[deploy]');
+    # spec.txt lists each layer as kernel or simulated; with export=true <run dir>/model/ is the deployed
+    # folder plain diffusers with torchao loads
+    deploy: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # one knob for the run's randomness: the training, calibration, reconstruction and sampling seeds
     # default to offsets of it (calib.seed = 1234 + seed, eval.seed = seed, ...), each settable on its own

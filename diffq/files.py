@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["umask", "use_umask", "write_safetensors"]
+__all__ = ["umask", "use_umask", "write_safetensors", "write_safetensors_with"]
 
 
 def umask() -> int:
@@ -29,9 +29,13 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Map
     """Write ``tensors`` with ``meta`` as JSON under the header key ``diffq``, atomically and with the
     umask's mode. The JSON keeps ``meta``'s order (readers rebuild keyword order from it), so ``meta``
     must be built in a deterministic order for identical content to give identical bytes."""
+    write_safetensors_with(path, tensors, {"diffq": json.dumps(meta, default=str)})
+
+
+def write_safetensors_with(path: Path, tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> None:
+    """Write ``tensors`` with the string ``header`` entries as the file's metadata, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"diffq": json.dumps(meta, default=str)})
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(header))
     use_umask(tmp)
     os.replace(tmp, path)

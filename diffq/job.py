@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +22,9 @@ from torch import nn
 from diffq import calib as calibration
 from diffq import quantize_stage as stage
 from diffq.cache import cache_key, cache_lock
+from diffq.deployment import DeployReport, deploy
+from diffq.deployment.lowering import check_backend
+from diffq.deployment.memory import resident_bytes
 from diffq.distributed import Shard, current_shard, process_state, wait_for_everyone
 from diffq.errors import ConfigError
 from diffq.eval.cost import LayerCounter, model_cost
@@ -59,8 +63,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     with timed(timings, "sampling_fp_s"):
         fp = fp_samples(pipe, cfg, evalset, setting, target.sampling, shard)
     calib_info, finetuned = quantize(cfg, target, specs, calib_prompts, timings)
+    deployment = deploy_stage(cfg, pipe, denoiser, specs, evalset, target.sampling) if cfg.deploy else None
     if shard.is_main:
-        (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn, finetuned) + describe_side_branches(denoiser))
+        (out_dir / "spec.txt").write_text(spec_text(specs, plan.attn, finetuned) + describe_side_branches(denoiser)
+                                          + (deployment.report.table() if deployment else ""))
         if finetuned is not None:
             loss_plot(finetuned, out_dir / "finetune_loss.png")
     with timed(timings, "sampling_quant_s"):
@@ -76,7 +82,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "method": plan.method, "attn": plan.attn,
         "denoiser": f"{denoiser_name}:{type(denoiser).__name__.removeprefix('Quant')}",
         "metrics": suite, "fidelity": split_per_image(suite),
-        "cost": model_cost(denoiser, specs, counter.counts, counter.macs),
+        "cost": deployment.cost if deployment else model_cost(denoiser, specs, counter.counts, counter.macs),
+        **({"deployment": deployment.summary(denoiser)} if deployment else {}),
         "time": {k: round(v, 3) for k, v in timings.items()},
         "calib": {**calib_info, "fp_images_cache_hit": fp.generated == 0}, "finetune": finetuned,
         "samples": {"fp": str(fp.folder.root), "quant": str(quant.folder.root), "generated_fp": fp.generated,
@@ -105,6 +112,11 @@ def check_config(cfg: DictConfig) -> None:
     stage.check_codec(cfg.export_codec)
     if cfg.packed and not cfg.load:
         raise ConfigError("packed=true keeps a loaded export's weights packed: add load=<exported model folder>")
+    if cfg.deploy:
+        check_backend(cfg.deploy)
+        if cfg.packed:
+            raise ConfigError("packed=true and deploy= both choose how the weights are held: drop packed=true "
+                              "(deploy packs ternary weights itself)")
     if cfg.packed and not packable_layers(read_metadata(cfg.load)):
         raise ConfigError(f"packed=true keeps sub-byte weights packed (formats under 8 bits: INT2-INT4, FP4, ternary, "
                           f"binary), but {cfg.load} stores every layer at 8 bits or more, so nothing would pack: drop "
@@ -254,6 +266,7 @@ def quantized_samples(pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], cf
     multiply-accumulates of each layer in one denoiser call (for the activation-bits and OPs cost)."""
     counter = LayerCounter(denoiser, [s.name for s in specs])
     q_setting = {**setting, "quant": OmegaConf.to_container(cfg.quant, resolve=True), "load": cfg.load,
+                 **({"deploy": cfg.deploy} if cfg.deploy else {}),
                  "calib": OmegaConf.to_container(cfg.calib, resolve=True),
                  **({"finetune": OmegaConf.to_container(cfg.finetune, resolve=True)}
                     if finetune_enabled(cfg.finetune) and not cfg.load else {})}
@@ -271,7 +284,7 @@ def count_one_call(pipe: Any, cfg: DictConfig, smp: Sampling, prompt: str, seed:
                     progress=False)
 
 
-# ----------------------------------------------------------------------------- quantize or load
+# ----------------------------------------------------------------------------- quantize or load, deploy
 
 
 def quantize(cfg: DictConfig, target: stage.Target, specs: list[LayerSpec], calib_prompts: list[str],
@@ -291,6 +304,30 @@ def quantize(cfg: DictConfig, target: stage.Target, specs: list[LayerSpec], cali
         return info, None
     with timed(timings, "finetune_s"):
         return info, stage.finetune(target, s, specs, samples, calib_prompts)
+
+
+@dataclass
+class Deployment:
+    """The deploy stage's outcome: its coverage report and the model's cost taken before lowering."""
+
+    report: DeployReport
+    cost: dict[str, Any]
+
+    def summary(self, denoiser: nn.Module) -> dict[str, Any]:
+        """metrics.json's ``deployment``: layer counts and the deployed denoiser's resident memory."""
+        return {k: v for k, v in self.report.to_dict().items() if k != "layers"} | {
+            "resident_mb": round(resident_bytes(denoiser) / 2**20, 3)}
+
+
+def deploy_stage(cfg: DictConfig, pipe: Any, denoiser: nn.Module, specs: list[LayerSpec], evalset: EvalSet,
+                 smp: Sampling) -> Deployment:
+    """Lower the quantized denoiser onto ``cfg.deploy``'s kernels. One short sampler call first counts
+    each layer's inputs (the cost, taken on the quantized layers) and shows static kernels their inputs' rank."""
+    counter = LayerCounter(denoiser, [s.name for s in specs])
+    count_one_call(pipe, cfg, smp, evalset.prompts[0], evalset.seeds[0])
+    counter.remove()
+    cost = model_cost(denoiser, specs, counter.counts, counter.macs)
+    return Deployment(deploy(denoiser, cfg.deploy), cost)
 
 
 def load_export(path: str, denoiser: nn.Module, packed: bool = False) -> dict[str, Any]:

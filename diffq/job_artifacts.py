@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from diffq.deployment import save_deployed
 from diffq.errors import ConfigError
 from diffq.eval.grids import image_grid, spread_indices
 from diffq.export import save_denoiser
@@ -87,7 +88,11 @@ def write_artifacts(cfg: DictConfig, out_dir: Path, plan: Plan, denoiser: nn.Mod
         label = "\n".join(textwrap.wrap(metrics["label"], 14)[:4])  # the label column is 14 characters wide
         image_grid([fp_images[ids], q_images[ids]], ["FP", label], [evalset.prompts[i] for i in ids]).save(
             out_dir / "grid.png")
-    if cfg.export:
+    if cfg.export and cfg.deploy:
+        folder = save_deployed(denoiser, out_dir / "model")
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        metrics["export"] = {"path": str(folder), "size_mb": round(size / 2**20, 4), "deployed": cfg.deploy}
+    elif cfg.export:
         path = save_denoiser(denoiser, specs, out_dir / "model", plan.attn,
                                 extra={"model": cfg.model.name, "quant": plan.name, "method": plan.method},
                                 codec=cfg.export_codec)

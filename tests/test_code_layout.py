@@ -13,11 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "diffq"
 FLOORS: list[tuple[str, set[str]]] = [
     ("base", {"errors", "registry", "settings", "files", "distributed", "cache", "rollback"}),
     ("numerics", {"formats", "layout", "observers", "quantizer", "timestep_groups", "tensor_quant", "bit_allocation",
-                  "roles", "levels"}),
+                  "roles", "levels", "kernels"}),
     ("layers", {"spec", "layers", "weight_sources", "attention", "model_quant", "export"}),
     ("pipelines", {"models", "calib", "worlds"}),
     ("algorithms", {"eval", "methods", "finetune"}),
-    ("stage", {"config", "preset_config", "quantize_stage", "saving"}),
+    ("stage", {"config", "preset_config", "quantize_stage", "saving", "deployment"}),
     ("front", {"api", "job", "job_evalset", "job_artifacts", "cli", "sweep", "diffq", "__main__", "testbed"}),
 ]
 FLOOR = {unit: i for i, (_, units) in enumerate(FLOORS) for unit in units}

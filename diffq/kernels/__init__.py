@@ -1,0 +1,1 @@
+"""Low-bit compute kernels used by deployment (pure torch and Triton)."""
