@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from diffq.export import encode_tensor
+from diffq.model_quant import SplitQuantizer
 from diffq.timestep_groups import TimestepGroupedQuantizer
 
 __all__ = ["ActRange", "WeightGrid", "act_range", "weight_grid"]
@@ -84,6 +85,7 @@ class ActRange:
     symmetric: bool
     scale: Tensor | None = None
     zero_point: Tensor | None = None
+    maxval: float = 1.0  # the format's largest grid magnitude (a static range's amax is ``scale * maxval``)
 
 
 def act_range(layer: nn.Module) -> ActRange | None:
@@ -92,10 +94,12 @@ def act_range(layer: nn.Module) -> ActRange | None:
     q = layer.input_quantizer
     if q is None or not getattr(q, "enabled", True):
         return None
+    if isinstance(q, SplitQuantizer):
+        raise ValueError("split input ranges (two ranges over the features)")
     if isinstance(q, TimestepGroupedQuantizer):
         if q.groups > 1:
             raise ValueError(f"{q.groups} timestep groups of activation ranges (a static kernel takes one range)")
         q = q.parts[0]
     params = {} if q.dynamic else q.params()
     zero = params.get("zero_point")
-    return ActRange(q.fmt.name, q.granularity, q.dynamic, zero is None, params.get("scale"), zero)
+    return ActRange(q.fmt.name, q.granularity, q.dynamic, zero is None, params.get("scale"), zero, q.fmt.maxval)

@@ -20,7 +20,6 @@ from torch import nn
 from diffq.deployment.grid import ActRange, WeightGrid, act_range, weight_grid
 from diffq.errors import ConfigError
 from diffq.layers import dequantize_layer_, layer_table
-from diffq.model_quant import SplitQuantizer
 from diffq.registry import Registry
 from diffq.weight_sources import WeightSource
 
@@ -169,8 +168,6 @@ def _blocker(layer: nn.Module) -> str | None:
         return "low-rank side branch beside the quantized weight"
     if layer.bos_weight is not None:
         return "BOS-aware K/V projection (token 0 through an FP weight)"
-    if isinstance(layer.input_quantizer, SplitQuantizer):
-        return "split input ranges (two ranges over the features)"
     return None
 
 
