@@ -18,8 +18,9 @@ def why_not(layer: nn.Module, act: ActRange | None, device: torch.device) -> str
     """Why ``Float8Tensor`` does not run ``layer`` (None: it does)."""
     if device.type != "cuda":
         return f"torchao's fp8 kernels need a CUDA GPU with FP8 tensor cores (sm89+); this device is {device.type}"
-    if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
-        return f"torchao's fp8 kernels need compute capability 8.9+ (this GPU: {torch.cuda.get_device_capability(device)})"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return f"torchao's fp8 kernels need compute capability 8.9+ (this GPU: {capability})"
     if layer.weight_quantizer.layout.granularity.kind not in ("channel", "tensor"):
         return "Float8Tensor takes one weight scale per output row"
     if act is not None and (act.format != "fp8_e4m3" or act.zero_point is not None
