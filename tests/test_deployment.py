@@ -233,3 +233,19 @@ def test_gpu_kernels_match_fake_quant(preset):
     report = deploy(pipe)
     assert report.count("kernel") == len(report.rows)
     assert float(sqnr(ref, _out(den, call))) > 25
+
+
+@pytest.mark.parametrize("preset", ["nvfp4_w4a4", "mxfp4_w4a4"])
+def test_fp4_weights_are_built_from_diffqs_codes(preset):
+    """The NVFP4Tensor / MXTensor a Blackwell deployment builds decodes to diffq's fake-quant weight bit
+    for bit (built on the CPU); on the CPU the layers stay simulated and say which GPU they need."""
+    from diffq.deployment.grid import act_range
+    from diffq.deployment.lowerings.torchao_fp4 import build_mxfp4, build_nvfp4
+
+    pipe, den, _ = _quantized("pixart", preset)
+    layer = den.transformer_blocks[0].attn1.to_q
+    expected = layer.quantized_weight().detach().clone()
+    (build_nvfp4 if preset.startswith("nv") else build_mxfp4)(layer, None, act_range(layer))
+    assert torch.equal(layer.weight.dequantize(torch.float32), expected)
+    report = deploy(pipe)
+    assert report.count("simulated") == len(report.rows) and all("sm100" in r.how for r in report.rows)

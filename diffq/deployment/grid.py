@@ -86,6 +86,7 @@ class ActRange:
     scale: Tensor | None = None
     zero_point: Tensor | None = None
     maxval: float = 1.0  # the format's largest grid magnitude (a static range's amax is ``scale * maxval``)
+    tensor_scale: Tensor | None = None  # a block format's calibrated second-level scale (NVFP4)
 
 
 def act_range(layer: nn.Module) -> ActRange | None:
@@ -100,6 +101,7 @@ def act_range(layer: nn.Module) -> ActRange | None:
         if q.groups > 1:
             raise ValueError(f"{q.groups} timestep groups of activation ranges (a static kernel takes one range)")
         q = q.parts[0]
-    params = {} if q.dynamic else q.params()
+    params = q.params()
     zero = params.get("zero_point")
-    return ActRange(q.fmt.name, q.granularity, q.dynamic, zero is None, params.get("scale"), zero, q.fmt.maxval)
+    return ActRange(q.fmt.name, q.granularity, q.dynamic, zero is None, params.get("scale"), zero, q.fmt.maxval,
+                    params.get("tensor_scale"))
