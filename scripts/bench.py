@@ -1,6 +1,7 @@
 """Benchmarks (targets live here, not in tests): fake-quant throughput and quantized vs FP step time.
 
     python scripts/bench.py [model=tiny_sd15] [--repeats 20] [--elements 4194304]
+    python scripts/bench.py --deploy [--device cuda] [...]   # scripts/deploy_bench.py (every other flag goes to it)
 
 Prints, on this machine: the throughput (elements/s) of the FP fake-quant fast paths (FP8 cast,
 FP4 E2M1 ladder) against the generic ExMy formula; for the default model, the ratio of the
@@ -18,6 +19,7 @@ import copy
 import csv
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -169,7 +171,17 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", choices=list(TARGETS), help="time only these (default: all)")
     parser.add_argument("--table", action="store_true",
                         help="print the README's table from the committed assets/bench/presets.csv; run nothing")
+    parser.add_argument("--deploy", action="store_true", help="run scripts/deploy_bench.py instead (deployed vs bf16 "
+                        "on full-size architectures); every other flag goes to it")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="with --deploy: where it runs")
+    if "--deploy" in sys.argv[1:]:
+        from deploy_bench import main as deploy_main  # scripts/ is on sys.path when this runs as a script
+
+        deploy_main([a for a in sys.argv[1:] if a != "--deploy"])
+        return
     args = parser.parse_args()
+    if args.device:
+        parser.error("--device goes with --deploy")
     if args.table:
         print(markdown_table(), end="")
         return

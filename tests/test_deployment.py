@@ -162,6 +162,16 @@ def test_bad_input_stops_before_anything_changes(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install -e '\.\[deploy\]'"):
         deploy(pipe)
     assert len(layer_table(den)) == 23  # nothing lowered
+    monkeypatch.undo()
+    deploy(pipe)
+    with pytest.raises(ConfigError, match="no quantized layers"):
+        deploy(pipe)
+
+
+def test_quantized_attention_matmuls_are_listed_as_simulated():
+    pipe, _, _ = _quantized("pixart", "w8a8", quant__attn__enabled=True)
+    report = deploy(pipe)
+    assert report.notes and "attention matmuls of 4 modules: simulated" in report.table()
 
 
 def test_static_range_needs_the_inputs_rank(tmp_path):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from diffq.deployment.grid import ActRange, WeightGrid, act_range, weight_grid
+from diffq.attention import QuantAttnProcessor, attention_modules
 from diffq.errors import ConfigError
 from diffq.layers import dequantize_layer_, layer_table
 from diffq.registry import Registry
@@ -72,6 +73,7 @@ class DeployReport:
     backend: str
     device: str
     rows: list[Placement] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what runs simulated beside the layers (attention matmuls)
 
     def count(self, compute: str) -> int:
         """How many layers run as ``compute`` (kernel, dequantized per call or simulated)."""
@@ -82,14 +84,14 @@ class DeployReport:
         head = (f"deployment: backend {self.backend} on {self.device}: {self.count(KERNEL)} kernel, "
                 f"{self.count(DEQUANT)} {DEQUANT}, {self.count(SIMULATED)} simulated")
         width = max([len(r.layer) for r in self.rows] + [5])
-        lines = [head, f"{'layer':<{width}}  {'op':<7} {'weight':<18} {'act':<26} {'compute':<21} how"]
+        lines = [head, *self.notes, f"{'layer':<{width}}  {'op':<7} {'weight':<18} {'act':<26} {'compute':<21} how"]
         lines += [f"{r.layer:<{width}}  {r.op:<7} {r.weight:<18} {r.act:<26} {r.compute:<21} {r.how}"
                   for r in self.rows]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict:
         """JSON form (metrics.json)."""
-        return {"backend": self.backend, "device": self.device, "kernel": self.count(KERNEL),
+        return {"backend": self.backend, "device": self.device, "notes": self.notes, "kernel": self.count(KERNEL),
                 "dequantized": self.count(DEQUANT), "simulated": self.count(SIMULATED),
                 "layers": [asdict(r) for r in self.rows]}
 
@@ -208,8 +210,15 @@ def deploy_denoiser(model: nn.Module, backend: str = "torchao", device: torch.de
     check_backend(backend)
     device = device or next(model.parameters()).device
     layers = layer_table(model)
+    if not layers:
+        raise ConfigError("the denoiser has no quantized layers (already deployed, or never quantized): quantize it "
+                          "with diffq.quantize or load an export with diffq.load_denoiser before deploying")
     plans = {name: _choose(layer, backend, device) for name, layer in layers.items()}
     report = DeployReport(backend, str(device))
+    attention = [n for n, m in attention_modules(model).items() if isinstance(m.processor, QuantAttnProcessor)]
+    if attention:
+        report.notes.append(f"attention matmuls of {len(attention)} modules: simulated (diffq's quantized attention "
+                            "processors; plain diffusers runs them in floating point)")
     for name, layer in layers.items():
         low, how = plans[name]
         row = dict(layer=name, op=type(layer).__name__.removeprefix("Quant"), weight=_describe_weight(layer),

@@ -101,7 +101,7 @@ def load_deployed(folder: str | os.PathLike, device: str | torch.device = "cpu")
         bias = None if module.bias is None else module.bias.detach()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, TernaryLinear.from_grid(grid, bias))
-    report = DeployReport(meta["backend"], str(device))
+    report = DeployReport(meta["backend"], str(device), notes=meta.get("notes", []))
     from diffq.deployment.lowering import Placement
 
     report.rows = [Placement(**r) for r in meta["layers"]]

@@ -24,7 +24,7 @@ def _input_rank(layer: nn.Module) -> int:
     q = q.parts[0] if hasattr(q, "parts") else q
     if q.last_shape is None:
         raise ConfigError(f"layer {q.name}: its input's rank is unknown (a static int8 range needs it): run the "
-                          "denoiser once on any input before deploying (the CLI and diffq.deploy(pipe) do this)")
+                          "denoiser once on any input before deploying (one pipeline call; the CLI does it for you)")
     return len(q.last_shape)
 
 
