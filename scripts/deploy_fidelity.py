@@ -95,7 +95,8 @@ def table() -> str:
         floor = f"{r['bf16_fq_psnr_mean']} [{r['bf16_fq_psnr_min']}]" if r.get("bf16_fq_psnr_mean") else "-"
         layers = f"{r['kernel']} / {r['dequantized']} / {r['simulated']}"
         images = f"{r['psnr_mean']} [{r['psnr_min']}]"
-        lines.append(f"| {r['model']} | {r['preset']} | {r['dtype']} | {layers} | {r['sqnr_db']} | {images} | {floor} |")
+        lines.append(f"| {r['model']} | {r['preset']} | {r['dtype']} | {layers} | {r['sqnr_db']} | {images} "
+                     f"| {floor} |")
     return "\n".join(lines)
 
 
