@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from diffq.deployment.grid import ActRange, WeightGrid, act_range, weight_grid
 from diffq.attention import QuantAttnProcessor, attention_modules
+from diffq.deployment.grid import ActRange, WeightGrid, act_range, weight_grid
 from diffq.errors import ConfigError
 from diffq.layers import dequantize_layer_, layer_table
 from diffq.registry import Registry
