@@ -229,7 +229,8 @@ def write_csv(rows: list[dict], device: str, path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(old + [r | {"machine": info} for r in rows])
+        writer.writerows(sorted(old + [r | {"machine": info} for r in rows], key=lambda r: (
+            list(RESOLUTION["cpu"]).index(r["arch"]), VARIANTS.index(r["variant"]))))  # sd15 sdxl pixart flux
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -277,23 +278,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="FLUX double and single blocks (default: 19 38 on cuda, 2 4 on cpu)")
     parser.add_argument("--repeats", type=int, help="timed calls (default: 10 cuda, 1 cpu)")
     parser.add_argument("--warmup", type=int, help="untimed calls before (default: 2 cuda, 1 cpu)")
-    parser.add_argument("--table", action="store_true", help="print the table of assets/bench/deploy_<device>.csv")
+    parser.add_argument("--table", action="store_true", help="print the table of assets/bench/deploy_<device>*.csv")
     args = parser.parse_args(argv)
-    cuda = args.device == "cuda"  # the CSV's device name: cpu, or cuda-<GPU> (cuda-nvidia-h100-80gb-hbm3)
-    args.name = "cuda-" + torch.cuda.get_device_name().lower().replace(" ", "-") if cuda else "cpu"
-    path = CSV_DIR / f"deploy_{args.name}.csv"
+    cuda = args.device == "cuda"
     args.repeats = args.repeats or (10 if cuda else 1)
     args.warmup = (2 if cuda else 1) if args.warmup is None else args.warmup
-    if not args.table:
+    if not args.table:  # the CSV's device name: cpu, or cuda-<GPU> (cuda-nvidia-h100-80gb-hbm3)
+        args.name = "cuda-" + torch.cuda.get_device_name().lower().replace(" ", "-") if cuda else "cpu"
         rows = []
         for arch in args.arch:
             t0 = time.perf_counter()
             rows += run_arch(arch, args)
             print(f"{arch}: {time.perf_counter() - t0:.0f} s wall", flush=True)
-        write_csv(rows, args.device, path)
-        print(f"wrote {path}\n")
-    print(markdown_table(read_csv(path)), end="")
-    print("\n".join(targets(read_csv(path))))
+        write_csv(rows, args.device, CSV_DIR / f"deploy_{args.name}.csv")
+        print(f"wrote {CSV_DIR / f'deploy_{args.name}.csv'}\n")
+    rows = [r for path in sorted(CSV_DIR.glob(f"deploy_{args.device}*.csv")) for r in read_csv(path)]  # every GPU's
+    print(markdown_table(rows) + "\n".join(targets(rows)))
 
 
 if __name__ == "__main__":
