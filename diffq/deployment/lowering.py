@@ -136,7 +136,7 @@ def _keep_simulated(layer: nn.Module) -> str:
         grid = weight_grid(layer)
     except ValueError:
         grid = None
-    if grid is not None and grid.format in BITS and importlib.util.find_spec("torchao") is not None:
+    if grid is not None and grid.format in BITS:
         layer.use_source(HeldWeight(intx_weight(grid, layer.weight.dtype)))
         layer.weight = nn.Parameter(torch.empty(0, dtype=layer.weight.dtype, device=layer.weight.device),
                                     requires_grad=False)
