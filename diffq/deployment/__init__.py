@@ -7,7 +7,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffq.deployment.lowering import BACKENDS, LOWERINGS, DeployReport, Lowering, Placement, deploy_denoiser
+from diffq.deployment.lowering import (
+    BACKENDS,
+    LOWERINGS,
+    DeployReport,
+    Lowering,
+    Placement,
+    deploy_denoiser,
+    deployment_of,
+    mark_deployed,
+)
 from diffq.deployment.saving import load_deployed, save_deployed
 
 __all__ = ["BACKENDS", "LOWERINGS", "DeployReport", "Lowering", "Placement", "deploy", "deployment_of", "load_deployed",
@@ -21,10 +30,5 @@ def deploy(target: Any, backend: str = "torchao", device: torch.device | str | N
 
     model = target if isinstance(target, nn.Module) else denoiser_of(target)[1]
     report = deploy_denoiser(model, backend, None if device is None else torch.device(device))
-    model.__dict__["_diffq_deployment"] = report
+    mark_deployed(model, report)
     return report
-
-
-def deployment_of(model: nn.Module) -> DeployReport | None:
-    """The report of the deployment ``model`` went through (None: not deployed)."""
-    return model.__dict__.get("_diffq_deployment")

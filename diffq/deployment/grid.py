@@ -32,16 +32,11 @@ class WeightGrid:
     scale: Tensor
     block_size: tuple[int, ...]
     format: str
-    symmetric: bool
 
     @property
     def group(self) -> int:
         """Elements along the reduction axis that share one scale."""
         return self.block_size[1]
-
-    def dequantize(self) -> Tensor:
-        """``values * scale`` (float32, the weight's shape): diffq's fake-quantized weight."""
-        return self.values * self.expanded_scale()
 
     def expanded_scale(self) -> Tensor:
         """The scale repeated to the weight's shape."""
@@ -68,10 +63,10 @@ def weight_grid(layer: nn.Module) -> WeightGrid:
     if len(shape) == 4:  # conv: groups run over (kh, kw, I/g) in that order
         out, cin, kh, kw = shape
         if wq.layout.group is None:
-            return WeightGrid(values, scale.reshape(out, 1, 1, 1).contiguous(), (1, cin, kh, kw), wq.fmt.name, True)
+            return WeightGrid(values, scale.reshape(out, 1, 1, 1).contiguous(), (1, cin, kh, kw), wq.fmt.name)
         scale = scale.reshape(out, kh, kw, cin // group).permute(0, 3, 1, 2).contiguous()
-        return WeightGrid(values, scale, (1, group, 1, 1), wq.fmt.name, True)
-    return WeightGrid(values, scale.contiguous(), (1, group), wq.fmt.name, True)
+        return WeightGrid(values, scale, (1, group, 1, 1), wq.fmt.name)
+    return WeightGrid(values, scale.contiguous(), (1, group), wq.fmt.name)
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,16 @@ class DeployReport:
                 "layers": [asdict(r) for r in self.rows]}
 
 
+def mark_deployed(model: nn.Module, report: DeployReport) -> None:
+    """Record on ``model`` the deployment it went through (read back by :func:`deployment_of`)."""
+    model.__dict__["_diffq_deployment"] = report
+
+
+def deployment_of(model: nn.Module) -> DeployReport | None:
+    """The report of the deployment ``model`` went through (None: not deployed)."""
+    return model.__dict__.get("_diffq_deployment")
+
+
 def replace_weight(layer: nn.Module, weight: torch.Tensor) -> nn.Module:
     """Turn a quantized layer back into its plain class (nn.Linear / nn.Conv2d) holding ``weight``
     (a torchao tensor): what plain diffusers with torchao loads and runs."""
@@ -229,8 +239,7 @@ def deploy_denoiser(model: nn.Module, backend: str = "torchao", device: torch.de
             continue
         built = low.build(layer, weight_grid(layer), act_range(layer))
         if built is not layer:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, built)
+            model.set_submodule(name, built)
         report.rows.append(Placement(**row, compute=low.compute, how=how))
     log.info("deployed with %s: %d layers on kernels, %d dequantized per call, %d simulated", backend,
              report.count(KERNEL), report.count(DEQUANT), report.count(SIMULATED))

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from diffq.deployment.grid import WeightGrid
-from diffq.deployment.lowering import SIMULATED, DeployReport, HeldWeight
-from diffq.deployment.lowerings.ternary import TernaryLinear
+from diffq.deployment.lowering import SIMULATED, DeployReport, HeldWeight, Placement, deployment_of, mark_deployed
+from diffq.deployment.lowerings.ternary import KERNEL_NAME, TernaryLinear
 from diffq.deployment.lowerings.torchao_intx import intx_weight
 from diffq.errors import CheckpointError
 from diffq.files import write_safetensors_with
+from diffq.kernels.ternary import unpack_ternary
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, TernaryLinear):
             state.pop(f"{name}.packed")
             scale = state.pop(f"{name}.scale")
-            values = module.dequantize() / scale[:, None]
-            grid = WeightGrid(values.round(), scale[:, None], (1, module.in_features), "ternary", True)
+            values = unpack_ternary(module.packed, module.in_features, torch.float32)
+            grid = WeightGrid(values, scale[:, None], (1, module.in_features), "ternary")
             state[f"{name}.weight"] = intx_weight(grid, module.bias.dtype if module.bias is not None else torch.float32)
     return state
 
@@ -58,7 +59,6 @@ def save_deployed(target: Any, folder: str | os.PathLike) -> Path:
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
     from torchao.quantization import Int8WeightOnlyConfig
 
-    from diffq.deployment import deployment_of
     from diffq.models.loading import denoiser_of
 
     model = target if isinstance(target, nn.Module) else denoiser_of(target)[1]
@@ -83,9 +83,7 @@ def save_deployed(target: Any, folder: str | os.PathLike) -> Path:
 
 def load_deployed(folder: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Load a folder written by :func:`save_deployed` with plain diffusers, then pack its ternary layers
-    into diffq's 2-bit kernel again; the coverage report is attached (``diffq.deploy.deployment_of``)."""
-    from diffq.deployment import deployment_of  # noqa: F401  (the attribute it reads is set below)
-
+    into diffq's 2-bit kernel again; the coverage report is attached (``diffq.deployment.deployment_of``)."""
     folder = Path(folder)
     if not (folder / COVERAGE_NAME).is_file():
         raise CheckpointError(f"{folder} holds no deployed model ({COVERAGE_NAME} missing): write one with "
@@ -93,19 +91,15 @@ def load_deployed(folder: str | os.PathLike, device: str | torch.device = "cpu")
     meta = json.loads((folder / COVERAGE_NAME).read_text())
     cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
     model = cls.from_pretrained(folder, torch_dtype=_dtype_of(folder)).to(device)
-    ternary = {r["layer"] for r in meta["layers"] if r["how"] == "diffq 2-bit ternary kernel"}
-    for name in ternary:
+    for name in (r["layer"] for r in meta["layers"] if r["how"] == KERNEL_NAME):
         module = model.get_submodule(name)
         weight = module.weight
-        grid = WeightGrid(weight.qdata.float(), weight.scale.float(), (1, weight.shape[1]), "ternary", True)
+        grid = WeightGrid(weight.qdata.float(), weight.scale.float(), (1, weight.shape[1]), "ternary")
         bias = None if module.bias is None else module.bias.detach()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, TernaryLinear.from_grid(grid, bias))
+        model.set_submodule(name, TernaryLinear.from_grid(grid, bias))
     report = DeployReport(meta["backend"], str(device), notes=meta.get("notes", []))
-    from diffq.deployment.lowering import Placement
-
     report.rows = [Placement(**r) for r in meta["layers"]]
-    model.__dict__["_diffq_deployment"] = report
+    mark_deployed(model, report)
     return model.eval()
 
 

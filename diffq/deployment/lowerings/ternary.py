@@ -11,6 +11,8 @@ from diffq.deployment.grid import ActRange, WeightGrid
 from diffq.deployment.lowering import KERNEL, LOWERINGS, Lowering
 from diffq.kernels.ternary import pack_ternary, ternary_linear, unpack_ternary
 
+KERNEL_NAME = "diffq 2-bit ternary kernel"  # what the coverage table says (load_deployed repacks these rows)
+
 
 class TernaryLinear(nn.Module):
     """A linear layer with 2-bit packed ternary weights (``packed`` ``[N, ceil(K/4)]`` uint8, ``scale``
@@ -39,8 +41,7 @@ class TernaryLinear(nn.Module):
             qmax = 2 ** (self.input_bits - 1) - 1
             step = x.detach().abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / qmax
             x = (x.float() / step).round_().clamp_(-qmax, qmax).mul_(step).to(x.dtype)
-        bias = None if self.bias is None else self.bias
-        return ternary_linear(x, self.packed, self.scale, self.in_features, bias)
+        return ternary_linear(x, self.packed, self.scale, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -66,4 +67,4 @@ def build(layer: nn.Module, grid: WeightGrid, act: ActRange | None) -> nn.Module
 
 LOWERINGS.register("ternary")(Lowering(
     backend="torchao", rank=10, formats=("ternary",), ops=(nn.Linear,), compute=KERNEL,
-    tensor="diffq 2-bit ternary kernel", why_not=why_not, build=build))
+    tensor=KERNEL_NAME, why_not=why_not, build=build))
